@@ -1,0 +1,116 @@
+"""Read and write PyTorch-layout safetensors checkpoints (diffusers / transformers).
+
+Handles a single file, a sharded `*.safetensors.index.json`, and fp16 `variant` files. Strict
+matching: `check_keys` raises naming every missing, unexpected or mis-shaped key.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Mapping
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's keys or shapes do not match the model."""
+
+
+def _candidates(folder: str, stem: str, variant: str | None) -> list[str]:
+    names = []
+    if variant:
+        names += [f"{stem}.{variant}.safetensors.index.json", f"{stem}.{variant}.safetensors"]
+    names += [f"{stem}.safetensors.index.json", f"{stem}.safetensors"]
+    return [os.path.join(folder, n) for n in names]
+
+
+def find_weights(path: str, stems: Iterable[str], variant: str | None = None) -> str:
+    """The weight file (or index) in folder `path` for one of `stems`, e.g. "model"."""
+    if os.path.isfile(path):
+        return path
+    tried = []
+    for stem in stems:
+        for cand in _candidates(path, stem, variant):
+            tried.append(cand)
+            if os.path.exists(cand):
+                return cand
+    raise FileNotFoundError(f"no safetensors weights in {path}; looked for {tried}")
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a `.safetensors` file or a sharded `.safetensors.index.json`.
+
+    bfloat16 tensors come back as float32 (numpy has no bfloat16 in safetensors.numpy).
+    """
+    if path.endswith(".index.json"):
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+        folder = os.path.dirname(path)
+        out: dict[str, np.ndarray] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            out.update(read_safetensors(os.path.join(folder, shard)))
+        missing = set(index["weight_map"]) - set(out)
+        if missing:
+            raise CheckpointMismatchError(f"{path}: index names keys absent from shards: "
+                                          f"{sorted(missing)[:10]}")
+        return out
+    try:
+        return dict(load_file(path))
+    except TypeError:  # bfloat16 needs torch-free handling via safe_open + ml_dtypes
+        from safetensors import safe_open
+        out = {}
+        with safe_open(path, framework="flax") as f:
+            for key in f.keys():
+                out[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+        return out
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
+    """Write numpy arrays in PyTorch layout with the metadata PyTorch loaders expect."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+    save_file(arrays, path, metadata={"format": "pt"})
+
+
+def check_keys(expected: Mapping[str, tuple], got: Mapping[str, np.ndarray], source: str) -> None:
+    """Raise CheckpointMismatchError naming every missing, unexpected or mis-shaped key.
+
+    Args:
+      expected: PyTorch key -> expected shape.
+      got: PyTorch key -> array, as read from `source`.
+    """
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shaped = sorted(k for k in set(expected) & set(got)
+                    if tuple(expected[k]) != tuple(np.shape(got[k])))
+    if not (missing or unexpected or shaped):
+        return
+    lines = [f"checkpoint {source} does not match the model:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
+    for k in shaped[:20]:
+        lines.append(f"  wrong shape for {k}: checkpoint {tuple(np.shape(got[k]))}, "
+                     f"model {tuple(expected[k])}")
+    raise CheckpointMismatchError("\n".join(lines))
+
+
+# Layout rules between PyTorch and Flax.
+def conv_to_flax(w: np.ndarray) -> np.ndarray:
+    """[O, I, kh, kw] -> [kh, kw, I, O]."""
+    return np.transpose(w, (2, 3, 1, 0))
+
+
+def conv_to_torch(w: np.ndarray) -> np.ndarray:
+    """[kh, kw, I, O] -> [O, I, kh, kw]."""
+    return np.transpose(w, (3, 2, 0, 1))
+
+
+def linear_to_flax(w: np.ndarray) -> np.ndarray:
+    """[out, in] -> [in, out]."""
+    return np.transpose(w)
+
+
+linear_to_torch = linear_to_flax
