@@ -1,0 +1,135 @@
+"""Device mesh from the config, multi-host start-up, and the one way stages shard arrays.
+
+Config (`config.mesh`):
+    data:  devices on the data-parallel axis; -1 = all devices not used by the other axes.
+    fsdp:  devices on the parameter-sharding axis (1 = replicate parameters).
+    distributed: "auto" | "on" | "off": call `jax.distributed.initialize()` when the process is
+        one of several hosts ("auto" detects a TPU pod slice / SLURM / the JAX_COORDINATOR env).
+
+Axes are always ("data", "fsdp") so every stage can name them; batches are split over both.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # a batch dimension is split over every device
+
+_DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
+                    "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+_initialized = False
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `mesh` section of an experiment config."""
+    return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "distributed": "auto"})
+
+
+def _wants_distributed(mode: str) -> bool:
+    if mode == "on":
+        return True
+    if mode == "off":
+        return False
+    if mode != "auto":
+        raise ValueError(f"mesh.distributed must be 'auto', 'on' or 'off', got {mode!r}")
+    if os.environ.get("SLURM_NTASKS", "1") not in ("", "1"):
+        return True
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if len([h for h in hosts.split(",") if h]) > 1:
+        return True
+    return any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS",
+                                           "MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def initialize_distributed(mode: str = "auto") -> None:
+    """Call `jax.distributed.initialize()` once when this process is one of several hosts."""
+    global _initialized
+    if _initialized or not _wants_distributed(mode):
+        return
+    jax.distributed.initialize()
+    _initialized = True
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+
+
+def mesh_shape(n_devices: int, data: int, fsdp: int) -> tuple[int, int]:
+    """Resolve -1 entries; raise naming the key when the sizes do not multiply to n_devices."""
+    if fsdp == -1 and data == -1:
+        raise ValueError("mesh.data and mesh.fsdp cannot both be -1")
+    if fsdp == -1:
+        if n_devices % data:
+            raise ValueError(f"mesh.data={data} does not divide the {n_devices} devices")
+        fsdp = n_devices // data
+    if data == -1:
+        if n_devices % fsdp:
+            raise ValueError(f"mesh.fsdp={fsdp} does not divide the {n_devices} devices")
+        data = n_devices // fsdp
+    if data * fsdp != n_devices:
+        raise ValueError(f"mesh.data * mesh.fsdp = {data} * {fsdp} = {data * fsdp}, "
+                         f"but there are {n_devices} devices")
+    return data, fsdp
+
+
+def make_mesh(mesh_config=None, devices=None) -> Mesh:
+    """A Mesh with axes ("data", "fsdp") over all devices of all hosts.
+
+    Args:
+      mesh_config: the `config.mesh` section (None = default: all devices on "data").
+      devices: optional explicit device list (tests); default `jax.devices()`.
+    """
+    cfg = mesh_config if mesh_config is not None else default_config()
+    if devices is None:
+        initialize_distributed(cfg.get("distributed", "auto"))
+        devices = jax.devices()
+    data, fsdp = mesh_shape(len(devices), int(cfg.data), int(cfg.fsdp))
+    try:
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh((data, fsdp), devices=devices)
+    except Exception:  # CPU / odd topologies: plain order is fine
+        grid = np.asarray(devices).reshape(data, fsdp)
+    return Mesh(grid, AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) axis split over every device of the mesh, other axes whole."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_multiple(mesh: Mesh) -> int:
+    """Batch sizes must be a multiple of this to shard evenly."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
+    """Pad the leading axis with copies of row 0 up to a multiple; returns (padded, n_real)."""
+    n = x.shape[0]
+    extra = (-n) % multiple
+    if extra == 0:
+        return x, n
+    if n == 0:
+        raise ValueError("cannot pad an empty batch")
+    pad = np.repeat(x[:1], extra, axis=0)
+    return np.concatenate([x, pad], axis=0), n
+
+
+def shard_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Place a host batch (global, same on every host) on the mesh split along axis 0.
+
+    The leading dimension must be a multiple of `batch_multiple(mesh)` (use `pad_batch`).
+    """
+    sharding = batch_sharding(mesh, np.ndim(x))
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(np.shape(x), sharding, lambda idx: x[idx])

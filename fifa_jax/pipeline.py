@@ -1,0 +1,157 @@
+"""The stage runner: runs the configured stages in order, skips finished ones, resumes.
+
+Each stage is a function `run(config, workdir) -> dict` in its own module. It reads its inputs
+from `workdir/<upstream stage>/` and writes only into `workdir/<stage>/`. When it returns, the
+runner writes `workdir/<stage>/STAGE_DONE.json` holding the stage's fingerprint: a hash of the
+config sections the stage depends on and of its upstream stages' fingerprints. A later run skips
+a stage whose done file carries the same fingerprint, so rerunning a command resumes it; a
+changed config section (or a rerun upstream stage) changes the fingerprint and reruns the stage
+and everything downstream of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import importlib
+import json
+import pathlib
+import time
+from typing import Sequence
+
+from absl import logging
+
+DONE_FILE = "STAGE_DONE.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str | None          # "pkg.module" with run(config, workdir); None = not built yet
+    config_keys: tuple[str, ...]  # config sections the outputs depend on
+    upstream: tuple[str, ...]   # stages whose outputs this one reads
+    issue: str = ""             # where unbuilt work is tracked
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", "fifa_jax.data.ingest", ("seed", "data"), ()),
+    Stage("score", "fifa_jax.scoring.stage", ("seed", "score"), ("ingest",)),
+    Stage("select", "fifa_jax.selection.stage", ("seed", "select"), ("ingest", "score")),
+    Stage("encode", None, ("seed", "encode"), ("select",), "precomputed latents / text states"),
+    Stage("train", None, ("seed", "train"), ("encode",), "Diffusion-DPO trainer"),
+    Stage("export", None, ("export",), ("train",), "diffusers export of the tuned UNet"),
+    Stage("evaluate", None, ("seed", "evaluate"), ("export",), "sampling and win rates"),
+)
+STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+
+class PipelineError(RuntimeError):
+    """A problem with the requested stages or the work directory (one clear line)."""
+
+
+def parse_stages(spec: str | Sequence[str]) -> list[str]:
+    """'ingest,score' -> ['ingest', 'score'] in pipeline order; unknown or unbuilt -> error."""
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
+    names = [n for n in names if n]
+    if not names:
+        raise PipelineError("config.stages is empty; choose from " + ",".join(STAGE_BY_NAME))
+    unknown = [n for n in names if n not in STAGE_BY_NAME]
+    if unknown:
+        raise PipelineError(f"unknown stage(s) {unknown} in config.stages; known stages: "
+                            + ",".join(STAGE_BY_NAME))
+    unbuilt = [n for n in names if STAGE_BY_NAME[n].module is None]
+    if unbuilt:
+        what = "; ".join(f"{n} ({STAGE_BY_NAME[n].issue})" for n in unbuilt)
+        raise PipelineError(f"stage(s) not built yet in this version of fifa_jax: {what}. "
+                            f"Remove them from config.stages.")
+    order = {s.name: i for i, s in enumerate(STAGES)}
+    return sorted(dict.fromkeys(names), key=order.__getitem__)
+
+
+def _section(config, key):
+    value = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def fingerprint(config, stage: Stage, upstream_fps: dict[str, str]) -> str:
+    """sha256 over the stage's config sections and its upstream fingerprints."""
+    payload = {"stage": stage.name,
+               "config": {k: _section(config, k) for k in stage.config_keys},
+               "upstream": {u: upstream_fps[u] for u in stage.upstream}}
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def read_done(workdir: pathlib.Path, name: str) -> dict | None:
+    path = workdir / name / DONE_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        logging.warning("ignoring unreadable %s", path)
+        return None
+
+
+def _write_done(workdir: pathlib.Path, name: str, record: dict) -> None:
+    out = workdir / name
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (DONE_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    tmp.replace(out / DONE_FILE)
+
+
+def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = (),
+                 echo=print) -> dict[str, dict]:
+    """Run `config.stages` in order in `workdir`; returns {stage: status record}.
+
+    Args:
+      config: the experiment ConfigDict (has `stages` and one section per stage).
+      workdir: the work directory (created).
+      force: stage names to rerun even when finished with the same fingerprint.
+      echo: where one-line progress messages go.
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    names = parse_stages(config.stages)
+    force = set(parse_stages(force)) if force else set()
+    fps: dict[str, str] = {}
+    results: dict[str, dict] = {}
+    for stage in STAGES:
+        if stage.name not in names:
+            if any(stage.name in STAGE_BY_NAME[n].upstream for n in names):
+                done = read_done(workdir, stage.name)
+                if done is None:
+                    raise PipelineError(
+                        f"stage {names[0]!r} needs the output of stage {stage.name!r}, which is "
+                        f"not finished in {workdir}; add {stage.name!r} to config.stages")
+                fps[stage.name] = done["fingerprint"]
+            continue
+        fp = fingerprint(config, stage, fps)
+        fps[stage.name] = fp
+        done = read_done(workdir, stage.name)
+        if done is not None and done.get("fingerprint") == fp and stage.name not in force:
+            echo(f"[{stage.name}] skipped: finished at {done.get('finished_at')} with the same "
+                 f"config (fingerprint {fp}); outputs in {workdir / stage.name}")
+            results[stage.name] = {"status": "skipped", **done}
+            continue
+        if done is not None and done.get("fingerprint") != fp:
+            echo(f"[{stage.name}] config changed since the last run "
+                 f"({done.get('fingerprint')} -> {fp}): running again")
+        (workdir / stage.name / DONE_FILE).unlink(missing_ok=True)
+        echo(f"[{stage.name}] running (fingerprint {fp})")
+        module = importlib.import_module(stage.module)
+        start = time.time()
+        summary = module.run(config, workdir) or {}
+        record = {"fingerprint": fp, "stage": stage.name,
+                  "seconds": round(time.time() - start, 3),
+                  "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                      timespec="seconds"),
+                  "config": {k: _section(config, k) for k in stage.config_keys},
+                  "upstream": {u: fps[u] for u in stage.upstream},
+                  "summary": summary}
+        _write_done(workdir, stage.name, record)
+        echo(f"[{stage.name}] done in {record['seconds']:.1f} s: "
+             + json.dumps(summary, sort_keys=True, default=str)[:400])
+        results[stage.name] = {"status": "ran", **record}
+    return results

@@ -1,0 +1,58 @@
+"""The command line: config errors are one line naming the key; unbuilt stages are refused."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+CONFIG = textwrap.dedent('''
+    import ml_collections
+    def get_config(arg=None):
+        c = ml_collections.ConfigDict()
+        c.seed = 0
+        c.stages = arg or "ingest"
+        c.select = ml_collections.ConfigDict({"k_pairs": 10, "alpha": 1.0})
+        return c
+''')
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.py"
+    path.write_text(CONFIG)
+    return str(path)
+
+
+def _cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "fifa_jax.main", *args],
+                          capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.select.foo=1", "unknown config key 'select.foo'"),
+    ("--config.nope=1", "unknown config key 'nope'"),
+    ("--config.select.k_pairs=abc", "bad value 'abc' for config key 'select.k_pairs'"),
+    ("--config.select.alpha=x", "config key 'select.alpha'"),
+])
+def test_config_errors_are_one_line(config_file, tmp_path, override, expected):
+    rc, out, err = _cli("--config", config_file, "--workdir", str(tmp_path), override)
+    assert rc == 2
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_unknown_key_lists_allowed_keys(config_file, tmp_path):
+    _, _, err = _cli("--config", config_file, "--workdir", str(tmp_path), "--config.select.x=1")
+    assert "alpha, k_pairs" in err
+
+
+def test_missing_config_file(tmp_path):
+    rc, _, err = _cli("--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path))
+    assert rc == 2 and "does not exist" in err and "Traceback" not in err
+
+
+def test_unbuilt_stage_is_refused(config_file, tmp_path):
+    rc, _, err = _cli("--config", config_file + ":ingest,train", "--workdir", str(tmp_path))
+    assert rc == 2 and "not built yet" in err and "train" in err and "Traceback" not in err

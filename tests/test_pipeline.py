@@ -1,0 +1,103 @@
+"""The stage runner: order, fingerprints, skip on rerun, rerun on change, refusals."""
+import json
+import sys
+import types
+
+import ml_collections
+import pytest
+
+from fifa_jax import pipeline
+from fifa_jax.pipeline import PipelineError, Stage
+
+CALLS = []
+
+
+def _make_module(name):
+    module = types.ModuleType(name)
+
+    def run(config, workdir):
+        CALLS.append(name)
+        out = workdir / name.rsplit(".", 1)[-1]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "out.json").write_text(json.dumps({"value": config.get(name[-1], {}).get("v")}))
+        return {"rows": 3}
+
+    module.run = run
+    return module
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    stages = (Stage("a", "fakestage.a", ("seed", "a"), ()),
+              Stage("b", "fakestage.b", ("seed", "b"), ("a",)),
+              Stage("c", "fakestage.c", ("c",), ("b",)),
+              Stage("d", None, ("d",), ("c",), "not written"))
+    for s in stages[:3]:
+        monkeypatch.setitem(sys.modules, s.module, _make_module(s.module))
+    monkeypatch.setattr(pipeline, "STAGES", stages)
+    monkeypatch.setattr(pipeline, "STAGE_BY_NAME", {s.name: s for s in stages})
+    CALLS.clear()
+    return stages
+
+
+def _config(stages="a,b,c"):
+    return ml_collections.ConfigDict({"seed": 0, "stages": stages, "a": {"v": 1},
+                                      "b": {"v": 2}, "c": {"v": 3}, "d": {}})
+
+
+def test_runs_in_order_then_skips(fake_stages, tmp_path):
+    msgs = []
+    res = pipeline.run_pipeline(_config("c,a,b"), tmp_path, echo=msgs.append)
+    assert CALLS == ["fakestage.a", "fakestage.b", "fakestage.c"]
+    assert [r["status"] for r in res.values()] == ["ran"] * 3
+    CALLS.clear()
+    msgs.clear()
+    res = pipeline.run_pipeline(_config(), tmp_path, echo=msgs.append)
+    assert CALLS == []
+    assert [r["status"] for r in res.values()] == ["skipped"] * 3
+    assert all("skipped" in m for m in msgs)
+
+
+def test_changed_section_reruns_stage_and_downstream(fake_stages, tmp_path):
+    pipeline.run_pipeline(_config(), tmp_path, echo=lambda m: None)
+    CALLS.clear()
+    cfg = _config()
+    cfg.b.v = 20
+    pipeline.run_pipeline(cfg, tmp_path, echo=lambda m: None)
+    assert CALLS == ["fakestage.b", "fakestage.c"]
+
+
+def test_single_stage_reads_upstream_fingerprint(fake_stages, tmp_path):
+    pipeline.run_pipeline(_config(), tmp_path, echo=lambda m: None)
+    CALLS.clear()
+    res = pipeline.run_pipeline(_config("c"), tmp_path, echo=lambda m: None)
+    assert CALLS == [] and res["c"]["status"] == "skipped"
+    res = pipeline.run_pipeline(_config("c"), tmp_path, force=["c"], echo=lambda m: None)
+    assert CALLS == ["fakestage.c"]
+
+
+def test_missing_upstream_is_an_error(fake_stages, tmp_path):
+    with pytest.raises(PipelineError, match="needs the output of stage 'b'"):
+        pipeline.run_pipeline(_config("c"), tmp_path)
+
+
+def test_failed_stage_is_not_marked_done(fake_stages, tmp_path, monkeypatch):
+    def boom(config, workdir):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(sys.modules["fakestage.b"], "run", boom)
+    with pytest.raises(RuntimeError):
+        pipeline.run_pipeline(_config(), tmp_path, echo=lambda m: None)
+    assert pipeline.read_done(tmp_path, "a") is not None
+    assert pipeline.read_done(tmp_path, "b") is None
+
+
+@pytest.mark.parametrize("spec,match", [("a,zzz", "unknown stage"), ("a,d", "not built yet"),
+                                        ("", "empty")])
+def test_bad_stage_lists(fake_stages, tmp_path, spec, match):
+    with pytest.raises(PipelineError, match=match):
+        pipeline.run_pipeline(_config(spec), tmp_path)
+
+
+def test_real_registry_refuses_unbuilt_stages():
+    with pytest.raises(PipelineError, match="train"):
+        pipeline.parse_stages("ingest,train")
