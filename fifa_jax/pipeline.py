@@ -31,10 +31,11 @@ class Stage:
     config_keys: tuple[str, ...]  # config sections the outputs depend on
     upstream: tuple[str, ...]   # stages whose outputs this one reads
     issue: str = ""             # where unbuilt work is tracked
+    all_hosts: bool = True      # False: host-side work that only process 0 runs
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", "fifa_jax.data.ingest", ("seed", "data"), ()),
+    Stage("ingest", "fifa_jax.data.ingest", ("seed", "data"), (), all_hosts=False),
     Stage("score", "fifa_jax.scoring.stage", ("seed", "score"), ("ingest",)),
     Stage("select", "fifa_jax.selection.stage", ("seed", "select"), ("ingest", "score")),
     Stage("encode", None, ("seed", "encode"), ("select",), "precomputed latents / text states"),
@@ -101,6 +102,18 @@ def _write_done(workdir: pathlib.Path, name: str, record: dict) -> None:
     tmp.replace(out / DONE_FILE)
 
 
+def _process_index() -> int:
+    import jax  # only when a stage runs: flag and config errors stay fast
+    return jax.process_index() if jax.process_count() > 1 else 0
+
+
+def _barrier(name: str) -> None:
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = (),
                  echo=print) -> dict[str, dict]:
     """Run `config.stages` in order in `workdir`; returns {stage: status record}.
@@ -138,11 +151,16 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
         if done is not None and done.get("fingerprint") != fp:
             echo(f"[{stage.name}] config changed since the last run "
                  f"({done.get('fingerprint')} -> {fp}): running again")
-        (workdir / stage.name / DONE_FILE).unlink(missing_ok=True)
+        # Every host reaches the same decision above (they read the same work directory).
+        leader = _process_index() == 0
+        _barrier(f"{stage.name}:start")
+        if leader:
+            (workdir / stage.name / DONE_FILE).unlink(missing_ok=True)
         echo(f"[{stage.name}] running (fingerprint {fp})")
         module = importlib.import_module(stage.module)
         start = time.time()
-        summary = module.run(config, workdir) or {}
+        summary = (module.run(config, workdir) or {}) if (stage.all_hosts or leader) else {}
+        _barrier(f"{stage.name}:end")
         record = {"fingerprint": fp, "stage": stage.name,
                   "seconds": round(time.time() - start, 3),
                   "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -150,7 +168,9 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
                   "config": {k: _section(config, k) for k in stage.config_keys},
                   "upstream": {u: fps[u] for u in stage.upstream},
                   "summary": summary}
-        _write_done(workdir, stage.name, record)
+        if leader:
+            _write_done(workdir, stage.name, record)
+        _barrier(f"{stage.name}:done")
         echo(f"[{stage.name}] done in {record['seconds']:.1f} s: "
              + json.dumps(summary, sort_keys=True, default=str)[:400])
         results[stage.name] = {"status": "ran", **record}
