@@ -1,0 +1,382 @@
+"""The demo world: a small, seeded preference dataset in the Pick-a-Pic v2 parquet layout.
+
+Prompts describe `count colour shape position` scenes ("two red circles at the top") in five
+styles whose text quality differs: detailed, plain, partial (an attribute left out), messy
+(repeated words, junk tags) and harmful (a mild placeholder word from `HARMFUL_WORDS`).
+Unique prompts are drawn without repetition; pairs pick prompts with Zipf-like popularity
+(every prompt gets at least one pair when n_pairs >= n_prompts), so prompts repeat a lot.
+
+Each image is drawn by one of three "generators" of different skill: it gets each attribute
+the prompt asks for right with probability `skill` (attributes the prompt leaves out are
+random and always count as right), and an aesthetic a in [0, 1] (~ skill + noise) that sets
+the pixel noise (std 60 * (1 - a) on 0..255). Its true reward is
+
+    r = 1.0 colour_ok + 1.0 shape_ok + 0.5 count_ok + 0.5 position_ok + 1.0 a     (0..4)
+
+"Human" labels: a tie (label 0.5) with probability `tie_rate`, else label_0 = 1 with the
+Bradley-Terry probability sigmoid(bt_beta * (r_0 - r_1)). `n_corrupt` rows get a truncated
+jpg_1 (the ingest must skip and count them).
+
+Files under out_dir (all deterministic: same parameters -> byte-identical files):
+  shards/train-0000i-of-0000n.parquet   Pick-a-Pic v2 columns (a subset of the ids)
+  true_rewards.parquet   image_uid, shard (relative), row, column, true_reward, the four
+                         *_ok flags, aesthetic, model, prompt
+  prompt_quality.parquet prompt (text), quality (0..10 float; harmful 0), harmful (bool), style
+  demo_params.json       the parameters; written last, marks a complete world
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import uuid
+
+import ml_collections
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from fifa_jax.data import images
+
+FORMAT_VERSION = 1
+COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215),
+           "yellow": (230, 195, 30), "purple": (135, 60, 175), "orange": (240, 135, 30),
+           "black": (25, 25, 25)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+POSITIONS = {"left": "on the left", "right": "on the right", "top": "at the top",
+             "bottom": "at the bottom", "center": "in the center"}
+HARMFUL_WORDS = ("gore", "a weapon", "blood", "violence")
+STYLES = ("detailed", "plain", "partial", "messy")          # + "harmful"
+STYLE_PROBS = (0.2, 0.35, 0.25, 0.2)
+STYLE_QUALITY = {"detailed": 9.0, "plain": 7.0, "partial": 4.5, "messy": 2.0}
+MODELS = {"demo-gen-small": 0.5, "demo-gen-base": 0.7, "demo-gen-large": 0.85}
+REWARD_WEIGHTS = {"colour": 1.0, "shape": 1.0, "count": 0.5, "position": 0.5, "aesthetic": 1.0}
+SHARD_DIR = "shards"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.n_prompts = 200
+    c.n_pairs = 2000
+    c.image_size = 32
+    c.seed = 0
+    c.rows_per_shard = 500
+    c.row_group_rows = 100
+    c.tie_rate = 0.08
+    c.harmful_fraction = 0.05
+    c.bt_beta = 2.0
+    c.n_corrupt = 2
+    c.jpeg_quality = 90
+    return c
+
+
+# -- prompts ---------------------------------------------------------------------------------
+
+def _plural(shape: str, n: int | None) -> str:
+    return shape if n == 1 else shape + "s"
+
+
+def _prompt_text(style: str, colour, shape, count, position, harm: str = "") -> str:
+    n = COUNT_WORDS.get(count, "")
+    pos = POSITIONS.get(position, "")
+    if style == "detailed":
+        return (f"a clean flat illustration of {n} {colour} {_plural(shape, count)} {pos}, "
+                f"on a plain light background")
+    if style == "plain":
+        return f"{n} {colour} {_plural(shape, count)} {pos}"
+    if style == "partial":
+        if position is None:
+            return f"{n} {colour} {_plural(shape, count)}"
+        return f"{colour} {shape}s {pos}"                       # count left out
+    if style == "messy":
+        word = position if position != "center" else "centre"
+        return f"{colour} {shape} {shape}s {n} {word} {word} 8k trending masterpiece!!"
+    if style == "harmful":
+        return f"{n} {colour} {_plural(shape, count)} {pos} with {harm}"
+    raise ValueError(style)
+
+
+def make_prompts(n_prompts: int, rng: np.random.Generator, harmful_fraction: float) -> list:
+    """-> list of dicts: text, style, colour, shape, count, position (None = unspecified),
+    quality, harmful. Texts are unique."""
+    n_harm = int(round(n_prompts * harmful_fraction))
+    styles = ["harmful"] * n_harm + list(rng.choice(STYLES, size=n_prompts - n_harm,
+                                                    p=STYLE_PROBS))
+    out, seen = [], set()
+    for style in styles:
+        for _ in range(1000):
+            colour = str(rng.choice(list(COLOURS)))
+            shape = str(rng.choice(SHAPES))
+            count = int(rng.integers(1, 4))
+            position = str(rng.choice(list(POSITIONS)))
+            harm = str(rng.choice(HARMFUL_WORDS))
+            if style == "partial":
+                if rng.random() < 0.5:
+                    position = None
+                else:
+                    count = None
+            text = _prompt_text(style, colour, shape, count, position, harm)
+            if text not in seen:
+                break
+        else:
+            raise ValueError(f"cannot draw {n_prompts} unique demo prompts; use fewer")
+        seen.add(text)
+        harmful = style == "harmful"
+        q = 0.0 if harmful else float(np.clip(STYLE_QUALITY[style] + rng.normal(0, 0.4), 0.5, 10))
+        out.append(dict(text=text, style=style, colour=colour, shape=shape, count=count,
+                        position=position, quality=q, harmful=harmful))
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
+# -- images ----------------------------------------------------------------------------------
+
+def _region(position: str, s: int) -> tuple[float, float, float, float]:
+    h = s / 2
+    return {"left": (0, 0, h, s), "right": (h, 0, s, s), "top": (0, 0, s, h),
+            "bottom": (0, h, s, s), "center": (s / 4, s / 4, 3 * s / 4, 3 * s / 4)}[position]
+
+
+def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill):
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+
+
+def render(scene: dict, size: int, rng: np.random.Generator) -> Image.Image:
+    """Draw `count` `colour` `shape`s in the `position` region, then add pixel noise."""
+    bg = np.array([236, 234, 226]) + rng.integers(-6, 7, size=3)
+    im = Image.new("RGB", (size, size), tuple(int(v) for v in bg))
+    d = ImageDraw.Draw(im)
+    x0, y0, x1, y1 = _region(scene["position"], size)
+    r = max(2.0, size / 10)
+    n = scene["count"]
+    wide = (x1 - x0) >= (y1 - y0)
+    for k in range(n):
+        t = (k + 0.5) / n
+        cx = x0 + (t * (x1 - x0) if wide else (x1 - x0) / 2)
+        cy = y0 + ((y1 - y0) / 2 if wide else t * (y1 - y0))
+        cx += rng.uniform(-1, 1)
+        cy += rng.uniform(-1, 1)
+        _draw_shape(d, scene["shape"], cx, cy, r, COLOURS[scene["colour"]])
+    arr = np.asarray(im, dtype=np.float32)
+    arr = arr + rng.normal(0.0, 60.0 * (1.0 - scene["aesthetic"]), size=arr.shape)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
+
+
+def _draw_attr(asked, choices, skill: float, rng: np.random.Generator):
+    """-> (drawn value, ok). Unspecified attributes are random and always ok."""
+    choices = list(choices)
+    right = rng.random() < skill
+    other = choices[int(rng.integers(len(choices)))]
+    if asked is None:
+        return other, True
+    if right:
+        return asked, True
+    wrong = [c for c in choices if c != asked]
+    return wrong[int(rng.integers(len(wrong)))], False
+
+
+def make_image(prompt: dict, model: str, size: int, rng: np.random.Generator):
+    """-> (PIL image, scene dict with the *_ok flags, aesthetic and true_reward)."""
+    skill = MODELS[model]
+    colour, c_ok = _draw_attr(prompt["colour"], COLOURS, skill, rng)
+    shape, s_ok = _draw_attr(prompt["shape"], SHAPES, skill, rng)
+    count, n_ok = _draw_attr(prompt["count"], COUNT_WORDS, skill, rng)
+    position, p_ok = _draw_attr(prompt["position"], POSITIONS, skill, rng)
+    aesthetic = float(np.clip(skill + rng.normal(0, 0.2), 0.0, 1.0))
+    w = REWARD_WEIGHTS
+    reward = (w["colour"] * c_ok + w["shape"] * s_ok + w["count"] * n_ok
+              + w["position"] * p_ok + w["aesthetic"] * aesthetic)
+    scene = dict(colour=colour, shape=shape, count=count, position=position,
+                 aesthetic=aesthetic, colour_ok=c_ok, shape_ok=s_ok, count_ok=n_ok,
+                 position_ok=p_ok, true_reward=float(reward))
+    return render(scene, size, rng), scene
+
+
+def _jpeg(im: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=int(quality))
+    return buf.getvalue()
+
+
+def _uid(rng: np.random.Generator) -> str:
+    return str(uuid.UUID(bytes=rng.bytes(16), version=4))
+
+
+# -- the world -------------------------------------------------------------------------------
+
+def _params(n_prompts, n_pairs, image_size, seed, rows_per_shard, row_group_rows, tie_rate,
+            harmful_fraction, bt_beta, n_corrupt, jpeg_quality) -> dict:
+    return dict(format_version=FORMAT_VERSION, n_prompts=int(n_prompts), n_pairs=int(n_pairs),
+                image_size=int(image_size), seed=int(seed), rows_per_shard=int(rows_per_shard),
+                row_group_rows=int(row_group_rows), tie_rate=float(tie_rate),
+                harmful_fraction=float(harmful_fraction), bt_beta=float(bt_beta),
+                n_corrupt=int(n_corrupt), jpeg_quality=int(jpeg_quality))
+
+
+def _pair_prompts(n_pairs: int, n_prompts: int, rng: np.random.Generator) -> np.ndarray:
+    """Prompt index per pair: each prompt once (if room), the rest Zipf(0.8)-popular."""
+    base = np.arange(min(n_pairs, n_prompts))
+    weights = 1.0 / np.arange(1, n_prompts + 1) ** 0.8
+    extra = rng.choice(n_prompts, size=n_pairs - len(base), p=weights / weights.sum())
+    idx = np.concatenate([base, extra])
+    return idx[rng.permutation(n_pairs)]
+
+
+def shard_files(out_dir) -> list[str]:
+    """The shard paths of a written world (sorted)."""
+    d = os.path.join(str(out_dir), SHARD_DIR)
+    return sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".parquet"))
+
+
+def write_demo_world(out_dir, *, n_prompts: int = 200, n_pairs: int = 2000,
+                     image_size: int = 32, seed: int = 0, rows_per_shard: int = 500,
+                     row_group_rows: int = 100, tie_rate: float = 0.08,
+                     harmful_fraction: float = 0.05, bt_beta: float = 2.0, n_corrupt: int = 2,
+                     jpeg_quality: int = 90) -> dict:
+    """Write the world into out_dir (see module doc); -> summary dict.
+
+    Skips the work (returns reused=True) when out_dir already holds a complete world written
+    with the same parameters.
+    """
+    params = _params(n_prompts, n_pairs, image_size, seed, rows_per_shard, row_group_rows,
+                     tie_rate, harmful_fraction, bt_beta, n_corrupt, jpeg_quality)
+    if n_prompts < 1 or n_pairs < 1 or image_size < 8 or rows_per_shard < 1:
+        raise ValueError(f"demo world needs n_prompts, n_pairs, rows_per_shard >= 1 and "
+                         f"image_size >= 8; got {params}")
+    if not 0 <= n_corrupt <= n_pairs:
+        raise ValueError(f"demo n_corrupt={n_corrupt} must be in [0, n_pairs={n_pairs}]")
+    out_dir = os.path.abspath(str(out_dir))
+    marker = os.path.join(out_dir, "demo_params.json")
+    if os.path.exists(marker):
+        try:
+            with open(marker) as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old is not None and old.get("params") == params and all(
+                os.path.exists(os.path.join(out_dir, p)) for p in old.get("files", [])):
+            return dict(old, reused=True, out_dir=out_dir)
+        os.remove(marker)
+    shard_dir = os.path.join(out_dir, SHARD_DIR)
+    if os.path.isdir(shard_dir):
+        shutil.rmtree(shard_dir)   # only our own folder: an older or partial world
+    os.makedirs(shard_dir)
+
+    rng = np.random.default_rng(seed)
+    prompts = make_prompts(n_prompts, rng, harmful_fraction)
+    pair_prompt = _pair_prompts(n_pairs, n_prompts, rng)
+    corrupt = set(rng.choice(n_pairs, size=n_corrupt, replace=False).tolist())
+    per_prompt = np.bincount(pair_prompt, minlength=n_prompts)
+    model_names = list(MODELS)
+    n_shards = -(-n_pairs // rows_per_shard)
+    files, reward_rows = [], {k: [] for k in (
+        "image_uid", "shard", "row", "column", "true_reward", "colour_ok", "shape_ok",
+        "count_ok", "position_ok", "aesthetic", "model", "prompt")}
+    stats = dict(ties=0, label_0_is_0=0, label_0_is_1=0)
+
+    for s in range(n_shards):
+        rows = range(s * rows_per_shard, min(n_pairs, (s + 1) * rows_per_shard))
+        cols = {k: [] for k in ("are_different", "best_image_uid", "caption", "has_label",
+                                "image_0_uid", "image_1_uid", "jpg_0", "jpg_1", "label_0",
+                                "label_1", "model_0", "model_1", "ranking_id", "user_id",
+                                "num_example_per_prompt")}
+        rel = os.path.join(SHARD_DIR, f"train-{s:05d}-of-{n_shards:05d}.parquet")
+        for local, p in enumerate(rows):
+            prompt = prompts[int(pair_prompt[p])]
+            uids, blobs, scenes, models = [], [], [], []
+            for side in (0, 1):
+                model = model_names[int(rng.integers(len(model_names)))]
+                im, scene = make_image(prompt, model, image_size, rng)
+                uids.append(_uid(rng))
+                blobs.append(_jpeg(im, jpeg_quality))
+                scenes.append(scene)
+                models.append(model)
+                for k, v in (("image_uid", uids[-1]), ("shard", rel), ("row", local),
+                             ("column", f"jpg_{side}"), ("model", model),
+                             ("prompt", prompt["text"])):
+                    reward_rows[k].append(v)
+                for k in ("true_reward", "colour_ok", "shape_ok", "count_ok", "position_ok",
+                          "aesthetic"):
+                    reward_rows[k].append(scene[k])
+            tie_draw, bt_draw = rng.random(), rng.random()
+            delta = scenes[0]["true_reward"] - scenes[1]["true_reward"]
+            if tie_draw < tie_rate:
+                label = 0.5
+                stats["ties"] += 1
+            else:
+                label = 1.0 if bt_draw < 1.0 / (1.0 + np.exp(-bt_beta * delta)) else 0.0
+                stats["label_0_is_1" if label == 1.0 else "label_0_is_0"] += 1
+            if p in corrupt:
+                blobs[1] = blobs[1][: len(blobs[1]) * 3 // 5]
+            cols["are_different"].append(True)
+            cols["best_image_uid"].append("" if label == 0.5 else uids[0 if label == 1.0 else 1])
+            cols["caption"].append(prompt["text"])
+            cols["has_label"].append(True)
+            cols["image_0_uid"].append(uids[0])
+            cols["image_1_uid"].append(uids[1])
+            cols["jpg_0"].append(blobs[0])
+            cols["jpg_1"].append(blobs[1])
+            cols["label_0"].append(label)
+            cols["label_1"].append(1.0 - label)
+            cols["model_0"].append(models[0])
+            cols["model_1"].append(models[1])
+            cols["ranking_id"].append(p)
+            cols["user_id"].append(int(rng.integers(1, 50)))
+            cols["num_example_per_prompt"].append(int(per_prompt[int(pair_prompt[p])]))
+        table = pa.Table.from_pydict(cols, schema=_SHARD_SCHEMA)
+        pq.write_table(table, os.path.join(out_dir, rel), row_group_size=row_group_rows)
+        files.append(rel)
+
+    pq.write_table(pa.Table.from_pydict(reward_rows, schema=_REWARD_SCHEMA),
+                   os.path.join(out_dir, "true_rewards.parquet"))
+    pq.write_table(pa.Table.from_pydict(
+        {"prompt": [p["text"] for p in prompts],
+         "quality": [p["quality"] for p in prompts],
+         "harmful": [p["harmful"] for p in prompts],
+         "style": [p["style"] for p in prompts]}, schema=_QUALITY_SCHEMA),
+        os.path.join(out_dir, "prompt_quality.parquet"))
+    files += ["true_rewards.parquet", "prompt_quality.parquet"]
+    summary = dict(params=params, files=files, n_shards=n_shards,
+                   n_harmful_prompts=sum(p["harmful"] for p in prompts),
+                   corrupt_rows=sorted(corrupt), **stats)
+    tmp = marker + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    os.replace(tmp, marker)
+    return dict(summary, reused=False, out_dir=out_dir)
+
+
+def read_true_rewards(out_dir) -> dict[str, float]:
+    """{image ref as ingest writes it -> true reward} for a written world."""
+    out_dir = os.path.abspath(str(out_dir))
+    t = pq.read_table(os.path.join(out_dir, "true_rewards.parquet"),
+                      columns=["shard", "row", "column", "true_reward"]).to_pydict()
+    return {images.make_ref(os.path.join(out_dir, s), r, c): v
+            for s, r, c, v in zip(t["shard"], t["row"], t["column"], t["true_reward"])}
+
+
+_SHARD_SCHEMA = pa.schema([
+    ("are_different", pa.bool_()), ("best_image_uid", pa.string()), ("caption", pa.string()),
+    ("has_label", pa.bool_()), ("image_0_uid", pa.string()), ("image_1_uid", pa.string()),
+    ("jpg_0", pa.binary()), ("jpg_1", pa.binary()), ("label_0", pa.float64()),
+    ("label_1", pa.float64()), ("model_0", pa.string()), ("model_1", pa.string()),
+    ("ranking_id", pa.int64()), ("user_id", pa.int64()),
+    ("num_example_per_prompt", pa.int64())])
+_REWARD_SCHEMA = pa.schema([
+    ("image_uid", pa.string()), ("shard", pa.string()), ("row", pa.int64()),
+    ("column", pa.string()), ("true_reward", pa.float64()), ("colour_ok", pa.bool_()),
+    ("shape_ok", pa.bool_()), ("count_ok", pa.bool_()), ("position_ok", pa.bool_()),
+    ("aesthetic", pa.float64()), ("model", pa.string()), ("prompt", pa.string())])
+_QUALITY_SCHEMA = pa.schema([
+    ("prompt", pa.string()), ("quality", pa.float64()), ("harmful", pa.bool_()),
+    ("style", pa.string())])

@@ -1,0 +1,165 @@
+"""The ingest stage: preference data in a published layout -> pairs and prompts tables.
+
+Inputs (config.data, see `default_config`): `format` pickapic | hpdv2 | jsonl | csv | demo and
+`path` (pickapic: shard folder, glob, file or comma list; hpdv2: annotation JSON(s); jsonl/csv:
+file(s)); demo ignores `path` and first writes the demo world into workdir/ingest/demo_data/
+(skipped when it is already there with the same parameters), then reads its shards with the
+Pick-a-Pic reader.
+
+Outputs (workdir/ingest/):
+  pairs.parquet        pair_id, prompt_id, winner_ref, loser_ref, source, source_row, label_0,
+                       is_tie, winner_model, loser_model (schema.PAIRS_SCHEMA)
+  prompts.parquet      prompt_id, text, n_pairs (schema.PROMPTS_SCHEMA)
+  ingest_report.json   counts: rows read, pairs kept, skipped by reason (+ examples), ties,
+                       swaps, duplicates, per source file; and the settings used
+The rules (ties, winner first, skips, duplicates, unique prompts) are in rows.py. Outputs are
+written to temporary names and renamed at the end, so a rerun after a crash starts clean.
+A run that keeps no pair at all writes its report and then raises IngestError.
+Images are checked in a thread pool (`num_workers`, 0 = all cores) per `check_images`.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import time
+
+import ml_collections
+import pyarrow as pa
+import pyarrow.parquet as pq
+from absl import logging
+from tqdm import tqdm
+
+from fifa_jax.data import demo_world, hpdv2, jsonl_csv, pickapic, schema
+from fifa_jax.data.rows import PairBuilder
+
+FORMATS = ("pickapic", "hpdv2", "jsonl", "csv", "demo")
+STAGE = "ingest"
+DEMO_DIR = "demo_data"
+_WRITE_ROWS = 65536
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `data` section of the experiment config."""
+    c = ml_collections.ConfigDict()
+    c.format = "demo"            # pickapic | hpdv2 | jsonl | csv | demo
+    c.path = ""                  # data location (unused by demo)
+    c.image_root = ""            # hpdv2/jsonl/csv: base of relative image paths ("" = file's dir)
+    c.keep_ties = False          # keep label_0 == 0.5 pairs (is_tie=True, order unchanged)
+    c.max_rows = 0               # stop after this many candidate rows (0 = all)
+    c.check_images = "decode"    # decode | header | none (see images.verify_image_bytes)
+    c.num_workers = 0            # image-check threads (0 = os.cpu_count())
+    c.batch_rows = 256           # rows per read batch (bounds the image bytes held in RAM)
+    c.demo = demo_world.default_config()
+    return c
+
+
+def _open_source(data, out_dir: pathlib.Path):
+    """-> (format used by the reader, files, total rows or None, batch iterator factory)."""
+    fmt = data.format
+    if fmt not in FORMATS:
+        raise schema.IngestError("config.data.format", f"{fmt!r} is not one of {FORMATS}")
+    batch_rows = int(data.batch_rows)
+    if batch_rows < 1:
+        raise schema.IngestError("config.data.batch_rows", f"must be >= 1, got {batch_rows}")
+    if fmt in ("pickapic", "demo"):
+        if fmt == "demo":
+            info = demo_world.write_demo_world(out_dir / DEMO_DIR, **data.demo.to_dict())
+            logging.info("demo world %s in %s", "reused" if info["reused"] else "written",
+                         info["out_dir"])
+            files = demo_world.shard_files(out_dir / DEMO_DIR)
+        else:
+            files = pickapic.resolve_files(data.path)
+        pickapic.check_schemas(files)
+        return files, pickapic.total_rows(files), lambda: pickapic.iter_batches(files, batch_rows)
+    if fmt == "hpdv2":
+        files = pickapic.resolve_files(data.path, suffix=".json")
+        recs = {f: hpdv2.load_records(f) for f in files}
+        total = sum(hpdv2.count_candidates(r) for r in recs.values())
+
+        def gen():
+            for f in files:
+                yield from hpdv2.iter_batches(f, image_root=data.image_root,
+                                              batch_rows=batch_rows, records=recs.pop(f))
+        return files, total, gen
+    reader = jsonl_csv.iter_jsonl if fmt == "jsonl" else jsonl_csv.iter_csv
+    files = pickapic.resolve_files(data.path, suffix="." + fmt)
+    total = sum(jsonl_csv.count_lines(f) for f in files) - (len(files) if fmt == "csv" else 0)
+
+    def gen():
+        for f in files:
+            yield from reader(f, image_root=data.image_root, batch_rows=batch_rows)
+    return files, max(total, 0), gen
+
+
+def run(config, workdir) -> dict:
+    """Ingest config.data into workdir/ingest/; -> summary counts (see module doc)."""
+    data = config.data
+    workdir = pathlib.Path(workdir)
+    out_dir = workdir / STAGE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    files, total, batches = _open_source(data, out_dir)
+    max_rows = int(data.max_rows)
+    if max_rows < 0:
+        raise schema.IngestError("config.data.max_rows", f"must be >= 0, got {max_rows}")
+    if max_rows and total is not None:
+        total = min(total, max_rows)
+    workers = int(data.num_workers) or (os.cpu_count() or 1)
+    logging.info("ingest: %s, %d file(s), about %s rows, check_images=%s, %d thread(s)",
+                 data.format, len(files), total, data.check_images, workers)
+
+    pairs_path, prompts_path = out_dir / "pairs.parquet", out_dir / "prompts.parquet"
+    report_path = out_dir / "ingest_report.json"
+    for p in (pairs_path, prompts_path, report_path):
+        p.unlink(missing_ok=True)   # never leave old outputs beside new ones
+    tmp_pairs = out_dir / "pairs.parquet.tmp"
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
+            pq.ParquetWriter(tmp_pairs, schema.PAIRS_SCHEMA) as writer, \
+            tqdm(total=total, unit="row", desc="ingest", mininterval=2.0) as bar:
+        builder = PairBuilder(keep_ties=data.keep_ties, check_images=data.check_images,
+                              executor=pool if workers > 1 else None)
+        pending: list[pa.Table] = []
+        n_pending = 0
+        for batch in batches():
+            if max_rows:
+                batch = batch[: max_rows - builder.rows_read]
+            pending.append(builder.add_batch(batch))
+            n_pending += pending[-1].num_rows
+            bar.update(len(batch))
+            bar.set_postfix(kept=builder.pairs_kept, refresh=False)
+            if n_pending >= _WRITE_ROWS:
+                writer.write_table(pa.concat_tables(pending))
+                pending, n_pending = [], 0
+            if max_rows and builder.rows_read >= max_rows:
+                break
+        if pending:
+            writer.write_table(pa.concat_tables(pending))
+
+    prompts = builder.prompts_table()
+    tmp_prompts = out_dir / "prompts.parquet.tmp"
+    pq.write_table(prompts, tmp_prompts)
+    report = builder.report()
+    report.update(
+        format=data.format, sources=files, keep_ties=bool(data.keep_ties),
+        check_images=data.check_images, max_rows=max_rows,
+        stopped_at_max_rows=bool(max_rows) and builder.rows_read >= max_rows,
+        seconds=round(time.time() - t0, 3))
+    tmp_report = out_dir / "ingest_report.json.tmp"
+    tmp_report.write_text(json.dumps(report, indent=2, sort_keys=True))
+    os.replace(tmp_pairs, pairs_path)
+    os.replace(tmp_prompts, prompts_path)
+    os.replace(tmp_report, report_path)
+    summary = {k: report[k] for k in ("rows_read", "pairs_kept", "unique_prompts",
+                                      "skipped_total", "ties_dropped", "ties_kept", "swapped")}
+    summary.update({f"skipped_{k}": v for k, v in report["skipped"].items()})
+    logging.info("ingest: %s", summary)
+    if report["pairs_kept"] == 0:
+        raise schema.IngestError(report_path, f"no pair kept out of {report['rows_read']} "
+                                 f"row(s); skipped: {report['skipped']}, ties dropped: "
+                                 f"{report['ties_dropped']}")
+    if report["skipped_total"]:
+        logging.warning("ingest skipped %d row(s): %s (examples in %s)", report["skipped_total"],
+                        {k: v for k, v in report["skipped"].items() if v}, report_path)
+    return summary

@@ -1,0 +1,103 @@
+"""The plain user layout: JSONL or CSV with prompt, image_0, image_1, label_0 -> candidates.
+
+Columns: prompt, image_0, image_1 (paths), label_0 required; label_1, model_0, model_1 optional.
+Image paths are relative to `image_root` when set, else to the folder of the JSONL/CSV file;
+absolute paths and `file://` URLs work as is; http(s)/s3/gs URLs are not fetched (the row is
+skipped as missing_image, counted and reported).
+
+CSV: the header must hold the required columns (else IngestError naming file and column);
+`source_row` is the data row index (0 = the first line after the header). Empty label_1 cells
+count as absent.
+JSONL: one JSON object per line; blank lines are ignored; `source_row` is the 0-based line
+number. The first object must hold the required keys (else IngestError naming file and key);
+a later line that is not valid JSON, not an object, or lacks a required key is skipped as
+bad_record (counted, with examples). Both are streamed line by line.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Iterator
+
+from fifa_jax.data import schema
+from fifa_jax.data.rows import Candidate, file_image
+
+
+def _candidate(path: str, row: int, rec: dict, root: str, empty_l1_absent: bool) -> Candidate:
+    l1 = rec.get("label_1")
+    if empty_l1_absent and isinstance(l1, str) and not l1.strip():
+        l1 = None
+    return Candidate(
+        source=path, source_row=row, prompt=rec.get("prompt"),
+        label_0=rec.get("label_0"), label_1=l1, has_label_1="label_1" in rec,
+        image_0=file_image(rec.get("image_0"), root), image_1=file_image(rec.get("image_1"), root),
+        model_0=str(rec.get("model_0") or ""), model_1=str(rec.get("model_1") or ""))
+
+
+def _root(path: str, image_root: str) -> str:
+    return os.path.abspath(os.path.expanduser(image_root)) if image_root else os.path.dirname(path)
+
+
+def iter_csv(path: str, *, image_root: str = "", batch_rows: int = 256
+             ) -> Iterator[list[Candidate]]:
+    path = os.path.abspath(path)
+    root = _root(path, image_root)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        schema.require_columns(path, reader.fieldnames or [], schema.USER_REQUIRED)
+        batch = []
+        for row, rec in enumerate(reader):
+            if None in rec:  # more cells than header names
+                batch.append(Candidate(source=path, source_row=row,
+                                       bad=f"{len(rec[None])} cells beyond the header"))
+            else:
+                batch.append(_candidate(path, row, rec, root, empty_l1_absent=True))
+            if len(batch) >= batch_rows:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def iter_jsonl(path: str, *, image_root: str = "", batch_rows: int = 256
+               ) -> Iterator[list[Candidate]]:
+    path = os.path.abspath(path)
+    root = _root(path, image_root)
+    checked = False
+    batch = []
+    with open(path, encoding="utf-8") as f:
+        for row, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                rec, bad = None, f"invalid JSON: {e}"
+            else:
+                bad = "" if isinstance(rec, dict) else f"not a JSON object: {type(rec).__name__}"
+            if not bad:
+                if not checked:
+                    schema.require_columns(path, rec.keys(), schema.USER_REQUIRED)
+                    checked = True
+                missing = schema.missing_columns(rec.keys(), schema.USER_REQUIRED)
+                if missing:
+                    bad = f"missing key(s) {missing}"
+            if bad:
+                batch.append(Candidate(source=path, source_row=row, bad=bad))
+            else:
+                batch.append(_candidate(path, row, rec, root, empty_l1_absent=False))
+            if len(batch) >= batch_rows:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def count_lines(path: str) -> int:
+    """Number of lines (a cheap upper bound on rows, for the progress bar)."""
+    n = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            n += chunk.count(b"\n")
+    return n

@@ -1,0 +1,262 @@
+"""Candidate rows from any reader -> validated, winner-first pairs, with every skip counted.
+
+Readers (pickapic, hpdv2, jsonl_csv) yield batches of `Candidate`s; `PairBuilder.add_batch`
+applies the rules below in this order, and each skipped row is counted under the first rule it
+fails (the counts and a few examples per reason end up in ingest_report.json):
+
+ 1. reader-level failure (unparsable record)                  -> skipped "bad_record"
+ 2. prompt null / empty after stripping whitespace             -> skipped "empty_prompt"
+ 3. label_0 not in {0, 0.5, 1}, or label_0 + label_1 != 1      -> skipped "bad_label"
+ 4. tie (label_0 == 0.5): dropped (counted "ties_dropped") unless keep_ties; kept ties have
+    is_tie=True and keep their order
+ 5. either image missing (null bytes, absent file, remote URL) -> skipped "missing_image"
+    either image not decodable (see images.verify_image_bytes)  -> skipped "undecodable_image"
+ 6. duplicate: same stripped prompt and the same two images (unordered) as an earlier kept
+    pair -> skipped "duplicate", the first one is kept; a duplicate whose outcome (winner or
+    tie) differs from the kept one is also counted in "duplicates_conflicting".
+    Image identity: blake2b-128 of the bytes for parquet cells, the absolute path for files.
+    The seen-set holds a 64-bit hash per kept pair (~100 B each; a false match has odds ~1e-8
+    at 1M pairs).
+ 7. winner first: label_0 == 0 swaps the images (counted "swapped").
+
+Unique prompts: the exact text after stripping surrounding whitespace (case and inner
+whitespace kept); prompt ids are given in order of first kept appearance.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import os
+
+import pyarrow as pa
+
+from fifa_jax.data import images, schema
+
+
+@dataclasses.dataclass
+class ImageSource:
+    """One image of a candidate row.
+
+    ref: the reference written to pairs.parquet (see images.py).
+    data: bytes in hand (parquet cell); None for files (read when checked) or null cells.
+    is_file: the image is the file at `ref`.
+    missing: non-empty = why there is no image at all (null cell, remote URL, empty path).
+    """
+    ref: str
+    data: bytes | None = None
+    is_file: bool = False
+    missing: str = ""
+
+
+@dataclasses.dataclass
+class Candidate:
+    source: str                 # file the row came from
+    source_row: int             # row / record / line index in that file (0-based)
+    prompt: object = None
+    label_0: object = None
+    label_1: object = None
+    has_label_1: bool = False
+    image_0: ImageSource | None = None
+    image_1: ImageSource | None = None
+    model_0: str = ""
+    model_1: str = ""
+    bad: str = ""               # non-empty: the reader could not parse this record
+
+
+def _inspect(src: ImageSource, mode: str) -> tuple[str, str, bytes | str | None]:
+    """-> (status, message, identity); status "ok" | "missing_image" | "undecodable_image"."""
+    if src.missing:
+        return "missing_image", src.missing, None
+    if src.is_file:
+        if mode == "none":
+            if os.path.isfile(src.ref):
+                return "ok", "", src.ref
+            return "missing_image", f"file not found: {src.ref}", None
+        try:
+            with open(src.ref, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return "missing_image", f"cannot read {src.ref}: {e.strerror or e}", None
+        identity = src.ref
+    else:
+        data = src.data
+        if data is None:
+            return "missing_image", f"{src.ref}: null image bytes", None
+        identity = hashlib.blake2b(data, digest_size=16).digest()
+    if len(data) == 0:
+        return "missing_image", f"{src.ref}: 0 bytes", None
+    try:
+        images.verify_image_bytes(data, mode)
+    except Exception as e:  # PIL raises many exception types for bad data
+        return "undecodable_image", f"{src.ref}: {type(e).__name__}: {e}", None
+    return "ok", "", identity
+
+
+class PairBuilder:
+    """Stateful filter: add_batch(candidates) -> pyarrow table of new pairs (PAIRS_SCHEMA)."""
+
+    def __init__(self, *, keep_ties: bool = False, check_images: str = "decode",
+                 executor=None, max_examples: int = 5):
+        if check_images not in images.CHECK_MODES:
+            raise ValueError(f"config.data.check_images must be one of {images.CHECK_MODES}, "
+                             f"got {check_images!r}")
+        self.keep_ties = bool(keep_ties)
+        self.check_images = check_images
+        self.executor = executor
+        self.max_examples = max_examples
+        self.rows_read = 0
+        self.pairs_kept = 0
+        self.ties_seen = 0
+        self.ties_dropped = 0
+        self.ties_kept = 0
+        self.swapped = 0
+        self.duplicates_conflicting = 0
+        self.same_image_pairs = 0
+        self.skipped = collections.Counter({r: 0 for r in schema.SKIP_REASONS})
+        self.examples: dict[str, list[str]] = collections.defaultdict(list)
+        self.prompt_ids: dict[str, int] = {}
+        self.prompt_counts: list[int] = []
+        self._seen: dict[int, int] = {}
+        self.per_source: dict[str, collections.Counter] = collections.defaultdict(
+            collections.Counter)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _skip(self, cand: Candidate, reason: str, message: str) -> None:
+        self.skipped[reason] += 1
+        self.per_source[cand.source]["skipped"] += 1
+        ex = self.examples[reason]
+        if len(ex) < self.max_examples:
+            ex.append(f"{cand.source} row {cand.source_row}: {message}")
+
+    def _inspect_all(self, sources: list[ImageSource]) -> dict[str, tuple]:
+        unique = list({s.ref: s for s in sources}.values())
+        mode = self.check_images
+        if self.executor is None or len(unique) < 2:
+            results = [_inspect(s, mode) for s in unique]
+        else:
+            results = list(self.executor.map(lambda s: _inspect(s, mode), unique))
+        return {s.ref: r for s, r in zip(unique, results)}
+
+    # -- the rules ---------------------------------------------------------------------------
+    def add_batch(self, cands: list[Candidate]) -> pa.Table:
+        survivors = []
+        for c in cands:
+            self.rows_read += 1
+            self.per_source[c.source]["rows"] += 1
+            if c.bad:
+                self._skip(c, "bad_record", c.bad)
+                continue
+            text = c.prompt.strip() if isinstance(c.prompt, str) else ""
+            if not text:
+                self._skip(c, "empty_prompt", f"prompt {c.prompt!r} is empty")
+                continue
+            label, why = schema.check_labels(c.label_0, c.label_1, c.has_label_1)
+            if label is None:
+                self._skip(c, "bad_label", why)
+                continue
+            if label == 0.5:
+                self.ties_seen += 1
+                if not self.keep_ties:
+                    self.ties_dropped += 1
+                    self.per_source[c.source]["ties_dropped"] += 1
+                    continue
+            survivors.append((c, text, label))
+
+        checked = self._inspect_all([img for c, _, _ in survivors
+                                     for img in (c.image_0, c.image_1)])
+        cols = {name: [] for name in schema.PAIRS_SCHEMA.names}
+        for c, text, label in survivors:
+            (s0, m0, id0), (s1, m1, id1) = checked[c.image_0.ref], checked[c.image_1.ref]
+            if s0 != "ok" or s1 != "ok":
+                bad = [(s, m) for s, m in ((s0, m0), (s1, m1)) if s != "ok"]
+                missing = [x for x in bad if x[0] == "missing_image"]
+                reason, msg = (missing or bad)[0]  # missing wins over undecodable
+                self._skip(c, reason, msg)
+                continue
+            if id0 == id1:
+                self.same_image_pairs += 1
+            a, b = (id0, id1) if _key(id0) <= _key(id1) else (id1, id0)
+            h = hashlib.blake2b(text.encode("utf-8"), digest_size=8)
+            h.update(b"\x00" + _key(a) + b"\x00" + _key(b))
+            key = int.from_bytes(h.digest(), "little")
+            outcome = 0 if label == 0.5 else (1 if (id0 if label == 1.0 else id1) == a else 2)
+            prev = self._seen.get(key)
+            if prev is not None:
+                if prev != outcome:
+                    self.duplicates_conflicting += 1
+                self._skip(c, "duplicate", "same prompt and images as an earlier pair"
+                           + (" (different outcome)" if prev != outcome else ""))
+                continue
+            self._seen[key] = outcome
+
+            is_tie = label == 0.5
+            if is_tie:
+                self.ties_kept += 1
+            win, lose, wm, lm = c.image_0, c.image_1, c.model_0, c.model_1
+            if label == 0.0:
+                win, lose, wm, lm = lose, win, lm, wm
+                self.swapped += 1
+            pid = self.prompt_ids.get(text)
+            if pid is None:
+                pid = self.prompt_ids[text] = len(self.prompt_counts)
+                self.prompt_counts.append(0)
+            self.prompt_counts[pid] += 1
+            cols["pair_id"].append(self.pairs_kept)
+            cols["prompt_id"].append(pid)
+            cols["winner_ref"].append(win.ref)
+            cols["loser_ref"].append(lose.ref)
+            cols["source"].append(c.source)
+            cols["source_row"].append(int(c.source_row))
+            cols["label_0"].append(label)
+            cols["is_tie"].append(is_tie)
+            cols["winner_model"].append(wm or "")
+            cols["loser_model"].append(lm or "")
+            self.pairs_kept += 1
+            self.per_source[c.source]["kept"] += 1
+        return pa.Table.from_pydict(cols, schema=schema.PAIRS_SCHEMA)
+
+    # -- outputs -----------------------------------------------------------------------------
+    def prompts_table(self) -> pa.Table:
+        texts = list(self.prompt_ids)  # insertion order == prompt id order
+        return pa.Table.from_pydict(
+            {"prompt_id": list(range(len(texts))), "text": texts,
+             "n_pairs": self.prompt_counts}, schema=schema.PROMPTS_SCHEMA)
+
+    def report(self) -> dict:
+        skipped_total = int(sum(self.skipped.values()))
+        return {
+            "rows_read": self.rows_read,
+            "pairs_kept": self.pairs_kept,
+            "unique_prompts": len(self.prompt_counts),
+            "skipped": dict(self.skipped),
+            "skipped_total": skipped_total,
+            "ties_seen": self.ties_seen,
+            "ties_dropped": self.ties_dropped,
+            "ties_kept": self.ties_kept,
+            "swapped": self.swapped,
+            "duplicates_conflicting": self.duplicates_conflicting,
+            "same_image_pairs": self.same_image_pairs,
+            "accounted": self.rows_read == self.pairs_kept + self.ties_dropped + skipped_total,
+            "skip_examples": {k: list(v) for k, v in self.examples.items() if v},
+            "per_source": {k: dict(v) for k, v in self.per_source.items()},
+        }
+
+
+def _key(identity) -> bytes:
+    return identity if isinstance(identity, bytes) else identity.encode("utf-8")
+
+
+def file_image(value, root: str) -> ImageSource:
+    """An image path from an annotation (relative to `root`, or absolute, or file:// URL)."""
+    if not isinstance(value, str) or not value.strip():
+        return ImageSource(ref=f"<empty path in {root}>:{value!r}", is_file=True,
+                           missing=f"image path {value!r} is empty")
+    value = value.strip()
+    if value.startswith(("http://", "https://", "s3://", "gs://")):
+        return ImageSource(ref=value, is_file=True,
+                           missing=f"remote image {value} is not fetched; download it first")
+    if value.startswith("file://"):
+        value = value[len("file://"):]
+    path = os.path.abspath(os.path.join(root, os.path.expanduser(value)))
+    return ImageSource(ref=path, is_file=True)
