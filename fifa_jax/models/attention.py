@@ -14,13 +14,19 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
-def _cudnn_ok(q: jax.Array, bias, mask) -> bool:
+def _cudnn_ok(q: jax.Array, k: jax.Array, bias, mask, local_window_size) -> bool:
+    """cuDNN's fused attention: GPU, half precision, head_dim a multiple of 8 up to 128,
+    no bias, and a mask (if any) that already has the full (T, S) extent."""
     if jax.default_backend() != "gpu":
         return False
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return False
     head_dim = q.shape[-1]
-    return head_dim % 8 == 0 and head_dim <= 128 and bias is None
+    if head_dim % 8 or head_dim > 128 or bias is not None or local_window_size is not None:
+        return False
+    if mask is not None and tuple(mask.shape[-2:]) != (q.shape[1], k.shape[1]):
+        return False
+    return True
 
 
 def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = False,
@@ -41,7 +47,7 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = Fa
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == "auto":
-        impl = "cudnn" if _cudnn_ok(q, bias, mask) else "xla"
+        impl = "cudnn" if _cudnn_ok(q, k, bias, mask, local_window_size) else "xla"
     return jax.nn.dot_product_attention(
         q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale,
         implementation=impl, local_window_size=local_window_size)

@@ -69,7 +69,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
     """Write numpy arrays in PyTorch layout with the metadata PyTorch loaders expect."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+    # np.require keeps 0-d tensors 0-d (ascontiguousarray would make them (1,)).
+    arrays = {k: np.require(np.asarray(v), requirements="C") for k, v in tensors.items()}
     save_file(arrays, path, metadata={"format": "pt"})
 
 
