@@ -1,0 +1,181 @@
+"""Tiny, deterministic CLIP-layout proxy reward for the demo world (no download needed).
+
+`build_demo_reward(folder)` writes a complete transformers-layout CLIPModel folder:
+  config.json + model.safetensors    (random weights from a fixed numpy seed; PickScore's
+                                      logit_scale = ln 100)
+  vocab.json + merges.txt + tokenizer_config.json + special_tokens_map.json
+                                     (a CLIP byte-level BPE tokenizer: the 256 byte symbols,
+                                      their end-of-word forms, and merges learnt by plain BPE
+                                      from a fixed word list)
+  preprocessor_config.json           (CLIP processor: shortest edge and crop = image_size,
+                                      bicubic, OpenAI mean/std)
+The bytes are the same on every call; files whose content is unchanged are not rewritten (so
+their mtimes, which key the margin chunks' fingerprint, stay put).
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import math
+import os
+
+import numpy as np
+
+from fifa_jax.scoring.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+SEED = 20240611
+IMAGE_SIZE = 32
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+_CORPUS = """a photo of the cat dog on in with and red blue green yellow black white small large
+portrait painting landscape city street night sunset beach forest mountain river lake sky
+cloud tree flower house car train boat bird horse woman man girl boy child old young
+beautiful detailed digital art oil watercolor sketch style highly realistic fantasy castle
+dragon robot space planet star moon light dark golden hour cinematic lighting 4k 8k trending
+artstation concept by an at from under over standing sitting walking running playing wearing
+hat dress shirt glasses smiling happy sad cute funny scary magic ancient modern futuristic
+cyberpunk steampunk anime cartoon illustration render unreal engine octane sharp focus
+wide angle close up view background colorful vibrant pastel neon glowing reflection water
+snow rain fog fire smoke stone wood glass metal gold silver cafe kitchen room window door
+table chair book cup coffee tea food cake pizza fruit apple banana garden park bridge tower"""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode symbol table (printable bytes map to themselves)."""
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+            + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def learn_merges(words: list[str], n_merges: int) -> list[tuple[str, str]]:
+    """Plain BPE on `words` (CLIP style: last symbol carries '</w>'); ties -> smallest pair."""
+    b2u = bytes_to_unicode()
+    seqs = collections.Counter()
+    for w in words:
+        syms = [b2u[b] for b in w.encode("utf-8")]
+        syms[-1] += "</w>"
+        seqs[tuple(syms)] += 1
+    merges = []
+    for _ in range(n_merges):
+        counts = collections.Counter()
+        for seq, c in seqs.items():
+            for a, b in zip(seq, seq[1:]):
+                counts[(a, b)] += c
+        if not counts:
+            break
+        best_n = max(counts.values())
+        if best_n < 2:
+            break
+        pair = min(p for p, c in counts.items() if c == best_n)
+        merges.append(pair)
+        new = collections.Counter()
+        for seq, c in seqs.items():
+            out, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
+                    out.append(seq[i] + seq[i + 1])
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            new[tuple(out)] += c
+        seqs = new
+    return merges
+
+
+def tokenizer_files(n_merges: int = 200) -> dict[str, bytes]:
+    """File name -> content of the tiny CLIP tokenizer."""
+    b2u = bytes_to_unicode()
+    symbols = [b2u[b] for b in range(256)]
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges = learn_merges(_CORPUS.split(), n_merges)
+    vocab_list += ["".join(m) for m in merges]
+    vocab_list += [BOS, EOS]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    tok_cfg = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+               "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
+               "do_lower_case": True, "errors": "replace"}
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    dump = lambda d: (json.dumps(d, ensure_ascii=False, indent=1, sort_keys=True)  # noqa: E731
+                      + "\n").encode("utf-8")
+    return {"vocab.json": dump(vocab), "merges.txt": merges_txt.encode("utf-8"),
+            "tokenizer_config.json": dump(tok_cfg), "special_tokens_map.json": dump(special)}
+
+
+def model_config(vocab_size: int, bos_id: int, eos_id: int) -> dict:
+    """transformers CLIPConfig dict of the tiny reward."""
+    text = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 16,
+            "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
+            "model_type": "clip_text_model"}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_channels": 3, "image_size": IMAGE_SIZE,
+              "patch_size": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+              "projection_dim": 16, "model_type": "clip_vision_model"}
+    return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 16,
+            "logit_scale_init_value": math.log(100.0), "text_config": text,
+            "vision_config": vision}
+
+
+def _weights(cfg: dict) -> dict[str, np.ndarray]:
+    """Random PyTorch-layout tensors for every key of the CLIPModel (fixed seed)."""
+    from fifa_jax.models import clip_io
+    from fifa_jax.models.clip_config import config_from_dict
+    abstract = clip_io.build(config_from_dict(cfg, "demo reward"))
+    rng = np.random.default_rng(SEED)
+    out = {}
+    for key, (_, _, shape) in sorted(clip_io.name_map(abstract).items()):
+        if key == "logit_scale":
+            out[key] = np.asarray(math.log(100.0), np.float32)
+        elif key.endswith("layer_norm1.weight") or key.endswith("layer_norm2.weight") or \
+                key.endswith("layernorm.weight") or key.endswith("layrnorm.weight") or \
+                key.endswith("final_layer_norm.weight"):
+            out[key] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        elif key.endswith(".bias"):
+            out[key] = (0.02 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
+            out[key] = (rng.standard_normal(shape) / math.sqrt(fan_in)).astype(np.float32)
+    return out
+
+
+def _write_if_changed(path: str, data: bytes) -> None:
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def build_demo_reward(folder) -> str:
+    """Write the tiny reward checkpoint + tokenizer + processor config into `folder`."""
+    from safetensors.numpy import save
+    folder = str(folder)
+    os.makedirs(folder, exist_ok=True)
+    files = tokenizer_files()
+    vocab = json.loads(files["vocab.json"])
+    cfg = model_config(len(vocab), vocab[BOS], vocab[EOS])
+    files["config.json"] = (json.dumps(cfg, indent=1, sort_keys=True) + "\n").encode()
+    files["preprocessor_config.json"] = (json.dumps({
+        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "do_center_crop": True,
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+        "image_processor_type": "CLIPImageProcessor", "resample": 3,
+        "rescale_factor": 1 / 255, "size": {"shortest_edge": IMAGE_SIZE}},
+        indent=1, sort_keys=True) + "\n").encode()
+    files["model.safetensors"] = save(_weights(cfg), metadata={"format": "pt"})
+    for name, data in files.items():
+        _write_if_changed(os.path.join(folder, name), data)
+    return folder

