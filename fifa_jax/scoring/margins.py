@@ -8,8 +8,8 @@ decoded and resized/cropped by a thread pool (`input_pipeline`) while the device
 previous batch; one jitted step normalises the uint8 crops, runs the vision tower and takes the
 scaled cosine, with the batch split over every device of the mesh (last batch padded).
 
-`margins.parquet` also has `margin`, a copy of the configured one (`reward.margin`: absolute |
-signed). Results go to `<out>/margin_chunks/chunk_00012.parquet`, one file per `chunk_size` pairs,
+`margins.parquet` holds both the signed and the absolute margin; the selector chooses
+(`select.margin`). Results go to `<out>/margin_chunks/chunk_00012.parquet`, one file per `chunk_size` pairs,
 written to a temporary name and renamed, so a killed run resumes at the first missing chunk
 and never rescores a finished one. `meta.json` fingerprints the inputs and the model; chunks
 of a different fingerprint are discarded. A pair whose image cannot be decoded (or whose
@@ -47,7 +47,6 @@ from fifa_jax.scoring.score_step import cast_matrices, make_score_step  # noqa: 
 EXIT_HOOK_ENV = "FIFA_JAX_SCORE_EXIT_AFTER_CHUNKS"
 CHUNK_DIR = "margin_chunks"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MARGIN_KINDS = {"absolute": "margin_abs", "signed": "margin_signed"}
 
 
 @dataclasses.dataclass
@@ -278,11 +277,6 @@ def compute_margins(pairs: pa.Table, texts: Sequence[str], reward_cfg, mesh,
     for col in ("score_w", "score_l", "margin_signed", "margin_abs"):
         if not np.all(np.isfinite(table.column(col).to_numpy())):
             raise FloatingPointError(f"non-finite {col} in margins (a bug: failures are 0.0)")
-    kind = reward_cfg.get("margin", "absolute")
-    if kind not in MARGIN_KINDS:
-        raise ValueError(f"score.reward.margin must be one of {sorted(MARGIN_KINDS)}, "
-                         f"got {kind!r}")
-    table = table.append_column("margin", table.column(MARGIN_KINDS[kind]))
     _write_atomic_table(table, out_dir / "margins.parquet")
     ok = table.column("ok").to_numpy(zero_copy_only=False)
     return dict(stats, pairs_ok=int(ok.sum()), pairs_failed=int((~ok).sum()),

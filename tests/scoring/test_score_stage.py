@@ -74,8 +74,9 @@ def test_outputs_and_failure_counts(scored):
     assert m.column("pair_id").to_pylist() == list(range(n_pairs))
     ok = m.column("ok").to_pylist()
     assert ok[CORRUPT_PAIR] is False and sum(ok) == n_pairs - 1
-    np.testing.assert_array_equal(m.column("margin").to_numpy(), m.column("margin_abs").to_numpy())
-    for col in ("score_w", "score_l", "margin_signed", "margin_abs", "margin"):
+    np.testing.assert_allclose(m.column("margin_abs").to_numpy(),
+                               np.abs(m.column("margin_signed").to_numpy()))
+    for col in ("score_w", "score_l", "margin_signed", "margin_abs"):
         assert m.schema.field(col).type == pa.float32()
         assert np.all(np.isfinite(m.column(col).to_numpy()))
     report = json.loads((out / "score_report.json").read_text())
