@@ -21,6 +21,8 @@ from typing import Sequence
 
 from absl import logging
 
+from fifa_jax.errors import InputError
+
 DONE_FILE = "STAGE_DONE.json"
 
 
@@ -159,7 +161,10 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
         echo(f"[{stage.name}] running (fingerprint {fp})")
         module = importlib.import_module(stage.module)
         start = time.time()
-        summary = (module.run(config, workdir) or {}) if (stage.all_hosts or leader) else {}
+        try:
+            summary = (module.run(config, workdir) or {}) if (stage.all_hosts or leader) else {}
+        except (InputError, FileNotFoundError) as e:  # bad input: one line, named by stage
+            raise PipelineError(f"stage {stage.name!r} failed on its input: {e}") from e
         _barrier(f"{stage.name}:end")
         record = {"fingerprint": fp, "stage": stage.name,
                   "seconds": round(time.time() - start, 3),

@@ -101,3 +101,13 @@ def test_bad_stage_lists(fake_stages, tmp_path, spec, match):
 def test_real_registry_refuses_unbuilt_stages():
     with pytest.raises(PipelineError, match="train"):
         pipeline.parse_stages("ingest,train")
+
+
+def test_bad_input_becomes_one_line_pipeline_error(fake_stages, tmp_path, monkeypatch):
+    from fifa_jax.errors import InputError
+
+    def bad(config, workdir):
+        raise InputError("shard_003.parquet: missing column 'jpg_1'")
+    monkeypatch.setattr(sys.modules["fakestage.a"], "run", bad)
+    with pytest.raises(PipelineError, match="stage 'a' failed on its input: shard_003.parquet"):
+        pipeline.run_pipeline(_config(), tmp_path, echo=lambda m: None)

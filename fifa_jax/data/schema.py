@@ -19,6 +19,8 @@ import math
 
 import pyarrow as pa
 
+from fifa_jax.errors import InputError
+
 PICKAPIC_REQUIRED = ("caption", "jpg_0", "jpg_1", "label_0")
 PICKAPIC_OPTIONAL = ("label_1", "model_0", "model_1")
 HPDV2_IMAGE_KEYS = ("image_path", "file_path")          # test.json | train.json
@@ -58,7 +60,7 @@ PROMPTS_SCHEMA = pa.schema([
 ])
 
 
-class IngestError(ValueError):
+class IngestError(InputError):
     """Input that cannot be ingested at all (missing file or column, wrong column type).
 
     The message names the file and the column or key, and what was expected.

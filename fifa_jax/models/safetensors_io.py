@@ -12,8 +12,10 @@ from typing import Iterable, Mapping
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from fifa_jax.errors import InputError
 
-class CheckpointMismatchError(ValueError):
+
+class CheckpointMismatchError(InputError):
     """A checkpoint's keys or shapes do not match the model."""
 
 

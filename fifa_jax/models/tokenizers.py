@@ -15,8 +15,10 @@ import json
 import os
 from typing import Optional
 
+from fifa_jax.errors import InputError
 
-class TokenizerVocabError(ValueError):
+
+class TokenizerVocabError(InputError):
     """A tokenizer whose vocabulary does not match the files it was loaded from."""
 
 

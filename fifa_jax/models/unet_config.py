@@ -10,6 +10,8 @@ import dataclasses
 import json
 from typing import Any, Mapping
 
+from fifa_jax.errors import InputError
+
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
@@ -54,7 +56,7 @@ _DEFAULTS = {
 }
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(InputError):
     """A config value selects a UNet/VAE variant this package does not implement."""
 
 

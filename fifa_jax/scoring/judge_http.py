@@ -26,12 +26,13 @@ from typing import Callable
 
 from absl import logging
 
+from fifa_jax.errors import InputError
 from fifa_jax.scoring.judge_jax import PLAIN_TEMPLATE
 from fifa_jax.scoring.rubric import (RawJudgement, check_rubric, rating_from_text,
                                      rating_of_token, render_rubric)
 
 
-class JudgeServerUnreachable(ConnectionError):
+class JudgeServerUnreachable(ConnectionError, InputError):
     """The judge server could not be reached at all."""
 
 
