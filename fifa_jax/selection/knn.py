@@ -1,0 +1,309 @@
+"""Exact k-nearest neighbours (Euclidean, self excluded), tiled and sharded.
+
+    dist, idx = knn(x, k)        x: (N, d) -> dist (N, k) float32 ascending, idx (N, k) int32
+
+Algorithm (no N x N matrix ever exists):
+1. Square tiles of `tile` rows. The tile pairs (r, c) with c >= r (the distance matrix is
+   symmetric, so half the work) are dealt round-robin to the devices of `mesh` (all axes);
+   inside `shard_map` each device walks its list with a `fori_loop`.
+2. Per tile pair, one matmul gives the score tile s = -||x_i - x_j||^2 through augmented
+   rows [x_i, |x_i|^2, 1] . [2 x_j, -1, -|x_j|^2] (bf16 inputs, float32 accumulation and
+   output in the fast mode; float32 at HIGHEST precision in the exact mode; for
+   d <= `direct_max_dim` the differences are formed directly). A hierarchical top-k reduces
+   the tile to kc = k + 1 + margin candidates per row (maxima of groups of `group` columns,
+   recursively; the kc best entries lie in the kc groups with the largest maxima, so only
+   kc * group entries per level go through `lax.top_k`: exact, and far cheaper than a top_k
+   over whole tile rows), and the same over the tile's columns gives
+   the column points' candidates without transposing. Each list goes to its own slot of a
+   candidate buffer (N, N / tile, kc): no merging inside the loop, and the buffer does not
+   depend on which device did which tile pair.
+3. The buffers are exchanged with one `all_to_all` (rows to their owner) and each row keeps
+   the kc best of its N / tile slots (one `top_k`).
+4. Re-rank: the kc candidates of every row get their exact float32 squared distance
+   sum((x_i - x_j)^2); the point itself (by index, so a duplicate is still a neighbour at
+   distance 0) and padding are dropped; sort by (distance, index) and keep k.
+Memory: x replicated per device plus the buffer, N * (N / tile) * kc * 8 bytes.
+The fast mode is exact whenever the true k neighbours are among the kc bf16 candidates (a margin
+of candidates absorbs bf16 rounding); `exact_f32=True` ranks candidates in float32.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+_BIG = 1e30          # pushes padded points out of every candidate list
+_SENTINEL = np.iinfo(np.int32).max
+
+
+def default_tile() -> int:
+    """Tile edge for the current default backend (GPU/TPU big tiles, CPU cache-sized)."""
+    return 8192 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else 2560
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _group_size(tile: int, kc: int, group: int) -> int:
+    """Largest g <= group dividing tile with at least kc groups per tile row (1: plain top_k)."""
+    g = group
+    while g > 1 and (tile % g or tile // g < kc):
+        g //= 2
+    return max(g, 1)
+
+
+def _topk_rows(v, kc, g):
+    """Exact top-kc of every row of v (R, L): values (R, kc), positions (R, kc).
+
+    Hierarchical: the kc best entries lie in the kc groups (of g entries) with the largest
+    maxima, so the group maxima are reduced the same way (recursively) and only those kc * g
+    entries go through `lax.top_k`: far fewer elements than a top_k over the whole row.
+    """
+    r, n = v.shape
+    if g <= 1 or n % g or n // g < kc:
+        return lax.top_k(v, kc)
+    vg = v.reshape(r, n // g, g)
+    _, gid = _topk_rows(jnp.max(vg, axis=2), kc, g)               # (R, kc) group ids
+    return _expand(jnp.take_along_axis(vg, gid[:, :, None], axis=1), gid, kc, g)
+
+
+def _expand(cand, gid, kc, g):
+    """Top-kc of the gathered members cand (M, kc, g) of groups gid (M, kc)."""
+    m = cand.shape[0]
+    v, pos = lax.top_k(cand.reshape(m, kc * g), kc)
+    members = (gid[:, :, None] * g + jnp.arange(g, dtype=gid.dtype)).reshape(m, kc * g)
+    return v, jnp.take_along_axis(members, pos, axis=1)
+
+
+def _row_candidates(s, kc, g):
+    """kc best entries of every row of s (R, C): values (R, kc), column indices (R, kc)."""
+    return _topk_rows(s, kc, g)
+
+
+def _col_candidates(s, kc, g):
+    """kc best entries of every column of s (R, C), as (C, kc) values and row indices.
+
+    The first level reduces groups of g rows in place (no transpose of s); the small
+    (C, R / g) array of group maxima then goes through `_topk_rows`.
+    """
+    r, c = s.shape
+    if g <= 1 or r % g or r // g < kc:
+        return lax.top_k(s.T, kc)
+    gmax = jnp.max(s.reshape(r // g, g, c), axis=1).T              # (C, R/g)
+    _, gid = _topk_rows(gmax, kc, g)                                # (C, kc)
+    rows = gid[:, :, None] * g + jnp.arange(g, dtype=gid.dtype)     # (C, kc, g)
+    return _expand(s[rows, jnp.arange(c)[:, None, None]], gid, kc, g)
+
+
+def _pair_table(nt: int, n_dev: int) -> np.ndarray:
+    """(n_dev, ppd, 2) int32 tile pairs (r, c), c >= r, dealt round-robin.
+
+    A device with fewer pairs repeats its first pair (rewriting identical slots).
+    """
+    pairs = [(r, c) for r in range(nt) for c in range(r, nt)]
+    ppd = -(-len(pairs) // n_dev)
+    table = np.zeros((n_dev, ppd, 2), np.int32)
+    for dev in range(n_dev):
+        mine = pairs[dev::n_dev]
+        table[dev, :len(mine)] = mine
+        table[dev, len(mine):] = mine[0]
+    return table
+
+
+@functools.lru_cache(maxsize=32)
+def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: bool,
+           group: int, mesh: Optional[Mesh]):
+    """Compile-once k-NN for fixed shapes: f(x_pad (n_pad, d) f32, table, n) -> (dist, idx)."""
+    axes = tuple(mesh.axis_names) if mesh is not None else ()
+    n_dev = mesh.size if mesh is not None else 1
+    nb = n_pad // n_dev                    # rows owned per device after the exchange
+    nt = n_pad // tile                     # column tiles
+    cdtype = jnp.float32 if exact else jnp.bfloat16
+    prec = lax.Precision.HIGHEST if exact else lax.Precision.DEFAULT
+
+    def operands(x, n):
+        """Row and column operands (n_pad, D) whose product is -||x_i - x_j||^2."""
+        pad = (jnp.arange(n_pad) >= n)
+        if direct:
+            return x, x, pad
+        sq = jnp.sum(x * x, axis=1)
+        big = jnp.where(pad, _BIG, 0.0)
+        one = jnp.ones_like(sq)
+        a = jnp.concatenate([x, (sq + big)[:, None], one[:, None]], axis=1)
+        b = jnp.concatenate([2.0 * x, -one[:, None], -(sq + big)[:, None]], axis=1)
+        dd = _round_up(a.shape[1], 16)
+        a = jnp.pad(a, ((0, 0), (0, dd - a.shape[1])))
+        b = jnp.pad(b, ((0, 0), (0, dd - b.shape[1])))
+        return a.astype(cdtype), b.astype(cdtype), pad
+
+    def score_tile(a_r, b_c, pad_r, pad_c):
+        if direct:
+            diff = a_r[:, None, :] - b_c[None, :, :]
+            s = -jnp.sum(diff * diff, axis=-1)
+            return jnp.where(pad_r[:, None] | pad_c[None, :], -_BIG, s)
+        # float32 out in both modes: a bf16 output would round -d^2 (about -2 for unit
+        # vectors) to 2^-8 and blur neighbours; bf16 inputs alone err by about 1e-4.
+        return jnp.dot(a_r, b_c.T, precision=prec, preferred_element_type=jnp.float32)
+
+    def local_pass(x, table, n):
+        """Walk this device's tile pairs; returns the candidate buffer (n_pad, nt, kc).
+
+        Slot [i, c] holds row i's kc best candidates within column tile c (written by exactly
+        one tile pair on exactly one device; -inf elsewhere), so the buffer, and everything
+        reduced from it, is the same for any device count and visiting order.
+        """
+        a, b, pad = operands(x, n)
+        table = table.reshape(-1, 2)
+        vdt = jnp.float32
+        v0 = jnp.full((n_pad, nt, kc), -jnp.inf, vdt)
+        i0 = jnp.full((n_pad, nt, kc), _SENTINEL, jnp.int32)
+
+        def update(vals, ids, tv, ti, row0, col0):
+            slot = col0 // tile
+            return (lax.dynamic_update_slice(vals, tv.astype(vdt)[:, None, :], (row0, slot, 0)),
+                    lax.dynamic_update_slice(ids, (ti + col0)[:, None, :], (row0, slot, 0)))
+
+        def body(p, carry):
+            # no lax.cond (a host round trip per step on GPU): a diagonal pair writes its slot
+            # twice (the column pass last) and a padding entry repeats one of this device's
+            # pairs; both give the same buffer on every device count.
+            vals, ids = carry
+            r, c = table[p, 0], table[p, 1]
+            r0, c0 = r * tile, c * tile
+            s = score_tile(lax.dynamic_slice_in_dim(a, r0, tile),
+                           lax.dynamic_slice_in_dim(b, c0, tile),
+                           lax.dynamic_slice_in_dim(pad, r0, tile),
+                           lax.dynamic_slice_in_dim(pad, c0, tile))
+            vals, ids = update(vals, ids, *_row_candidates(s, kc, group), r0, c0)
+            return update(vals, ids, *_col_candidates(s, kc, group), c0, r0)
+
+        return lax.fori_loop(0, table.shape[0], body, (v0, i0))
+
+    def rerank(x, rows_x, cand, row_base, n):
+        """Exact float32 distances of the candidates; (nb, kc) -> (nb, k) dist, idx."""
+        rt = tile
+        nrt = nb // rt
+
+        def one(t, out):
+            od, oi = out
+            r0 = t * rt
+            xr = lax.dynamic_slice_in_dim(rows_x, r0, rt)
+            ci = lax.dynamic_slice_in_dim(cand, r0, rt)
+            xg = jnp.take(x, jnp.clip(ci, 0, n_pad - 1), axis=0)        # (rt, kc, d)
+            diff = xr[:, None, :] - xg
+            d2 = jnp.sum(diff * diff, axis=-1)
+            me = row_base + r0 + jnp.arange(rt, dtype=jnp.int32)
+            bad = (ci == me[:, None]) | (ci >= n) | (ci < 0)
+            d2 = jnp.where(bad, jnp.inf, d2)
+            ci = jnp.where(bad, _SENTINEL, ci)
+            d2, ci = lax.sort((d2, ci), dimension=1, num_keys=2)
+            od = lax.dynamic_update_slice_in_dim(od, jnp.sqrt(d2[:, :k]), r0, 0)
+            oi = lax.dynamic_update_slice_in_dim(oi, ci[:, :k], r0, 0)
+            return od, oi
+
+        init = (jnp.zeros((nb, k), jnp.float32), jnp.zeros((nb, k), jnp.int32))
+        return lax.fori_loop(0, nrt, one, init)
+
+    def reduce_buffer(vals, ids):
+        """(rows, nt, kc) buffer -> (rows, kc) best candidate ids (top_k over all slots)."""
+        rows = vals.shape[0]
+        _, pos = lax.top_k(vals.reshape(rows, nt * kc), kc)
+        return jnp.take_along_axis(ids.reshape(rows, nt * kc), pos, axis=1)
+
+    if mesh is None:
+        def run(x, table, n):
+            vals, ids = local_pass(x, table, n)
+            return rerank(x, x, reduce_buffer(vals, ids), 0, n)
+        return jax.jit(run)
+
+    def device_fn(x, table, n):
+        vals, ids = local_pass(x, table, n)
+        # send rows [j*nb, (j+1)*nb) to device j; receive every device's buffer for my rows
+        vals = lax.all_to_all(vals.reshape(n_dev, nb, nt, kc), axes, 0, 0, tiled=False)
+        ids = lax.all_to_all(ids.reshape(n_dev, nb, nt, kc), axes, 0, 0, tiled=False)
+        # each slot was written on exactly one device (the others hold -inf): pick that one
+        src = jnp.argmax(vals[:, :, :, 0], axis=0)[None, :, :, None]
+        vals = jnp.take_along_axis(vals, src, axis=0)[0]
+        ids = jnp.take_along_axis(ids, src, axis=0)[0]
+        ids = reduce_buffer(vals, ids)
+        me = lax.axis_index(axes)
+        base = (me * nb).astype(jnp.int32)
+        rows_x = lax.dynamic_slice_in_dim(x, base, nb)
+        return rerank(x, rows_x, ids, base, n)
+
+    sm = jax.shard_map(device_fn, mesh=mesh, in_specs=(P(), P(axes), P()),
+                       out_specs=(P(axes), P(axes)), check_vma=False)
+    return jax.jit(sm)
+
+
+def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
+        exact_f32: Optional[bool] = None, margin: Optional[int] = None,
+        direct_max_dim: int = 8, group: int = 16) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest other points of every row of x.
+
+    Args:
+      x: (N, d) float array (host or device); N need not divide the tile or device count.
+      k: neighbours per point, 1 <= k < N.
+      mesh: rows/tile pairs are split over all devices of this mesh (None: default device).
+      tile: largest square tile edge (rows = columns; default 8192 on accelerators, 2560 on
+        CPU); shrunk so that N pads little.
+      exact_f32: rank candidates in float32 at HIGHEST precision (None: True on CPU, where it is
+        the fast path, False on accelerators: bf16 candidates re-ranked in float32).
+      margin: extra candidates kept per row before the exact re-rank (default: 1 exact, 5 fast;
+        in the exact mode candidates are ranked to float32 rounding, so the margin only decides
+        among neighbours tied to about 1e-7).
+      direct_max_dim: for d <= this, distances are formed from differences (no cancellation).
+      group: entries per group at each level of the hierarchical per-tile top-k (1: plain
+        `lax.top_k` over whole tile rows).
+    Returns:
+      dist (N, k) float32 ascending Euclidean distances, idx (N, k) int32; ties by index.
+    """
+    x = np.asarray(x, dtype=np.float32) if not isinstance(x, jax.Array) else x.astype(jnp.float32)
+    if x.ndim != 2:
+        raise ValueError(f"knn expects x of shape (N, d), got {x.shape}")
+    n, d = x.shape
+    if not 1 <= k < n:
+        raise ValueError(f"knn needs 1 <= k < N, got k={k}, N={n}")
+    if exact_f32 is None:
+        exact_f32 = jax.default_backend() == "cpu"
+    if margin is None:
+        margin = 1 if exact_f32 else 5
+    direct = d <= direct_max_dim
+    n_dev = mesh.size if mesh is not None else 1
+    # as few tiles as `tile` allows, each as small as possible (little padding); the tile does
+    # not depend on the device count, so every device count computes the same tiles and gives
+    # bit-identical results. Devices get whole tiles: the tile count rounds up to n_dev.
+    ntiles = -(-n // int(tile or default_tile()))
+    tile = -(-n // ntiles)
+    tile = _round_up(tile, 128 if tile >= 1024 else 8)
+    ntd = -(-(-(-n // tile)) // n_dev)
+    kc = min(k + 1 + margin, tile)
+    if kc < k + 1:
+        raise ValueError(f"tile {tile} too small for k={k}")
+    nt = ntd * n_dev
+    n_pad = nt * tile
+    table = _pair_table(nt, n_dev)
+    group = _group_size(tile, kc, int(group))
+    fn = _build(n_pad, d, k, kc, tile, bool(exact_f32) or direct, direct, group, mesh)
+    if isinstance(x, jax.Array):
+        xp = jnp.pad(x, ((0, n_pad - n), (0, 0)))
+    else:
+        xp = np.pad(x, ((0, n_pad - n), (0, 0)))
+    if mesh is not None:
+        xp = jax.device_put(xp, NamedSharding(mesh, P()))
+        table = jax.device_put(table, NamedSharding(mesh, P(tuple(mesh.axis_names))))
+    dist, idx = fn(xp, table, np.int32(n))
+    if not dist.is_fully_addressable:     # several hosts: every process gets the whole result
+        from jax.experimental import multihost_utils
+        dist, idx = (np.asarray(v) for v in
+                     multihost_utils.process_allgather((dist, idx), tiled=True))
+    return dist[:n], idx[:n]
+
+
+__all__ = ["knn", "default_tile"]

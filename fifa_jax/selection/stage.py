@@ -1,0 +1,360 @@
+"""The select stage: choose K pairs by importance score, greedy set maximisation or a baseline.
+
+Reads (workdir contract):
+    ingest/pairs.parquet            pair_id, prompt_id
+    ingest/prompts.parquet          prompt_id (0..U-1)
+    score/margins.parquet           pair_id, margin_signed, margin_abs, ok
+    score/prompt_scores.parquet     prompt_id, quality (harmful optional)
+    score/prompt_embeddings.npy     (U, d) float32, row i = prompt_id i
+Writes select/:
+    manifest.parquet   one row per chosen pair: rank, pair_id, prompt_id, every term raw and
+                       normalised, importance, score (the method's ranking value: the greedy
+                       gain, the top-K score; NaN for full/random), method, fingerprint
+    report.json        counts, the objective's terms for the chosen set vs R random sets of
+                       the same size (mean, std), the config section
+    hist_terms.png     margin / quality / diversity histograms, chosen vs all candidates
+    prompts_pca.png    2-D PCA of the prompt embeddings, chosen prompts marked
+Pairs whose margins row has ok = False are excluded and counted. The same config gives a
+byte-identical manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from absl import logging
+
+from fifa_jax.selection.entropy import kl_entropy, log_rho_k
+from fifa_jax.selection.greedy import exact_gains, greedy_select
+from fifa_jax.selection.importance import (NORMALIZATIONS, combined_score, margin_term,
+                                           normalize, top_k_pairs)
+from fifa_jax.selection.knn import knn
+
+STAGE = "select"
+METHODS = ("importance", "greedy", "full", "random", "margin", "margin_quality",
+           "margin_diversity")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `select` section of the experiment config."""
+    c = ml_collections.ConfigDict()
+    c.method = "importance"     # importance | greedy | full | random | margin | margin_quality
+    #                             | margin_diversity
+    c.k_pairs = 5000            # K, pairs to choose
+    c.knn_k = 5                 # k of the k-NN entropy / log rho_k term
+    c.alpha = 1.0               # weight of prompt quality
+    c.gamma = 1.0               # weight of diversity
+    c.normalize = "zscore"      # none | zscore | rank, each term over the candidate pairs
+    c.margin = "absolute"       # absolute | signed
+    c.cap_per_prompt = 0        # at most this many pairs per prompt (0: no cap); top-K, greedy
+    c.eps = 1e-4                # distance floor (duplicate policy) for log rho and the greedy
+    c.seed = -1                 # random baseline / report seed (-1: the global config.seed)
+    c.knn_tile = 0              # k-NN tile edge (0: backend default)
+    c.knn_exact_f32 = True      # rank k-NN candidates in float32 (False: bf16 + re-rank)
+    c.greedy_chunk = 16         # members re-scored per pass in the greedy update
+    c.report = ml_collections.ConfigDict()
+    c.report.random_sets = 10           # R random sets of size K to compare against
+    c.report.max_set_for_entropy = 20000  # skip set-entropy terms for larger sets (full data)
+    c.report.plots = True
+    c.report.max_plot_points = 20000
+    return c
+
+
+def fingerprint(config) -> str:
+    """sha256 of the sorted-JSON select section plus the effective seed."""
+    payload = {"select": config.select.to_dict(), "seed": _seed(config)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _seed(config) -> int:
+    s = int(config.select.seed)
+    return int(config.get("seed", 0)) if s < 0 else s
+
+
+def _read(path: pathlib.Path, columns):
+    if not path.exists():
+        raise FileNotFoundError(f"select: missing input {path} (run the upstream stage first)")
+    have = pq.read_schema(path).names
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise ValueError(f"select: {path} lacks column(s) {missing}; has {have}")
+    t = pq.read_table(path, columns=list(columns))
+    return {c: t.column(c).to_numpy(zero_copy_only=False) for c in columns}
+
+
+def load_inputs(workdir: pathlib.Path) -> dict:
+    """Read and validate the upstream tables; returns per-pair and per-prompt arrays."""
+    pairs = _read(workdir / "ingest" / "pairs.parquet", ["pair_id", "prompt_id"])
+    prompts = _read(workdir / "ingest" / "prompts.parquet", ["prompt_id"])
+    mpath = workdir / "score" / "margins.parquet"
+    margins = _read(mpath, ["pair_id", "margin_signed", "margin_abs", "ok"])
+    spath = workdir / "score" / "prompt_scores.parquet"
+    has_harm = spath.exists() and "harmful" in pq.read_schema(spath).names
+    scores = _read(spath, ["prompt_id", "quality"] + (["harmful"] if has_harm else []))
+    epath = workdir / "score" / "prompt_embeddings.npy"
+    if not epath.exists():
+        raise FileNotFoundError(f"select: missing input {epath} (run the score stage first)")
+    emb = np.load(epath)
+
+    u = prompts["prompt_id"].size
+    if not np.array_equal(np.sort(prompts["prompt_id"]), np.arange(u)):
+        raise ValueError(f"select: {workdir / 'ingest' / 'prompts.parquet'} prompt_id must be "
+                         f"0..{u - 1} without gaps")
+    if emb.ndim != 2 or emb.shape[0] != u:
+        raise ValueError(f"select: {epath} has shape {emb.shape}, expected ({u}, d)")
+    bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+    if bad.size:
+        raise ValueError(f"select: {epath} has non-finite values in rows {bad[:5].tolist()}")
+    pid = pairs["prompt_id"].astype(np.int64)
+    pair_id = pairs["pair_id"].astype(np.int64)
+    bad = np.flatnonzero((pid < 0) | (pid >= u))
+    if bad.size:
+        raise ValueError(f"select: ingest/pairs.parquet rows {bad[:5].tolist()} have prompt_id "
+                         f"outside [0, {u})")
+    order = np.argsort(pair_id, kind="stable")
+    pair_id, pid = pair_id[order], pid[order]
+    if np.any(pair_id[1:] == pair_id[:-1]):
+        raise ValueError("select: ingest/pairs.parquet has duplicate pair_id")
+
+    # margins joined on pair_id
+    mid = margins["pair_id"].astype(np.int64)
+    pos = np.searchsorted(pair_id, mid)
+    known = (pos < pair_id.size) & (pair_id[np.minimum(pos, pair_id.size - 1)] == mid)
+    if not known.all():
+        raise ValueError(f"select: {mpath} has pair_id(s) not in pairs: {mid[~known][:5].tolist()}")
+    have = np.zeros(pair_id.size, bool)
+    have[pos] = True
+    if not have.all():
+        raise ValueError(f"select: {mpath} lacks rows for pair_id(s) "
+                         f"{pair_id[~have][:5].tolist()} ({int((~have).sum())} missing)")
+    ms = np.empty(pair_id.size)
+    ma = np.empty(pair_id.size)
+    ok = np.empty(pair_id.size, bool)
+    ms[pos] = margins["margin_signed"]
+    ma[pos] = margins["margin_abs"]
+    ok[pos] = margins["ok"].astype(bool)
+    bad = np.flatnonzero(ok & ~(np.isfinite(ms) & np.isfinite(ma)))
+    if bad.size:
+        raise ValueError(f"select: {mpath} has non-finite margins with ok=True for pair_id(s) "
+                         f"{pair_id[bad][:5].tolist()}")
+
+    qid = scores["prompt_id"].astype(np.int64)
+    if not np.array_equal(np.sort(qid), np.arange(u)):
+        raise ValueError(f"select: {spath} must have one row per prompt_id 0..{u - 1}")
+    quality = np.empty(u)
+    quality[qid] = scores["quality"]
+    bad = np.flatnonzero(~np.isfinite(quality))
+    if bad.size:
+        raise ValueError(f"select: {spath} has non-finite quality for prompt_id(s) "
+                         f"{bad[:5].tolist()}")
+    harmful = np.zeros(u, bool)
+    if has_harm:
+        harmful[qid] = scores["harmful"].astype(bool)
+    return dict(pair_id=pair_id, prompt_id=pid, margin_signed=ms, margin_abs=ma, ok=ok,
+                quality=quality, harmful=harmful, emb=emb.astype(np.float32))
+
+
+def _mesh(config):
+    if "mesh" not in config:
+        return None
+    from fifa_jax.parallel import make_mesh
+    return make_mesh(config.mesh)
+
+
+def _set_terms(idx, terms, emb, pid, sel, mesh) -> dict:
+    """Objective terms of one set of candidate indices idx."""
+    out = {"sum_margin": float(terms["m"][idx].sum()),
+           "mean_margin": float(terms["m"][idx].mean()),
+           "mean_quality": float(terms["q"][idx].mean()),
+           "sum_a": float(terms["a"][idx].sum()),
+           "sum_importance": float(terms["s"][idx].sum()),
+           "unique_prompts": int(np.unique(pid[idx]).size)}
+    k = int(sel.knn_k)
+    if idx.size <= int(sel.report.max_set_for_entropy):
+        ent = 0.0
+        if idx.size > k:
+            d, _ = knn(emb[pid[idx]], k, mesh=mesh, exact_f32=True)
+            ent = float(np.sum(np.log(np.maximum(np.asarray(d[:, k - 1], np.float64), sel.eps))))
+        out["entropy_sum"] = ent
+        out["F"] = out["sum_a"] + float(sel.gamma) * ent
+        up = np.unique(pid[idx])
+        out["kl_entropy_unique_prompts"] = (
+            float(kl_entropy(emb[up], k, eps=sel.eps, mesh=mesh)) if up.size > k else None)
+    return out
+
+
+def _plots(out: pathlib.Path, terms, chosen, emb, pid, sel, seed):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (key, name) in zip(axes, [("m", f"margin ({sel.margin})"), ("q", "quality"),
+                                      ("div", f"diversity log rho_{sel.knn_k}")]):
+        v = terms[key]
+        bins = np.histogram_bin_edges(v, bins=40)
+        ax.hist(v, bins=bins, density=True, alpha=0.5, label="all candidates")
+        ax.hist(v[chosen], bins=bins, density=True, alpha=0.6, label="chosen")
+        ax.set_title(name)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "hist_terms.png", dpi=90)
+    plt.close(fig)
+
+    x = emb.astype(np.float64) - emb.mean(axis=0)
+    _, vecs = np.linalg.eigh(x.T @ x)
+    comp = vecs[:, ::-1][:, :2]
+    comp *= np.sign(comp[np.argmax(np.abs(comp), axis=0), [0, 1]])
+    xy = x @ comp
+    rng = np.random.default_rng(seed)
+    n_max = int(sel.report.max_plot_points)
+    show = rng.permutation(xy.shape[0])[:n_max] if xy.shape[0] > n_max else np.arange(xy.shape[0])
+    cp = np.unique(pid[chosen])
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    ax.scatter(xy[show, 0], xy[show, 1], s=3, c="0.7", label="all prompts")
+    ax.scatter(xy[cp, 0], xy[cp, 1], s=8, c="tab:red", label=f"chosen ({cp.size})")
+    ax.set_title("prompt embeddings, PCA")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "prompts_pca.png", dpi=90)
+    plt.close(fig)
+
+
+def select(terms: dict, pid: np.ndarray, emb: np.ndarray, sel, seed: int, mesh=None):
+    """Indices (into the candidate arrays) in rank order, and the method's score per pick."""
+    n = pid.size
+    method = sel.method
+    k_pairs = int(sel.k_pairs)
+    cap = int(sel.cap_per_prompt)
+    if method == "full":
+        return np.arange(n), np.full(n, np.nan)
+    if not 0 < k_pairs <= n:
+        raise ValueError(f"select.k_pairs={k_pairs} must be in [1, {n} candidate pairs]")
+    if method == "random":
+        return np.random.default_rng(seed).permutation(n)[:k_pairs], np.full(k_pairs, np.nan)
+    if method == "greedy":
+        res = greedy_select(terms["a"], pid, emb, k_pairs, knn_k=int(sel.knn_k),
+                            gamma=float(sel.gamma), eps=float(sel.eps), cap_per_prompt=cap,
+                            mesh=mesh, chunk=int(sel.greedy_chunk))
+        # float64 host gains of the chosen order: the same bytes on every device count
+        return res.order, exact_gains(terms["a"], pid, emb, res.order, knn_k=int(sel.knn_k),
+                                      gamma=float(sel.gamma), eps=float(sel.eps))
+    score = {"importance": terms["s"], "margin": terms["mn"],
+             "margin_quality": terms["a"],
+             "margin_diversity": combined_score(terms["mn"], 0, terms["divn"], 0.0,
+                                                float(sel.gamma))}.get(method)
+    if score is None:
+        raise ValueError(f"select.method must be one of {METHODS}, got {method!r}")
+    idx = top_k_pairs(score, k_pairs, pid, cap)
+    if idx.size < k_pairs:
+        raise ValueError(f"select.cap_per_prompt={cap} leaves only {idx.size} pairs < "
+                         f"k_pairs={k_pairs}")
+    return idx, score[idx]
+
+
+def run(config, workdir) -> dict:
+    """Run the select stage (see the module docstring); returns the report's counts."""
+    sel = config.select
+    if sel.method not in METHODS:
+        raise ValueError(f"select.method must be one of {METHODS}, got {sel.method!r}")
+    if sel.normalize not in NORMALIZATIONS:
+        raise ValueError(f"select.normalize must be one of {NORMALIZATIONS}, got {sel.normalize!r}")
+    if float(sel.eps) <= 0:
+        raise ValueError(f"select.eps must be > 0, got {sel.eps}")
+    workdir = pathlib.Path(workdir)
+    out = workdir / STAGE
+    seed = _seed(config)
+    fp = fingerprint(config)
+    mesh = _mesh(config)
+    data = load_inputs(workdir)
+    emb, k = data["emb"], int(sel.knn_k)
+    u = emb.shape[0]
+    if u <= k:
+        raise ValueError(f"select: {u} prompts, need more than knn_k={k}")
+
+    # per-prompt diversity log rho_k among all unique prompts, then candidate pairs
+    knn_kw = {"tile": int(sel.knn_tile) or None, "exact_f32": bool(sel.knn_exact_f32)}
+    div_prompt = log_rho_k(emb, k, eps=float(sel.eps), mesh=mesh, **knn_kw)
+    cand = np.flatnonzero(data["ok"])
+    pid = data["prompt_id"][cand]
+    m = margin_term(data["margin_signed"][cand], data["margin_abs"][cand], sel.margin)
+    q = data["quality"][pid]
+    div = div_prompt[pid]
+    terms = {"m": m, "q": q, "div": div}
+    terms["mn"] = normalize(m, sel.normalize)
+    terms["qn"] = normalize(q, sel.normalize)
+    terms["divn"] = normalize(div, sel.normalize)
+    terms["a"] = combined_score(terms["mn"], terms["qn"], 0, float(sel.alpha), 0.0)
+    terms["s"] = combined_score(terms["mn"], terms["qn"], terms["divn"], float(sel.alpha),
+                                float(sel.gamma))
+
+    logging.info("select: method %s, %d candidates (%d excluded, ok=False), K=%s",
+                 sel.method, cand.size, int((~data["ok"]).sum()), sel.k_pairs)
+    idx, score = select(terms, pid, emb, sel, seed, mesh)
+    kk = idx.size
+    rows = cand[idx]
+    table = pa.table({
+        "rank": pa.array(np.arange(kk, dtype=np.int64)),
+        "pair_id": pa.array(data["pair_id"][rows]),
+        "prompt_id": pa.array(pid[idx]),
+        "margin_signed": pa.array(data["margin_signed"][rows].astype(np.float64)),
+        "margin_abs": pa.array(data["margin_abs"][rows].astype(np.float64)),
+        "margin": pa.array(m[idx]),
+        "quality": pa.array(q[idx]),
+        "diversity": pa.array(div[idx]),
+        "margin_norm": pa.array(terms["mn"][idx]),
+        "quality_norm": pa.array(terms["qn"][idx]),
+        "diversity_norm": pa.array(terms["divn"][idx]),
+        "importance": pa.array(terms["s"][idx]),
+        "score": pa.array(np.asarray(score, np.float64)),
+        "method": pa.array([sel.method] * kk, pa.string()),
+        "fingerprint": pa.array([fp] * kk, pa.string()),
+    })
+
+    counts = {"pairs_total": int(data["pair_id"].size),
+              "excluded_not_ok": int((~data["ok"]).sum()),
+              "candidates": int(cand.size), "prompts_total": int(u),
+              "prompts_with_candidates": int(np.unique(pid).size),
+              "selected": int(kk), "selected_unique_prompts": int(np.unique(pid[idx]).size),
+              "selected_harmful_prompt": int(data["harmful"][pid[idx]].sum())}
+    chosen_terms = _set_terms(idx, terms, emb, pid, sel, mesh)
+    rng = np.random.default_rng(seed + 1)
+    r_sets = [_set_terms(rng.permutation(cand.size)[:kk], terms, emb, pid, sel, mesh)
+              for _ in range(int(sel.report.random_sets))] if kk < cand.size else []
+    random_stats = {}
+    for key in chosen_terms:
+        vals = [r[key] for r in r_sets if r.get(key) is not None]
+        if vals:
+            random_stats[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
+    report = {"method": sel.method, "fingerprint": fp, "seed": seed, "counts": counts,
+              "objective": {"chosen": chosen_terms, "random_sets": len(r_sets),
+                            "random": random_stats},
+              "config": sel.to_dict(),
+              "notes": {"normalize": "terms normalised over the candidate pairs",
+                        "entropy_sum": "sum over the set of log max(rho_k^S, eps)",
+                        "F": "sum_a + gamma * entropy_sum (method.md section 2)"}}
+
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "manifest.parquet.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, out / "manifest.parquet")
+        tmp = out / "report.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
+        os.replace(tmp, out / "report.json")
+        if sel.report.plots:
+            chosen_mask = np.zeros(cand.size, bool)
+            chosen_mask[idx] = True
+            _plots(out, terms, chosen_mask, emb, pid, sel, seed)
+    logging.info("select: wrote %d pairs to %s", kk, out / "manifest.parquet")
+    return dict(counts, method=sel.method, fingerprint=fp)
+
+
+__all__ = ["default_config", "run", "fingerprint", "load_inputs", "select", "METHODS", "STAGE"]

@@ -1,0 +1,88 @@
+"""Exact k-NN against a slow float64 numpy reference; sharded == single device."""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from fifa_jax.selection import knn
+
+
+def knn_reference(x, k):
+    """float64 brute force: self excluded by index, ties by index."""
+    x = np.asarray(x, np.float64)
+    n = x.shape[0]
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    d2[np.arange(n), np.arange(n)] = np.inf
+    order = np.lexsort((np.broadcast_to(np.arange(n), (n, n)), d2), axis=1)[:, :k]
+    return np.sqrt(np.take_along_axis(d2, order, 1)), order, np.sqrt(d2)
+
+
+def assert_same_up_to_ties(dist, idx, x, k):
+    ref_d, ref_i, full = knn_reference(x, k)
+    dist, idx = np.asarray(dist), np.asarray(idx)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-5, atol=1e-5)
+    n = x.shape[0]
+    assert (idx != np.arange(n)[:, None]).all(), "a point is its own neighbour"
+    # each returned index really is at the returned distance, no index twice
+    np.testing.assert_allclose(full[np.arange(n)[:, None], idx], dist, rtol=1e-5, atol=1e-5)
+    assert all(len(set(r)) == k for r in idx.tolist())
+    # indices equal the reference wherever the distance is not tied with another candidate
+    kth = ref_d[:, -1:]
+    strict = ref_d < kth - 1e-4
+    np.testing.assert_array_equal(np.where(strict, idx, -1), np.where(strict, ref_i, -1))
+
+
+def data_with_duplicates(n, d, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    x[5] = x[7]                    # a duplicate pair
+    x[40:52] = x[3]                # a block of 13 identical points (more than k + margin)
+    x[60] = x[61] + 1e-3           # a near duplicate
+    return x
+
+
+@pytest.mark.parametrize("d,exact", [(3, True), (40, True), (40, False)])
+def test_knn_matches_reference(d, exact):
+    x = data_with_duplicates(301, d, d)     # 301 is not a multiple of any tile or device count
+    dist, idx = knn(x, 4, tile=64, exact_f32=exact)
+    assert dist.shape == (301, 4) and idx.shape == (301, 4)
+    assert_same_up_to_ties(dist, idx, x, 4)
+    # duplicates are neighbours at distance 0
+    assert float(dist[5, 0]) == 0.0 and int(idx[5, 0]) == 7
+    assert np.all(np.asarray(dist[40:52]) == 0.0)
+
+
+def test_knn_identical_distances_all_equal():
+    """All points on a lattice line: many exact ties."""
+    x = np.repeat(np.arange(20, dtype=np.float32), 3)[:, None] * np.ones((1, 16), np.float32)
+    dist, idx = knn(x, 5, tile=16)
+    assert_same_up_to_ties(dist, idx, x, 5)
+
+
+@pytest.mark.parametrize("shape,exact", [((8,), True), ((4, 2), True), ((8,), False)])
+def test_sharded_equals_single_device(shape, exact):
+    x = data_with_duplicates(517, 24, 1)
+    d1, i1 = knn(x, 5, tile=32, exact_f32=exact)
+    mesh = Mesh(np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape),
+                ("data", "fsdp")[:len(shape)])
+    d8, i8 = knn(x, 5, tile=32, mesh=mesh, exact_f32=exact)
+    np.testing.assert_array_equal(np.asarray(d1), np.asarray(d8))
+    np.testing.assert_array_equal(np.asarray(i1), np.asarray(i8))
+    assert_same_up_to_ties(d8, i8, x, 5)
+
+
+def test_fast_mode_high_dim_unit_vectors():
+    """bf16 candidates + float32 re-rank on normalised embeddings, d = 768."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 768)).astype(np.float32)
+    x[100:110] = x[:10] + 0.05 * rng.normal(size=(10, 768)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    dist, idx = knn(x, 10, tile=128, exact_f32=False)
+    assert_same_up_to_ties(dist, idx, x, 10)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="1 <= k < N"):
+        knn(np.zeros((3, 2)), 3)
+    with pytest.raises(ValueError, match="shape"):
+        knn(np.zeros(5), 1)
