@@ -14,7 +14,8 @@ Writes select/:
                        the same size (mean, std), the config section
     hist_terms.png     margin / quality / diversity histograms, chosen vs all candidates
     prompts_pca.png    2-D PCA of the prompt embeddings, chosen prompts marked
-Pairs whose margins row has ok = False are excluded and counted. The same config gives a
+Pairs whose margins row has ok = False (image not decodable) and pairs of a prompt whose
+prompt_scores row has ok = False (the judge failed) are excluded and counted apart. The same config gives a
 byte-identical manifest.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from absl import logging
 
+from fifa_jax.errors import InputError
 from fifa_jax.selection.entropy import kl_entropy, log_rho_k
 from fifa_jax.selection.greedy import exact_gains, greedy_select
 from fifa_jax.selection.importance import (NORMALIZATIONS, combined_score, margin_term,
@@ -84,7 +86,7 @@ def _read(path: pathlib.Path, columns):
     have = pq.read_schema(path).names
     missing = [c for c in columns if c not in have]
     if missing:
-        raise ValueError(f"select: {path} lacks column(s) {missing}; has {have}")
+        raise InputError(f"select: {path} lacks column(s) {missing}; has {have}")
     t = pq.read_table(path, columns=list(columns))
     return {c: t.column(c).to_numpy(zero_copy_only=False) for c in columns}
 
@@ -96,8 +98,9 @@ def load_inputs(workdir: pathlib.Path) -> dict:
     mpath = workdir / "score" / "margins.parquet"
     margins = _read(mpath, ["pair_id", "margin_signed", "margin_abs", "ok"])
     spath = workdir / "score" / "prompt_scores.parquet"
-    has_harm = spath.exists() and "harmful" in pq.read_schema(spath).names
-    scores = _read(spath, ["prompt_id", "quality"] + (["harmful"] if has_harm else []))
+    names = pq.read_schema(spath).names if spath.exists() else []
+    optional = [c for c in ("harmful", "ok") if c in names]
+    scores = _read(spath, ["prompt_id", "quality"] + optional)
     epath = workdir / "score" / "prompt_embeddings.npy"
     if not epath.exists():
         raise FileNotFoundError(f"select: missing input {epath} (run the score stage first)")
@@ -105,18 +108,18 @@ def load_inputs(workdir: pathlib.Path) -> dict:
 
     u = prompts["prompt_id"].size
     if not np.array_equal(np.sort(prompts["prompt_id"]), np.arange(u)):
-        raise ValueError(f"select: {workdir / 'ingest' / 'prompts.parquet'} prompt_id must be "
+        raise InputError(f"select: {workdir / 'ingest' / 'prompts.parquet'} prompt_id must be "
                          f"0..{u - 1} without gaps")
     if emb.ndim != 2 or emb.shape[0] != u:
-        raise ValueError(f"select: {epath} has shape {emb.shape}, expected ({u}, d)")
+        raise InputError(f"select: {epath} has shape {emb.shape}, expected ({u}, d)")
     bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
     if bad.size:
-        raise ValueError(f"select: {epath} has non-finite values in rows {bad[:5].tolist()}")
+        raise InputError(f"select: {epath} has non-finite values in rows {bad[:5].tolist()}")
     pid = pairs["prompt_id"].astype(np.int64)
     pair_id = pairs["pair_id"].astype(np.int64)
     bad = np.flatnonzero((pid < 0) | (pid >= u))
     if bad.size:
-        raise ValueError(f"select: ingest/pairs.parquet rows {bad[:5].tolist()} have prompt_id "
+        raise InputError(f"select: ingest/pairs.parquet rows {bad[:5].tolist()} have prompt_id "
                          f"outside [0, {u})")
     order = np.argsort(pair_id, kind="stable")
     pair_id, pid = pair_id[order], pid[order]
@@ -128,11 +131,11 @@ def load_inputs(workdir: pathlib.Path) -> dict:
     pos = np.searchsorted(pair_id, mid)
     known = (pos < pair_id.size) & (pair_id[np.minimum(pos, pair_id.size - 1)] == mid)
     if not known.all():
-        raise ValueError(f"select: {mpath} has pair_id(s) not in pairs: {mid[~known][:5].tolist()}")
+        raise InputError(f"select: {mpath} has pair_id(s) not in pairs: {mid[~known][:5].tolist()}")
     have = np.zeros(pair_id.size, bool)
     have[pos] = True
     if not have.all():
-        raise ValueError(f"select: {mpath} lacks rows for pair_id(s) "
+        raise InputError(f"select: {mpath} lacks rows for pair_id(s) "
                          f"{pair_id[~have][:5].tolist()} ({int((~have).sum())} missing)")
     ms = np.empty(pair_id.size)
     ma = np.empty(pair_id.size)
@@ -142,22 +145,26 @@ def load_inputs(workdir: pathlib.Path) -> dict:
     ok[pos] = margins["ok"].astype(bool)
     bad = np.flatnonzero(ok & ~(np.isfinite(ms) & np.isfinite(ma)))
     if bad.size:
-        raise ValueError(f"select: {mpath} has non-finite margins with ok=True for pair_id(s) "
+        raise InputError(f"select: {mpath} has non-finite margins with ok=True for pair_id(s) "
                          f"{pair_id[bad][:5].tolist()}")
 
     qid = scores["prompt_id"].astype(np.int64)
     if not np.array_equal(np.sort(qid), np.arange(u)):
-        raise ValueError(f"select: {spath} must have one row per prompt_id 0..{u - 1}")
+        raise InputError(f"select: {spath} must have one row per prompt_id 0..{u - 1}")
     quality = np.empty(u)
     quality[qid] = scores["quality"]
     bad = np.flatnonzero(~np.isfinite(quality))
     if bad.size:
-        raise ValueError(f"select: {spath} has non-finite quality for prompt_id(s) "
+        raise InputError(f"select: {spath} has non-finite quality for prompt_id(s) "
                          f"{bad[:5].tolist()}")
     harmful = np.zeros(u, bool)
-    if has_harm:
+    if "harmful" in optional:
         harmful[qid] = scores["harmful"].astype(bool)
-    return dict(pair_id=pair_id, prompt_id=pid, margin_signed=ms, margin_abs=ma, ok=ok,
+    prompt_ok = np.ones(u, bool)
+    if "ok" in optional:
+        prompt_ok[qid] = scores["ok"].astype(bool)
+    return dict(pair_id=pair_id, prompt_id=pid, margin_signed=ms, margin_abs=ma,
+                ok=ok & prompt_ok[pid], margin_ok=ok, prompt_ok=prompt_ok[pid],
                 quality=quality, harmful=harmful, emb=emb.astype(np.float32))
 
 
@@ -277,7 +284,7 @@ def run(config, workdir) -> dict:
     emb, k = data["emb"], int(sel.knn_k)
     u = emb.shape[0]
     if u <= k:
-        raise ValueError(f"select: {u} prompts, need more than knn_k={k}")
+        raise InputError(f"select: {u} prompts, need more than knn_k={k}")
 
     # per-prompt diversity log rho_k among all unique prompts, then candidate pairs
     knn_kw = {"tile": int(sel.knn_tile) or None, "exact_f32": bool(sel.knn_exact_f32)}
@@ -320,6 +327,8 @@ def run(config, workdir) -> dict:
 
     counts = {"pairs_total": int(data["pair_id"].size),
               "excluded_not_ok": int((~data["ok"]).sum()),
+              "excluded_margin_failed": int((~data["margin_ok"]).sum()),
+              "excluded_judge_failed": int((data["margin_ok"] & ~data["prompt_ok"]).sum()),
               "candidates": int(cand.size), "prompts_total": int(u),
               "prompts_with_candidates": int(np.unique(pid).size),
               "selected": int(kk), "selected_unique_prompts": int(np.unique(pid[idx]).size),

@@ -11,6 +11,9 @@ import pytest
 from fifa_jax.selection import stage
 
 
+JUDGE_FAILED_PROMPT = 2  # its pairs are excluded and counted as judge failures
+
+
 def make_workdir(root, n_prompts=40, n_pairs=160, d=12, seed=0):
     rng = np.random.default_rng(seed)
     (root / "ingest").mkdir(parents=True)
@@ -41,6 +44,7 @@ def make_workdir(root, n_prompts=40, n_pairs=160, d=12, seed=0):
         "prompt_id": np.arange(n_prompts, dtype=np.int64),
         "quality": rng.uniform(0, 10, n_prompts).astype(np.float32),
         "harmful": rng.uniform(size=n_prompts) < 0.1,
+        "ok": np.arange(n_prompts) != JUDGE_FAILED_PROMPT,
     }), root / "score" / "prompt_scores.parquet")
     emb = rng.normal(size=(n_prompts, d)).astype(np.float32)
     emb[5] = emb[6]
@@ -76,10 +80,16 @@ def sha(path):
 def test_every_method(workdir, method):
     out = stage.run(config(method), workdir)
     t = pq.read_table(workdir / "select" / "manifest.parquet").to_pydict()
-    want = 157 if method == "full" else 20
+    want = out["candidates"] if method == "full" else 20
     assert out["selected"] == want and len(t["pair_id"]) == want
-    assert out["excluded_not_ok"] == 3 and out["candidates"] == 157
-    assert not {3, 17, 50} & set(t["pair_id"])
+    pids = pq.read_table(workdir / "ingest" / "pairs.parquet").column("prompt_id").to_numpy()
+    judge_failed = set(np.flatnonzero(pids == JUDGE_FAILED_PROMPT).tolist()) - {3, 17, 50}
+    assert judge_failed, "the fixture must give the judge-failed prompt some pairs"
+    n_out = 3 + len(judge_failed)
+    assert out["excluded_margin_failed"] == 3
+    assert out["excluded_judge_failed"] == len(judge_failed)
+    assert out["excluded_not_ok"] == n_out and out["candidates"] == 160 - n_out
+    assert not ({3, 17, 50} | judge_failed) & set(t["pair_id"])
     assert len(set(t["pair_id"])) == want
     assert t["rank"] == list(range(want))
     assert set(t["method"]) == {method}
@@ -89,7 +99,8 @@ def test_every_method(workdir, method):
         assert np.all(np.diff(t["score"]) <= 1e-12) or method == "greedy"
     if method == "margin":
         mt = pq.read_table(workdir / "score" / "margins.parquet").to_pydict()
-        rows = sorted((-m, p) for m, p, ok in zip(mt["margin_abs"], mt["pair_id"], mt["ok"]) if ok)
+        rows = sorted((-m, p) for m, p, ok in zip(mt["margin_abs"], mt["pair_id"], mt["ok"])
+                      if ok and p not in judge_failed)
         assert t["pair_id"] == [p for _, p in rows[:20]]
     if method != "full":
         assert rep["objective"]["random_sets"] == 3
