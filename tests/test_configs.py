@@ -5,7 +5,8 @@ import pytest
 
 from fifa_jax import config_check, pipeline
 
-CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.py"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -18,5 +19,5 @@ def test_config_loads_and_is_runnable(path):
 
 
 def test_demo_variants_pick_the_method():
-    config = config_check.load_config_file("configs/demo.py:random")
+    config = config_check.load_config_file(f"{CONFIG_DIR / 'demo.py'}:random")
     assert config.select.method == "random"
