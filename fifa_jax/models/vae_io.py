@@ -1,15 +1,11 @@
 """Load / save AutoencoderKL in the diffusers folder layout (config.json + safetensors)."""
 from __future__ import annotations
 
-import json
-import os
-
 import jax.numpy as jnp
 from flax import nnx
 
-from fifa_jax.models.safetensors_io import find_weights, read_safetensors, write_safetensors
-from fifa_jax.models.torch_names import export_to_torch, fill_from_torch, name_map
-from fifa_jax.models.unet_io import WEIGHTS_STEM, read_config
+from fifa_jax.models.diffusers_io import fill_from_folder, read_config, save_to_folder
+from fifa_jax.models.torch_names import name_map
 from fifa_jax.models.vae import AutoencoderKL
 
 VAE_RENAMES = ((r"\.to_out\.", ".to_out.0."),)
@@ -29,17 +25,9 @@ def load_vae(path: str, *, dtype=jnp.float32, variant: str | None = None,
              attention_impl: str = "auto") -> AutoencoderKL:
     """AutoencoderKL from a diffusers model folder; float32 params, `dtype` compute."""
     model = abstract_vae(read_config(path), dtype=dtype, attention_impl=attention_impl)
-    weights = find_weights(path, [WEIGHTS_STEM], variant)
-    return fill_from_torch(model, read_safetensors(weights), VAE_RENAMES, weights)
+    return fill_from_folder(model, path, VAE_RENAMES, variant)
 
 
 def save_vae(model: AutoencoderKL, path: str) -> None:
     """Write `path/config.json` + `path/diffusion_pytorch_model.safetensors` (float32)."""
-    os.makedirs(path, exist_ok=True)
-    config = json.loads(model.config.raw_json)
-    config["_class_name"] = "AutoencoderKL"
-    config.setdefault("_diffusers_version", "0.30.0")
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    write_safetensors(export_to_torch(model, VAE_RENAMES),
-                      os.path.join(path, WEIGHTS_STEM + ".safetensors"))
+    save_to_folder(model, path, "AutoencoderKL", VAE_RENAMES)
