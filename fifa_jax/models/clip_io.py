@@ -237,33 +237,34 @@ def _arch(raw: dict, options: tuple[str, ...], source: str) -> Optional[str]:
     return None
 
 
+def _load_tower(path, config_cls, base: str, projection_key: str, **options):
+    """`base` (e.g. "CLIPTextModel") or `base + "WithProjection"`, chosen by `architectures`
+    or, when absent, by the presence of `projection_key` in the weights."""
+    def choose(config, raw, tensors):
+        if not isinstance(config, config_cls):
+            raise ValueError(f"{path}: config is a {type(config).__name__}, not a "
+                             f"{config_cls.__name__}")
+        with_projection = base + "WithProjection"
+        arch = _arch(raw, (base, with_projection), path)
+        if arch is None:
+            arch = with_projection if projection_key in tensors else base
+        return _CLASSES[arch]
+    return _load(path, choose, **options)
+
+
 def load_text_encoder(path: str, *, dtype=jnp.float32, attention_impl: str = "auto",
                       variant: Optional[str] = None):
     """CLIPTextModel or CLIPTextModelWithProjection (by `architectures`; when absent, by the
     presence of `text_projection.weight`) from a folder with config.json + safetensors."""
-    def choose(config, raw, tensors):
-        if not isinstance(config, CLIPTextConfig):
-            raise ValueError(f"{path}: config is a {type(config).__name__}, not a text config")
-        arch = _arch(raw, ("CLIPTextModel", "CLIPTextModelWithProjection"), path)
-        if arch is None:
-            arch = ("CLIPTextModelWithProjection" if "text_projection.weight" in tensors
-                    else "CLIPTextModel")
-        return _CLASSES[arch]
-    return _load(path, choose, dtype=dtype, attention_impl=attention_impl, variant=variant)
+    return _load_tower(path, CLIPTextConfig, "CLIPTextModel", "text_projection.weight",
+                       dtype=dtype, attention_impl=attention_impl, variant=variant)
 
 
 def load_vision_encoder(path: str, *, dtype=jnp.float32, attention_impl: str = "auto",
                         variant: Optional[str] = None):
     """CLIPVisionModel or CLIPVisionModelWithProjection (by `architectures`, else by keys)."""
-    def choose(config, raw, tensors):
-        if not isinstance(config, CLIPVisionConfig):
-            raise ValueError(f"{path}: config is a {type(config).__name__}, not a vision config")
-        arch = _arch(raw, ("CLIPVisionModel", "CLIPVisionModelWithProjection"), path)
-        if arch is None:
-            arch = ("CLIPVisionModelWithProjection" if "visual_projection.weight" in tensors
-                    else "CLIPVisionModel")
-        return _CLASSES[arch]
-    return _load(path, choose, dtype=dtype, attention_impl=attention_impl, variant=variant)
+    return _load_tower(path, CLIPVisionConfig, "CLIPVisionModel", "visual_projection.weight",
+                       dtype=dtype, attention_impl=attention_impl, variant=variant)
 
 
 def load_clip(path: str, *, dtype=jnp.float32, attention_impl: str = "auto",

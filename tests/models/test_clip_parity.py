@@ -331,7 +331,7 @@ def test_loader_refuses_wrong_config_kind(ckpts):
     _, dirs, _ = ckpts
     with pytest.raises(ValueError, match="not a CLIPModel config"):
         clip_io.load_clip(dirs["text"])
-    with pytest.raises(ValueError, match="not a text config"):
+    with pytest.raises(ValueError, match="not a CLIPTextConfig"):
         clip_io.load_text_encoder(dirs["vision"])
 
 
