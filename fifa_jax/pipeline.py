@@ -104,6 +104,14 @@ def _write_done(workdir: pathlib.Path, name: str, record: dict) -> None:
     tmp.replace(out / DONE_FILE)
 
 
+def _start_devices(config) -> None:
+    """Join the other hosts (jax.distributed) before anything touches a JAX backend: once
+    `jax.process_count()` or a device list has been asked for, it is too late."""
+    from fifa_jax.parallel import initialize_distributed  # imports jax: only when a stage runs
+    mesh = config.get("mesh") if hasattr(config, "get") else getattr(config, "mesh", None)
+    initialize_distributed(mesh.get("distributed", "auto") if mesh is not None else "auto")
+
+
 def _process_index() -> int:
     import jax  # only when a stage runs: flag and config errors stay fast
     return jax.process_index() if jax.process_count() > 1 else 0
@@ -114,6 +122,16 @@ def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def _leader_failed(failed: bool) -> bool:
+    """Process 0's `failed`, told to every host (all hosts call this together)."""
+    import jax
+    if jax.process_count() == 1:
+        return failed
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
 
 
 def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = (),
@@ -154,6 +172,7 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
             echo(f"[{stage.name}] config changed since the last run "
                  f"({done.get('fingerprint')} -> {fp}): running again")
         # Every host reaches the same decision above (they read the same work directory).
+        _start_devices(config)
         leader = _process_index() == 0
         _barrier(f"{stage.name}:start")
         if leader:
@@ -161,10 +180,21 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
         echo(f"[{stage.name}] running (fingerprint {fp})")
         module = importlib.import_module(stage.module)
         start = time.time()
+        summary, error = {}, None
         try:
-            summary = (module.run(config, workdir) or {}) if (stage.all_hosts or leader) else {}
-        except (InputError, FileNotFoundError) as e:  # bad input: one line, named by stage
-            raise PipelineError(f"stage {stage.name!r} failed on its input: {e}") from e
+            if stage.all_hosts or leader:
+                summary = module.run(config, workdir) or {}
+        except Exception as e:  # noqa: BLE001 (re-raised below, after telling the other hosts)
+            error = e
+        # A host-side stage runs on process 0 only: the others must learn that it failed, or
+        # they would wait at the next barrier until the coordination service times out.
+        if not stage.all_hosts and _leader_failed(error is not None) and error is None:
+            raise PipelineError(f"stage {stage.name!r} failed on process 0 (its log has the "
+                                f"error); stopping process {_process_index()} too")
+        if isinstance(error, (InputError, FileNotFoundError)):  # bad input: one line
+            raise PipelineError(f"stage {stage.name!r} failed on its input: {error}") from error
+        if error is not None:
+            raise error
         _barrier(f"{stage.name}:end")
         record = {"fingerprint": fp, "stage": stage.name,
                   "seconds": round(time.time() - start, 3),

@@ -1,8 +1,9 @@
 """Devices: mesh construction, multi-host start-up, batch and parameter sharding."""
 from fifa_jax.parallel.mesh import (AXES, BATCH_AXES, batch_multiple, batch_sharding,
                                     default_config, initialize_distributed, make_mesh,
-                                    mesh_shape, pad_batch, replicated, shard_batch)
+                                    mesh_shape, pad_batch, replicated, shard_batch,
+                                    to_host)
 
 __all__ = ["AXES", "BATCH_AXES", "batch_multiple", "batch_sharding", "default_config",
            "initialize_distributed", "make_mesh", "mesh_shape", "pad_batch", "replicated",
-           "shard_batch"]
+           "shard_batch", "to_host"]

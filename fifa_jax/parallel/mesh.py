@@ -6,6 +6,11 @@ Config (`config.mesh`):
     distributed: "auto" | "on" | "off": call `jax.distributed.initialize()` when the process is
         one of several hosts ("auto" detects a TPU pod slice / SLURM / the JAX_COORDINATOR env).
 
+Explicit multi-process start-up (any platform, e.g. several CPU processes on one machine, where
+JAX cannot detect the process count or id): set FIFA_JAX_COORDINATOR (host:port of process 0;
+JAX_COORDINATOR_ADDRESS also works), FIFA_JAX_NUM_PROCESSES and FIFA_JAX_PROCESS_ID in every
+process; "auto" then initialises. Unset ones are left to JAX's cluster detection.
+
 Axes are always ("data", "fsdp") so every stage can name them; batches are split over both.
 """
 from __future__ import annotations
@@ -21,8 +26,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # a batch dimension is split over every device
 
-_DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
-                    "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+ENV_COORDINATOR = "FIFA_JAX_COORDINATOR"
+ENV_NUM_PROCESSES = "FIFA_JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "FIFA_JAX_PROCESS_ID"
 _initialized = False
 
 
@@ -44,15 +50,45 @@ def _wants_distributed(mode: str) -> bool:
     if len([h for h in hosts.split(",") if h]) > 1:
         return True
     return any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS",
-                                           "MEGASCALE_COORDINATOR_ADDRESS"))
+                                           "MEGASCALE_COORDINATOR_ADDRESS", ENV_COORDINATOR))
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") \
+            from None
+
+
+def _explicit_args() -> dict:
+    """initialize() arguments given by the FIFA_JAX_* environment variables (unset: omitted)."""
+    kwargs = {}
+    if os.environ.get(ENV_COORDINATOR):
+        kwargs["coordinator_address"] = os.environ[ENV_COORDINATOR]
+    n, i = _env_int(ENV_NUM_PROCESSES), _env_int(ENV_PROCESS_ID)
+    if n is not None:
+        kwargs["num_processes"] = n
+    if i is not None:
+        kwargs["process_id"] = i
+    if n is not None and i is not None and not 0 <= i < n:
+        raise ValueError(f"{ENV_PROCESS_ID}={i} must be in [0, {ENV_NUM_PROCESSES}={n})")
+    return kwargs
 
 
 def initialize_distributed(mode: str = "auto") -> None:
-    """Call `jax.distributed.initialize()` once when this process is one of several hosts."""
+    """Call `jax.distributed.initialize()` once when this process is one of several hosts.
+
+    Must run before anything touches a JAX backend (device lists, arrays, jit), which is why the
+    stage runner calls it first.
+    """
     global _initialized
-    if _initialized or not _wants_distributed(mode):
+    if _initialized or not _wants_distributed(mode) or jax.distributed.is_initialized():
         return
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_explicit_args())
     _initialized = True
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
@@ -133,3 +169,15 @@ def shard_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
     return jax.make_array_from_callback(np.shape(x), sharding, lambda idx: x[idx])
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of an array as numpy on this host, also when it spans several hosts.
+
+    A batch-sharded result of a multi-host jit is not addressable as a whole on any one host;
+    it is all-gathered (a collective: every host must call this for the same array).
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

@@ -100,7 +100,7 @@ def run_batched(fn: Callable, params, arrays: Sequence[np.ndarray], batch_size: 
             batch.append(parallel.shard_batch(chunk, mesh))
         res = fn(params, *batch)  # dispatched async; fetch the previous one meanwhile
         if pending is not None:
-            outs.append(np.asarray(pending[0])[:pending[1]])
+            outs.append(parallel.to_host(pending[0])[:pending[1]])
         pending = (res, real)
         done = start + real
         if done == n or (start // bs) % 50 == 49:
@@ -108,7 +108,7 @@ def run_batched(fn: Callable, params, arrays: Sequence[np.ndarray], batch_size: 
             logging.info("%s: %d/%d rows, %.1f rows/s, ETA %.0f s", what, done, n, rate,
                          (n - done) / max(rate, 1e-9))
     if pending is not None:
-        outs.append(np.asarray(pending[0])[:pending[1]])
+        outs.append(parallel.to_host(pending[0])[:pending[1]])
     if not outs:
         return np.zeros((0,), np.float32)
     return np.concatenate(outs, axis=0)

@@ -1,0 +1,57 @@
+"""One process of a multi-process (multi-host) check, started by test_multiprocess.py.
+
+    python -m tests.parallel._multiprocess_worker knn OUT_DIR
+
+The process joins the others through `fifa_jax.parallel.initialize_distributed` (environment:
+FIFA_JAX_COORDINATOR, FIFA_JAX_NUM_PROCESSES, FIFA_JAX_PROCESS_ID; XLA_FLAGS forces the local
+CPU device count), builds the global mesh over every process's devices, runs the sharded k-NN
+on fixed inputs and writes OUT_DIR/knn_<process id>.npz (every process gets the whole result).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+
+
+def knn_inputs() -> list[tuple[str, np.ndarray, dict]]:
+    """(name, x (N, d) float32, knn kwargs): several tiles (matmul path) and the direct path."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((203, 16)).astype(np.float32)
+    x[7] = x[3]                                  # a duplicate: distance 0, ties by index
+    low = rng.standard_normal((150, 3)).astype(np.float32)
+    return [("tiled", x, {"k": 5, "tile": 64}), ("direct", low, {"k": 4, "tile": 48})]
+
+
+def _knn(out_dir: str) -> None:
+    import jax
+    from fifa_jax import parallel
+    from fifa_jax.selection.knn import knn
+
+    parallel.initialize_distributed("on")
+    mesh = parallel.make_mesh(parallel.default_config())
+    assert jax.process_count() > 1, "expected several processes"
+    result = {"process_count": np.int64(jax.process_count()),
+              "device_count": np.int64(jax.device_count())}
+    for name, x, kw in knn_inputs():
+        dist, idx = knn(x, kw["k"], mesh=mesh, tile=kw["tile"])
+        result[f"{name}_dist"] = np.asarray(dist)
+        result[f"{name}_idx"] = np.asarray(idx)
+    np.savez(os.path.join(out_dir, f"knn_{jax.process_index()}.npz"), **result)
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("knn:written")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[1] != "knn":
+        print(f"usage: {argv[0]} knn OUT_DIR", file=sys.stderr)
+        return 2
+    _knn(argv[2])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

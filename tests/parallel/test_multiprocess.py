@@ -1,0 +1,189 @@
+"""Multi-host operation, as two JAX processes on this machine (CPU, gloo collectives).
+
+Each process has 2 forced CPU devices and joins the other through `jax.distributed` (set up by
+`fifa_jax.parallel.initialize_distributed` from FIFA_JAX_COORDINATOR / FIFA_JAX_NUM_PROCESSES /
+FIFA_JAX_PROCESS_ID, coordinator on 127.0.0.1), so the global mesh has 4 devices over 2
+processes. Checked against one process with 4 devices:
+  - the sharded k-NN gives bit-identical distances and indices on every process;
+  - the demo pipeline (ingest on process 0, score and select on both) writes the same
+    select/manifest.parquet bytes and the same score/margins.parquet values;
+  - a failure in a process-0-only stage stops every process at once (no barrier hang).
+Every subprocess runs under a deadline and is killed (its process group) on the way out.
+"""
+from __future__ import annotations
+
+import filecmp
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fifa_jax.parallel import mesh as mesh_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+N_PROC = 2
+LOCAL_DEVICES = 2
+DEMO_ARGS = ["--config", "configs/demo.py", "--config.data.demo.n_prompts=30",
+             "--config.data.demo.n_pairs=200", "--config.select.k_pairs=20"]
+_DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
+             "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_PORT",
+             "JAX_COORDINATOR_BIND_ADDRESS",
+             mesh_lib.ENV_COORDINATOR, mesh_lib.ENV_NUM_PROCESSES, mesh_lib.ENV_PROCESS_ID)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(n_devices: int, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+               # the test session's persistent compilation cache (tests/conftest.py)
+               JAX_COMPILATION_CACHE_DIR=os.environ.get(
+                   "FIFA_JAX_TEST_CACHE", str(ROOT / ".jax_cache")),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _run_all(cmds: list[list[str]], envs: list[dict], logs: pathlib.Path,
+             timeout: float) -> list[int]:
+    """Start every command at once, wait for all under one deadline; returns exit codes.
+
+    Each process gets its own session (process group), killed at the deadline or on error.
+    """
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    try:
+        for i, (cmd, env) in enumerate(zip(cmds, envs)):
+            with open(logs / f"proc{i}.log", "wb") as out:
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        return [p.returncode for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"processes still running after {timeout} s:\n" + _tails(logs, len(cmds)))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _tails(logs: pathlib.Path, n: int, chars: int = 3000) -> str:
+    out = []
+    for i in range(n):
+        path = logs / f"proc{i}.log"
+        text = path.read_text(errors="replace") if path.exists() else "(no log)"
+        out.append(f"--- process {i} ({path}) ---\n{text[-chars:]}")
+    return "\n".join(out)
+
+
+def _multiprocess(cmd: list[str], logs: pathlib.Path, timeout: float, **extra) -> list[int]:
+    """Run `cmd` as N_PROC processes of one distributed job (coordinator on 127.0.0.1)."""
+    coord = f"127.0.0.1:{_free_port()}"
+    envs = [_env(LOCAL_DEVICES, JAX_COORDINATOR_BIND_ADDRESS=coord,  # loopback only
+                 **{mesh_lib.ENV_COORDINATOR: coord, mesh_lib.ENV_NUM_PROCESSES: N_PROC,
+                    mesh_lib.ENV_PROCESS_ID: i}, **extra)
+            for i in range(N_PROC)]
+    return _run_all([cmd] * N_PROC, envs, logs, timeout)
+
+
+def test_env_variables_give_initialize_arguments(monkeypatch):
+    for k in _DIST_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert not mesh_lib._wants_distributed("auto") and mesh_lib._explicit_args() == {}
+    monkeypatch.setenv(mesh_lib.ENV_COORDINATOR, "127.0.0.1:1234")
+    monkeypatch.setenv(mesh_lib.ENV_NUM_PROCESSES, "2")
+    monkeypatch.setenv(mesh_lib.ENV_PROCESS_ID, "1")
+    assert mesh_lib._wants_distributed("auto")
+    assert mesh_lib._explicit_args() == {"coordinator_address": "127.0.0.1:1234",
+                                         "num_processes": 2, "process_id": 1}
+    monkeypatch.setenv(mesh_lib.ENV_PROCESS_ID, "2")
+    with pytest.raises(ValueError, match="FIFA_JAX_PROCESS_ID=2"):
+        mesh_lib._explicit_args()
+    monkeypatch.setenv(mesh_lib.ENV_PROCESS_ID, "x")
+    with pytest.raises(ValueError, match="FIFA_JAX_PROCESS_ID must be an integer"):
+        mesh_lib._explicit_args()
+
+
+def test_knn_on_two_processes_equals_one_process(tmp_path):
+    from fifa_jax import parallel
+    from fifa_jax.selection.knn import knn
+    from tests.parallel._multiprocess_worker import knn_inputs
+
+    cmd = [sys.executable, "-m", "tests.parallel._multiprocess_worker", "knn", str(tmp_path)]
+    rcs = _multiprocess(cmd, tmp_path / "logs", timeout=120)
+    assert rcs == [0] * N_PROC, _tails(tmp_path / "logs", N_PROC)
+
+    import jax
+    mesh = parallel.make_mesh(parallel.default_config(),
+                              devices=jax.devices()[:N_PROC * LOCAL_DEVICES])
+    got = [np.load(tmp_path / f"knn_{rank}.npz") for rank in range(N_PROC)]
+    for g in got:
+        assert int(g["process_count"]) == N_PROC
+        assert int(g["device_count"]) == N_PROC * LOCAL_DEVICES
+    for name, x, kw in knn_inputs():
+        dist, idx = knn(x, kw["k"], mesh=mesh, tile=kw["tile"])
+        # the one-process result is the exact k-NN (float64 brute force, ties by index) ...
+        d = np.sqrt(((x[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1))
+        np.fill_diagonal(d, np.inf)
+        want = np.lexsort((np.broadcast_to(np.arange(x.shape[0]), d.shape), d), axis=1)
+        np.testing.assert_array_equal(idx, want[:, :kw["k"]], err_msg=name)
+        np.testing.assert_allclose(dist, np.take_along_axis(d, want[:, :kw["k"]], 1),
+                                   atol=1e-5, err_msg=name)
+        # ... and every process of the two-process run holds exactly the same arrays
+        for rank, g in enumerate(got):
+            np.testing.assert_array_equal(g[f"{name}_idx"], idx, err_msg=f"{name} rank {rank}")
+            np.testing.assert_array_equal(g[f"{name}_dist"], dist,
+                                          err_msg=f"{name} rank {rank}")
+
+
+def test_demo_pipeline_on_two_processes_equals_one_process(tmp_path):
+    main = [sys.executable, "-m", "fifa_jax.main", *DEMO_ARGS]
+    one, two = tmp_path / "one", tmp_path / "two"
+    rcs = _run_all([main + ["--workdir", str(one)]], [_env(N_PROC * LOCAL_DEVICES)],
+                   tmp_path / "logs_one", timeout=240)
+    assert rcs == [0], _tails(tmp_path / "logs_one", 1)
+    rcs = _multiprocess(main + ["--workdir", str(two)], tmp_path / "logs_two", timeout=240)
+    assert rcs == [0] * N_PROC, _tails(tmp_path / "logs_two", N_PROC)
+
+    logs = [(tmp_path / "logs_two" / f"proc{i}.log").read_text() for i in range(N_PROC)]
+    assert all("ran ['ingest', 'score', 'select']" in t for t in logs), _tails(
+        tmp_path / "logs_two", N_PROC)
+    assert filecmp.cmp(one / "select" / "manifest.parquet", two / "select" / "manifest.parquet",
+                       shallow=False), "select/manifest.parquet differs between 1 and 2 processes"
+    a = pq.read_table(one / "score" / "margins.parquet")
+    b = pq.read_table(two / "score" / "margins.parquet")
+    assert a.num_rows == b.num_rows > 0
+    assert a.equals(b), "score/margins.parquet values differ between 1 and 2 processes"
+    np.testing.assert_array_equal(np.load(one / "score" / "prompt_embeddings.npy"),
+                                  np.load(two / "score" / "prompt_embeddings.npy"))
+    assert (pq.read_table(one / "score" / "prompt_scores.parquet").drop(["judge_model"])
+            .equals(pq.read_table(two / "score" / "prompt_scores.parquet")
+                    .drop(["judge_model"])))  # judge_model names the work directory's file
+
+
+def test_failure_on_process_0_stops_every_process(tmp_path):
+    cmd = [sys.executable, "-m", "fifa_jax.main", *DEMO_ARGS, "--workdir", str(tmp_path / "w"),
+           "--config.data.format=jsonl", f"--config.data.path={tmp_path / 'missing.jsonl'}"]
+    t0 = time.monotonic()
+    rcs = _multiprocess(cmd, tmp_path / "logs", timeout=90)
+    logs = _tails(tmp_path / "logs", N_PROC)
+    assert rcs == [2] * N_PROC, logs
+    assert "stage 'ingest' failed on its input" in logs
+    assert "stage 'ingest' failed on process 0" in logs
+    assert time.monotonic() - t0 < 60, logs
