@@ -95,3 +95,25 @@ def validate(config) -> None:
             raise ConfigError(f"config is missing the top-level key {key!r}")
     if not isinstance(config.seed, int):
         raise ConfigError(f"config key 'seed' must be an int, got {config.seed!r}")
+    stages = config.stages.split(",") if isinstance(config.stages, str) else config.stages
+    if "select" in [str(s).strip() for s in stages] and "select" in config:
+        _check_select(config.select)
+
+
+def _check_select(sel) -> None:
+    """The select section's values, checked before any stage runs: a typo here must not be
+    found only after hours of ingest and scoring."""
+    from fifa_jax.selection import importance
+    from fifa_jax.selection import stage as select_stage   # imports jax: only when selecting
+    for key, allowed in (("method", select_stage.METHODS),
+                         ("normalize", importance.NORMALIZATIONS),
+                         ("margin", ("absolute", "signed"))):
+        if key in sel and sel[key] not in allowed:
+            raise ConfigError(f"config key 'select.{key}' must be one of {', '.join(allowed)}; "
+                              f"got {sel[key]!r}")
+    if "eps" in sel and not sel.eps > 0:
+        raise ConfigError(f"config key 'select.eps' (duplicate floor) must be > 0; got {sel.eps}")
+    if "knn_k" in sel and sel.knn_k < 1:
+        raise ConfigError(f"config key 'select.knn_k' must be >= 1; got {sel.knn_k}")
+    if "k_pairs" in sel and sel.get("method") != "full" and sel.k_pairs < 1:
+        raise ConfigError(f"config key 'select.k_pairs' must be >= 1; got {sel.k_pairs}")

@@ -5,8 +5,11 @@ from `workdir/<upstream stage>/` and writes only into `workdir/<stage>/`. When i
 runner writes `workdir/<stage>/STAGE_DONE.json` holding the stage's fingerprint: a hash of the
 config sections the stage depends on and of its upstream stages' fingerprints. A later run skips
 a stage whose done file carries the same fingerprint, so rerunning a command resumes it; a
-changed config section (or a rerun upstream stage) changes the fingerprint and reruns the stage
-and everything downstream of it.
+changed config section changes the fingerprint and reruns the stage and everything downstream of
+it. Every finished run also records a fresh `run_id` and the run ids of the upstream outputs it
+read (`upstream_runs`), so an upstream stage that ran again (e.g. `--force`, or alone with
+`config.stages`) reruns its downstream stages too, and a stage left out of `config.stages` whose
+own inputs changed since it ran is refused as out of date instead of being read stale.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import importlib
 import json
 import pathlib
 import time
+import uuid
 from typing import Sequence
 
 from absl import logging
@@ -37,8 +41,9 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", "fifa_jax.data.ingest", ("seed", "data"), (), all_hosts=False),
-    Stage("score", "fifa_jax.scoring.stage", ("seed", "score"), ("ingest",)),
+    # ingest and score do not use config.seed: a new seed must not redo hours of decoding/scoring
+    Stage("ingest", "fifa_jax.data.ingest", ("data",), (), all_hosts=False),
+    Stage("score", "fifa_jax.scoring.stage", ("score",), ("ingest",)),
     Stage("select", "fifa_jax.selection.stage", ("seed", "select"), ("ingest", "score")),
     Stage("encode", None, ("seed", "encode"), ("select",), "precomputed latents / text states"),
     Stage("train", None, ("seed", "train"), ("encode",), "Diffusion-DPO trainer"),
@@ -104,6 +109,26 @@ def _write_done(workdir: pathlib.Path, name: str, record: dict) -> None:
     tmp.replace(out / DONE_FILE)
 
 
+def _ancestors(names: Sequence[str]) -> set[str]:
+    """Every stage that the stages `names` read from, directly or through other stages."""
+    out, todo = set(), list(names)
+    while todo:
+        for u in STAGE_BY_NAME[todo.pop()].upstream:
+            if u not in out:
+                out.add(u)
+                todo.append(u)
+    return out
+
+
+def _changed_inputs(stage: Stage, done: dict, fps: dict, runs: dict, ran: set) -> list[str]:
+    """Upstream stages whose outputs differ from those `done` (a finished run) was made from."""
+    up_fp = done.get("upstream") or {}
+    up_run = done.get("upstream_runs") or {}
+    return [u for u in stage.upstream
+            if u in ran or (u in fps and up_fp.get(u) != fps[u])
+            or (runs.get(u) is not None and up_run.get(u) != runs[u])]
+
+
 def _start_devices(config) -> None:
     """Join the other hosts (jax.distributed) before anything touches a JAX backend: once
     `jax.process_count()` or a device list has been asked for, it is too late."""
@@ -149,28 +174,45 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
     names = parse_stages(config.stages)
     force = set(parse_stages(force)) if force else set()
     fps: dict[str, str] = {}
+    runs: dict[str, str | None] = {}    # run id of the outputs each stage's readers will see
+    ran: set[str] = set()               # stages run by this call
     results: dict[str, dict] = {}
+    needed = _ancestors(names)
     for stage in STAGES:
         if stage.name not in names:
-            if any(stage.name in STAGE_BY_NAME[n].upstream for n in names):
+            if stage.name in needed:
                 done = read_done(workdir, stage.name)
                 if done is None:
+                    if not any(stage.name in STAGE_BY_NAME[n].upstream for n in names):
+                        continue        # only read through another stage: nothing to check
                     raise PipelineError(
                         f"stage {names[0]!r} needs the output of stage {stage.name!r}, which is "
                         f"not finished in {workdir}; add {stage.name!r} to config.stages")
+                changed = _changed_inputs(stage, done, fps, runs, ran)
+                if changed:
+                    raise PipelineError(
+                        f"stage {stage.name!r} in {workdir} is out of date: its input stage(s) "
+                        f"{changed} changed since it ran; add {stage.name!r} to config.stages")
                 fps[stage.name] = done["fingerprint"]
+                runs[stage.name] = done.get("run_id")
             continue
         fp = fingerprint(config, stage, fps)
         fps[stage.name] = fp
         done = read_done(workdir, stage.name)
-        if done is not None and done.get("fingerprint") == fp and stage.name not in force:
+        changed = _changed_inputs(stage, done, fps, runs, ran) if done is not None else []
+        if (done is not None and done.get("fingerprint") == fp and not changed
+                and stage.name not in force):
             echo(f"[{stage.name}] skipped: finished at {done.get('finished_at')} with the same "
                  f"config (fingerprint {fp}); outputs in {workdir / stage.name}")
             results[stage.name] = {"status": "skipped", **done}
+            runs[stage.name] = done.get("run_id")
             continue
         if done is not None and done.get("fingerprint") != fp:
             echo(f"[{stage.name}] config changed since the last run "
                  f"({done.get('fingerprint')} -> {fp}): running again")
+        elif changed:
+            echo(f"[{stage.name}] input stage(s) {changed} ran again since the last run: "
+                 f"running again")
         # Every host reaches the same decision above (they read the same work directory).
         _start_devices(config)
         leader = _process_index() == 0
@@ -202,7 +244,11 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
                       timespec="seconds"),
                   "config": {k: _section(config, k) for k in stage.config_keys},
                   "upstream": {u: fps[u] for u in stage.upstream},
+                  "run_id": uuid.uuid4().hex,
+                  "upstream_runs": {u: runs.get(u) for u in stage.upstream},
                   "summary": summary}
+        runs[stage.name] = record["run_id"]
+        ran.add(stage.name)
         if leader:
             _write_done(workdir, stage.name, record)
         _barrier(f"{stage.name}:done")

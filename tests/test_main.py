@@ -56,3 +56,34 @@ def test_missing_config_file(tmp_path):
 def test_unbuilt_stage_is_refused(config_file, tmp_path):
     rc, _, err = _cli("--config", config_file + ":ingest,train", "--workdir", str(tmp_path))
     assert rc == 2 and "not built yet" in err and "train" in err and "Traceback" not in err
+
+
+SELECT_CONFIG = textwrap.dedent('''
+    import ml_collections
+    from fifa_jax.selection import stage
+    def get_config(arg=None):
+        c = ml_collections.ConfigDict()
+        c.seed = 0
+        c.stages = "ingest,score,select"
+        c.data = ml_collections.ConfigDict({"format": "not-run"})
+        c.select = stage.default_config()
+        return c
+''')
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.select.method=gredy", "'select.method' must be one of importance, greedy"),
+    ("--config.select.normalize=minmax", "'select.normalize' must be one of none, zscore"),
+    ("--config.select.margin=relative", "'select.margin' must be one of absolute, signed"),
+    ("--config.select.eps=0", "'select.eps'"),
+    ("--config.select.k_pairs=0", "'select.k_pairs' must be >= 1"),
+])
+def test_bad_select_value_fails_before_any_stage_runs(tmp_path, override, expected):
+    """A typo in the select section must not surface only after ingest and scoring ran."""
+    cfg = tmp_path / "sel.py"
+    cfg.write_text(SELECT_CONFIG)
+    work = tmp_path / "w"
+    rc, _, err = _cli("--config", str(cfg), "--workdir", str(work), override)
+    lines = [line for line in err.strip().splitlines() if line]
+    assert rc == 2 and len(lines) == 1 and expected in lines[0], err
+    assert not (work / "ingest").exists()

@@ -111,3 +111,51 @@ def test_bad_input_becomes_one_line_pipeline_error(fake_stages, tmp_path, monkey
     monkeypatch.setattr(sys.modules["fakestage.a"], "run", bad)
     with pytest.raises(PipelineError, match="stage 'a' failed on its input: shard_003.parquet"):
         pipeline.run_pipeline(_config(), tmp_path, echo=lambda m: None)
+
+
+def test_forced_upstream_reruns_downstream(fake_stages, tmp_path):
+    """A rerun upstream stage (same config, e.g. new data on disk) invalidates its readers."""
+    pipeline.run_pipeline(_config(), tmp_path, echo=lambda m: None)
+    CALLS.clear()
+    pipeline.run_pipeline(_config(), tmp_path, force=["a"], echo=lambda m: None)
+    assert CALLS == ["fakestage.a", "fakestage.b", "fakestage.c"]
+    # forced alone, in its own call: the next call reruns the readers, then skips again
+    CALLS.clear()
+    pipeline.run_pipeline(_config("a"), tmp_path, force=["a"], echo=lambda m: None)
+    pipeline.run_pipeline(_config(), tmp_path, echo=lambda m: None)
+    assert CALLS == ["fakestage.a", "fakestage.b", "fakestage.c"]
+    CALLS.clear()
+    pipeline.run_pipeline(_config(), tmp_path, echo=lambda m: None)
+    assert CALLS == []
+
+
+def test_stale_upstream_left_out_of_stages_is_refused(fake_stages, tmp_path):
+    """stages=c must not read b's outputs when b was made from an older a."""
+    pipeline.run_pipeline(_config(), tmp_path, echo=lambda m: None)
+    changed = _config("a")
+    changed.a.v = 10
+    pipeline.run_pipeline(changed, tmp_path, echo=lambda m: None)
+    later = _config("c")
+    later.a.v = 10
+    with pytest.raises(PipelineError, match="stage 'b' .* is out of date.*'a'"):
+        pipeline.run_pipeline(later, tmp_path, echo=lambda m: None)
+    # a rerun in the same call with b left out: b is stale too
+    with pytest.raises(PipelineError, match="stage 'b' .* is out of date"):
+        pipeline.run_pipeline(_config("a,c"), tmp_path, force=["a"], echo=lambda m: None)
+    CALLS.clear()
+    fixed = _config("b,c")
+    pipeline.run_pipeline(fixed, tmp_path, echo=lambda m: None)
+    assert CALLS == ["fakestage.b", "fakestage.c"]
+
+
+def test_global_seed_does_not_rerun_ingest_or_score():
+    """Neither ingest nor score uses config.seed: a new seed must not redo them (hours)."""
+    one = ml_collections.ConfigDict({"seed": 0, "data": {"path": "x"}, "score": {"b": 1}})
+    two = ml_collections.ConfigDict({"seed": 1, "data": {"path": "x"}, "score": {"b": 1}})
+    ingest, score = pipeline.STAGE_BY_NAME["ingest"], pipeline.STAGE_BY_NAME["score"]
+    assert pipeline.fingerprint(one, ingest, {}) == pipeline.fingerprint(two, ingest, {})
+    assert (pipeline.fingerprint(one, score, {"ingest": "f"})
+            == pipeline.fingerprint(two, score, {"ingest": "f"}))
+    select = pipeline.STAGE_BY_NAME["select"]
+    up = {"ingest": "f", "score": "g"}
+    assert pipeline.fingerprint(one, select, up) != pipeline.fingerprint(two, select, up)

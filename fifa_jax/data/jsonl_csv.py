@@ -43,7 +43,7 @@ def iter_csv(path: str, *, image_root: str = "", batch_rows: int = 256
              ) -> Iterator[list[Candidate]]:
     path = os.path.abspath(path)
     root = _root(path, image_root)
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:   # -sig: drop a BOM (Excel)
         reader = csv.DictReader(f)
         schema.require_columns(path, reader.fieldnames or [], schema.USER_REQUIRED)
         batch = []
@@ -66,7 +66,7 @@ def iter_jsonl(path: str, *, image_root: str = "", batch_rows: int = 256
     root = _root(path, image_root)
     checked = False
     batch = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:   # -sig: drop a leading BOM
         for row, line in enumerate(f):
             if not line.strip():
                 continue

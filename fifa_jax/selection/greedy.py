@@ -165,6 +165,9 @@ def greedy_select(a, prompt_id, emb, k_pairs: int, *, knn_k: int = 5, gamma: flo
     pid = np.asarray(prompt_id, np.int64)
     emb = np.asarray(emb, np.float32)
     n, u = a.shape[0], emb.shape[0]
+    # distances come from |x|^2 + |y|^2 - 2xy in float32: centre first, or an offset far from
+    # the origin cancels every digit (translation does not change any distance)
+    emb = (emb - emb.mean(axis=0, dtype=np.float64)).astype(np.float32) if u else emb
     if pid.shape != (n,):
         raise ValueError(f"prompt_id must have shape ({n},), got {pid.shape}")
     if n and (pid.min() < 0 or pid.max() >= u):
@@ -197,9 +200,16 @@ def greedy_select(a, prompt_id, emb, k_pairs: int, *, knn_k: int = 5, gamma: flo
                 mem_gain=np.zeros(kp, np.float32), count=np.zeros(u_pad, np.int32),
                 m=np.int32(0))
     cap = int(cap_per_prompt or 0)
-    if cap > 0 and k_pairs > cap * len(np.unique(pid)):
-        raise ValueError(f"k_pairs={k_pairs} exceeds cap_per_prompt={cap} x "
-                         f"{len(np.unique(pid))} prompts")
+    if np.isnan(a).any():
+        raise ValueError(f"a has NaN at candidates {np.flatnonzero(np.isnan(a))[:5].tolist()}")
+    # pickable candidates: finite-or-+inf a, at most cap per prompt. Asking for more would leave
+    # every gain at -inf and argmax would re-pick candidate 0.
+    per_prompt = np.bincount(pid[a > -np.inf], minlength=u)
+    pickable = int(np.minimum(per_prompt, cap).sum() if cap > 0 else per_prompt.sum())
+    if k_pairs > pickable:
+        raise ValueError(f"k_pairs={k_pairs} exceeds the {pickable} pickable candidates "
+                         f"(a > -inf" + (f", at most cap_per_prompt={cap} per prompt)" if cap > 0
+                                         else ")"))
     fn = _build(n_pad, u_pad, kp, k, int(chunk), float(gamma), float(eps), cap, mesh)
     args = [a_p, pid_p, emb_p, emb_p, sq, uid]
     if mesh is not None:

@@ -270,6 +270,13 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
     n, d = x.shape
     if not 1 <= k < n:
         raise ValueError(f"knn needs 1 <= k < N, got k={k}, N={n}")
+    # Distances do not change under translation, but the matmul form -||a-b||^2 =
+    # 2ab - |a|^2 - |b|^2 cancels catastrophically for points far from the origin (a common
+    # offset of 1000 in d = 64 gives wrong neighbours): centre first.
+    if isinstance(x, jax.Array):
+        x = x - jnp.mean(x, axis=0, keepdims=True)
+    else:
+        x = (x - x.mean(axis=0, dtype=np.float64)).astype(np.float32)
     if exact_f32 is None:
         exact_f32 = jax.default_backend() == "cpu"
     if margin is None:

@@ -243,9 +243,15 @@ def select(terms: dict, pid: np.ndarray, emb: np.ndarray, sel, seed: int, mesh=N
     if method == "full":
         return np.arange(n), np.full(n, np.nan)
     if not 0 < k_pairs <= n:
-        raise ValueError(f"select.k_pairs={k_pairs} must be in [1, {n} candidate pairs]")
+        raise InputError(f"select.k_pairs={k_pairs} must be in [1, {n} candidate pairs]")
     if method == "random":
         return np.random.default_rng(seed).permutation(n)[:k_pairs], np.full(k_pairs, np.nan)
+    if cap > 0 and method in ("greedy", "importance", "margin", "margin_quality",
+                              "margin_diversity"):
+        pickable = int(np.minimum(np.bincount(pid), cap).sum())
+        if k_pairs > pickable:
+            raise InputError(f"select.cap_per_prompt={cap} leaves only {pickable} pairs < "
+                             f"k_pairs={k_pairs}")
     if method == "greedy":
         res = greedy_select(terms["a"], pid, emb, k_pairs, knn_k=int(sel.knn_k),
                             gamma=float(sel.gamma), eps=float(sel.eps), cap_per_prompt=cap,
@@ -290,6 +296,12 @@ def run(config, workdir) -> dict:
     knn_kw = {"tile": int(sel.knn_tile) or None, "exact_f32": bool(sel.knn_exact_f32)}
     div_prompt = log_rho_k(emb, k, eps=float(sel.eps), mesh=mesh, **knn_kw)
     cand = np.flatnonzero(data["ok"])
+    if cand.size == 0:
+        raise InputError(
+            f"select: no candidate pairs: all {data['pair_id'].size} pairs are excluded "
+            f"({int((~data['margin_ok']).sum())} with margins ok=False, "
+            f"{int((data['margin_ok'] & ~data['prompt_ok']).sum())} of prompts the judge "
+            f"failed on)")
     pid = data["prompt_id"][cand]
     m = margin_term(data["margin_signed"][cand], data["margin_abs"][cand], sel.margin)
     q = data["quality"][pid]

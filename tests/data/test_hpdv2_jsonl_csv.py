@@ -160,3 +160,18 @@ def test_nothing_kept_is_an_error_with_the_report_written(tmp_path):
     with pytest.raises(IngestError, match=r"no pair kept out of 1 row.*'empty_prompt': 1"):
         ingest.run(_util.config("jsonl", path), tmp_path / "w")
     assert (tmp_path / "w" / "ingest" / "ingest_report.json").exists()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_utf8_bom_is_not_part_of_the_first_column(image_dir, tmp_path, fmt):
+    """Spreadsheet exports start with a UTF-8 BOM: it must not rename 'prompt' or spoil row 0."""
+    path = tmp_path / f"bom.{fmt}"
+    if fmt == "csv":
+        text = "prompt,image_0,image_1,label_0\nred vs green,sub/a.jpg,sub/b.jpg,1\n"
+    else:
+        text = json.dumps(USER_ROWS[0]) + "\n"
+    path.write_bytes(text.encode("utf-8-sig"))
+    ingest.run(_util.config(fmt, path, image_root=str(image_dir)), tmp_path / "w")
+    pairs, prompts, report = _util.outputs(tmp_path / "w")
+    assert winners(pairs) == [(COL["a"], COL["b"])] and report["skipped_total"] == 0
+    assert prompts[0]["text"] == "red vs green"

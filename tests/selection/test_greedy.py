@@ -99,3 +99,30 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="eps"):
         greedy_select(np.zeros(3), np.array([0, 1, 1]), np.zeros((2, 2)), 2, eps=0.0,
                       progress=False)
+
+
+def test_more_picks_than_pickable_is_an_error_not_a_repeat():
+    """cap x prompts is not what the cap leaves (a prompt may have fewer pairs than the cap),
+    and -inf candidates are never picked: asking for more must fail, not re-pick index 0."""
+    emb = np.array([[0.0, 0.0], [1.0, 0.0]], np.float32)
+    pid = np.array([0, 0, 0, 0, 0, 1])                 # cap 2 leaves 2 + 1 = 3 pickable
+    a = np.arange(6, dtype=np.float32)
+    with pytest.raises(ValueError, match="3 pickable"):
+        greedy_select(a, pid, emb, 4, knn_k=1, cap_per_prompt=2, progress=False)
+    got = greedy_select(a, pid, emb, 3, knn_k=1, cap_per_prompt=2, progress=False)
+    assert len(set(got.order.tolist())) == 3 and np.isfinite(got.gains).all()
+    with pytest.raises(ValueError, match="1 pickable"):
+        greedy_select(np.array([1.0, -np.inf, -np.inf], np.float32), np.array([0, 1, 1]), emb,
+                      2, knn_k=1, progress=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_far_from_origin_matches_brute_force(seed):
+    """Embeddings offset far from the origin (distances unchanged): the float32 |x|^2 + |y|^2
+    - 2xy form must not lose the distances to cancellation."""
+    a, pid, emb, K, k, gamma, eps, cap = make_problem(seed)
+    emb = emb * np.float32(0.05) + np.float32(300.0)
+    want = brute_force_greedy(a.astype(np.float64), pid, emb, K, k, gamma, eps, cap)
+    got = greedy_select(a, pid, emb, K, knn_k=k, gamma=gamma, eps=eps, cap_per_prompt=cap,
+                        chunk=4, progress=False)
+    np.testing.assert_array_equal(got.order, want)

@@ -86,3 +86,12 @@ def test_bad_input():
         knn(np.zeros((3, 2)), 3)
     with pytest.raises(ValueError, match="shape"):
         knn(np.zeros(5), 1)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_far_from_origin(exact):
+    """A common offset must not change the neighbours (the matmul form cancels: 2ab-|a|^2-|b|^2
+    at |a|^2 ~ 6e7 loses every digit of a distance ~ 10)."""
+    x = data_with_duplicates(300, 64, 4) + np.float32(1000.0)
+    dist, idx = knn(x, 5, tile=128, exact_f32=exact)
+    assert_same_up_to_ties(dist, idx, x, 5)

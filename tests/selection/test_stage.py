@@ -154,3 +154,26 @@ def test_mesh_from_config_gives_the_same_manifest(tmp_path, method):
     c.mesh = parallel.default_config()
     stage.run(c, wd)
     assert sha(wd / "select" / "manifest.parquet") == one
+
+
+def test_infeasible_k_is_a_one_line_input_error(workdir):
+    """K = 0, K above the candidates, or above what the cap leaves: InputError (one CLI line),
+    for the greedy too (it used to fail deep inside, or re-pick a pair)."""
+    from fifa_jax.errors import InputError
+    for method, kw in [("importance", {"k_pairs": 0}), ("random", {"k_pairs": 1000}),
+                       ("greedy", {"k_pairs": 100, "cap_per_prompt": 2}),
+                       ("importance", {"k_pairs": 100, "cap_per_prompt": 2})]:
+        with pytest.raises(InputError, match="k_pairs=(0|1000|100)"):
+            stage.run(config(method, **kw), workdir)
+
+
+@pytest.mark.parametrize("method", ["full", "importance"])
+def test_all_pairs_excluded_is_an_error_not_an_empty_manifest(tmp_path, method):
+    from fifa_jax.errors import InputError
+    wd = make_workdir(tmp_path / "z")
+    t = pq.read_table(wd / "score" / "margins.parquet").to_pydict()
+    t["ok"] = [False] * len(t["ok"])
+    pq.write_table(pa.table(t), wd / "score" / "margins.parquet")
+    with pytest.raises(InputError, match="no candidate pairs: all 160 pairs are excluded"):
+        stage.run(config(method), wd)
+    assert not (wd / "select" / "manifest.parquet").exists()
