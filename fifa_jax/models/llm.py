@@ -68,12 +68,18 @@ class DecoderLM(nnx.Module):
         return self.model.norm(x)
 
     def logits(self, hidden):
-        """hidden (..., D) -> float32 logits (..., V), with Gemma2's final soft-capping."""
+        """hidden (..., D) -> float32 logits (..., V), with Gemma2's final soft-capping.
+
+        Inputs in the compute dtype, accumulated and returned in float32: bfloat16 logits
+        would be rounded to 1/16..1/8 at the usual magnitudes (8..32), several percent of
+        every next-token probability the judge reads."""
+        h = hidden.astype(self.dtype)
         if self.cfg.tie_embeddings:
             emb = self.model.embed_tokens.embedding[...].astype(self.dtype)
-            out = jnp.einsum("...d,vd->...v", hidden.astype(self.dtype), emb)
+            out = jnp.einsum("...d,vd->...v", h, emb, preferred_element_type=jnp.float32)
         else:
-            out = self.lm_head(hidden)
+            kernel = self.lm_head.kernel[...].astype(self.dtype)
+            out = jnp.einsum("...d,dv->...v", h, kernel, preferred_element_type=jnp.float32)
         out = out.astype(jnp.float32)
         cap = self.cfg.final_softcap
         if cap is not None:

@@ -22,7 +22,9 @@ class CheckpointMismatchError(InputError):
 def _candidates(folder: str, stem: str, variant: str | None) -> list[str]:
     names = []
     if variant:
-        names += [f"{stem}.{variant}.safetensors.index.json", f"{stem}.{variant}.safetensors"]
+        # diffusers / transformers name a sharded variant's index `<stem>.safetensors.index.<variant>.json`
+        names += [f"{stem}.safetensors.index.{variant}.json",
+                  f"{stem}.{variant}.safetensors.index.json", f"{stem}.{variant}.safetensors"]
     names += [f"{stem}.safetensors.index.json", f"{stem}.safetensors"]
     return [os.path.join(folder, n) for n in names]
 
@@ -45,7 +47,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
     bfloat16 tensors come back as float32 (numpy has no bfloat16 in safetensors.numpy).
     """
-    if path.endswith(".index.json"):
+    if path.endswith(".json") and ".safetensors.index" in os.path.basename(path):
         with open(path, encoding="utf-8") as f:
             index = json.load(f)
         folder = os.path.dirname(path)

@@ -1,8 +1,9 @@
 """On-disk cache of raw judgements: sqlite3 (stdlib) in `cache_dir/judge_cache.sqlite3`.
 
 Key = sha256 of JSON {prompt, settings}, where settings holds everything that changes the raw
-answer (backend, model id, rubric, rating scale, answer prefix, max length, dtype, ...), but not
-thresholds (applied afterwards by `rubric.finalize`) nor batch size / buckets / URL. Reruns and
+answer (backend, model id, a content digest of a local model folder, rubric, rating scale,
+answer prefix, max length, dtype, ...), but not thresholds (applied afterwards by
+`rubric.finalize`) nor batch size / buckets / URL. Reruns and
 other datasets that share prompts reuse entries. Only answers are cached, never transport
 failures ("failed"), so a rerun retries them. Each batch is committed on its own, so a killed run
 keeps every finished batch.

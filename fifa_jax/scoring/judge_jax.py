@@ -13,6 +13,7 @@ than `max_length` tokens is cut (its text, never the template) and flagged `trun
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from typing import Callable
@@ -29,8 +30,18 @@ from fifa_jax.scoring.rubric import RawJudgement, check_rubric, rating_of_token,
 PLAIN_TEMPLATE = "{content}\n\nRating:"
 
 
+def _writes_ten_as_one_token(tokenizer) -> bool:
+    """Whether the tokenizer encodes "10" as one token. A vocabulary can hold "10" while the
+    pre-tokenizer splits every digit (Qwen2's, kept from a cl100k-style vocabulary): the model
+    then answers "1", "0", and P("1") would mix ratings 1 and 10."""
+    ids = tokenizer("10", add_special_tokens=False)["input_ids"]
+    spelled = [rating_of_token(t, 10) for t in tokenizer.convert_ids_to_tokens(ids)]
+    return [r for r in spelled if r is not None] == [10]
+
+
 def rating_token_table(tokenizer, vocab_size: int) -> dict[int, list[int]]:
-    """rating (0..10) -> ids of the non-special tokens that spell it ("7", "▁7", "Ġ7")."""
+    """rating (0..10) -> ids of the non-special tokens that spell it ("7", "▁7", "Ġ7").
+    Rating 10 is left out when the tokenizer never produces a "10" token."""
     special = set(tokenizer.all_special_ids)
     table: dict[int, list[int]] = {}
     for token, idx in tokenizer.get_vocab().items():
@@ -39,6 +50,8 @@ def rating_token_table(tokenizer, vocab_size: int) -> dict[int, list[int]]:
         r = rating_of_token(token, 10)
         if r is not None:
             table.setdefault(r, []).append(int(idx))
+    if 10 in table and not _writes_ten_as_one_token(tokenizer):
+        del table[10]
     return {r: sorted(ids) for r, ids in sorted(table.items())}
 
 
@@ -50,6 +63,35 @@ def choose_max_rating(table: dict[int, list[int]], requested: int, where: str) -
         raise ValueError(f"{where}: tokenizer has no single token for ratings {missing}; "
                          f"set rating_max to at most {min(missing) - 1}")
     return r_max
+
+
+_SIG_SMALL = 1 << 20        # files up to this size are hashed whole
+_SIG_SAMPLES, _SIG_BLOCK = 64, 1 << 14
+
+
+def checkpoint_signature(path: str) -> str:
+    """Content digest of the checkpoint folder (weights, config, tokenizer, chat template):
+    new files at the same path are a different model. Small files are hashed whole, large
+    ones by size and 64 evenly spaced 16 KiB blocks (about 1 MiB read per weight file). No
+    mtimes, so identical copies on several hosts give the same cache keys."""
+    h = hashlib.sha256()
+    real = os.path.realpath(path)
+    for root, dirs, files in os.walk(real):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # e.g. .cache/huggingface
+        for f in sorted(files):
+            if f.startswith((".", "judge_cache.sqlite3")):  # a cache_dir inside the folder
+                continue
+            full = os.path.join(root, f)
+            size = os.path.getsize(full)
+            h.update(f"{os.path.relpath(full, real)}:{size}\0".encode())
+            with open(full, "rb") as fh:
+                if size <= _SIG_SMALL:
+                    h.update(fh.read())
+                    continue
+                for k in range(_SIG_SAMPLES):
+                    fh.seek((size - _SIG_BLOCK) * k // (_SIG_SAMPLES - 1))
+                    h.update(fh.read(_SIG_BLOCK))
+    return h.hexdigest()
 
 
 def bucket_of(length: int, buckets: list[int]) -> int:
@@ -91,7 +133,8 @@ class JaxJudge:
         return {"backend": "jax", "model_id": self.model_id, "rubric": c.rubric,
                 "max_rating": self.max_rating, "answer_prefix": c.answer_prefix,
                 "max_length": int(c.max_length), "dtype": c.dtype,
-                "template": "chat" if self.has_template else PLAIN_TEMPLATE}
+                "template": "chat" if self.has_template else PLAIN_TEMPLATE,
+                "files": checkpoint_signature(self.path)}
 
     # -- prompts -> token ids -------------------------------------------------------------
     def _render(self, text: str) -> str:

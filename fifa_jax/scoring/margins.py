@@ -97,9 +97,17 @@ def _decode_fn(image_cfg: pp.ImageProcessorConfig):
 
 
 def fingerprint(pairs: pa.Table, texts: Sequence[str], reward_path: str, image_cfg,
-                dtype: str, chunk_size: int) -> str:
-    """Hash of everything a margin chunk depends on (inputs, weights, preprocessing, chunking)."""
+                dtype: str, chunk_size: int,
+                tokenized: embeddings.TokenizedText | None = None) -> str:
+    """Hash of everything a margin chunk depends on (inputs, weights, preprocessing, chunking,
+    and the token ids the reward's tokenizer made of `texts`: the tokenizer may live outside
+    `reward_path`, in `processor_path`)."""
     h = hashlib.sha256()
+    if tokenized is not None:
+        for a in (tokenized.ids, tokenized.mask):
+            a = np.ascontiguousarray(a, np.int32)
+            h.update(f"{a.shape}".encode())
+            h.update(a.tobytes())
     for col in ("pair_id", "prompt_id", "winner_ref", "loser_ref"):
         for v in pairs.column(col).to_pylist():
             h.update(str(v).encode())
@@ -243,7 +251,8 @@ def compute_margins(pairs: pa.Table, texts: Sequence[str], reward_cfg, mesh,
                              reward_cfg.get("processor_path", ""),
                              reward_cfg.get("attention_impl", "auto"))
     tok = embeddings.tokenize(reward.tokenizer, texts, reward.max_length)
-    fp = fingerprint(pairs, texts, reward.path, reward.image_cfg, reward_cfg.dtype, chunk_size)
+    fp = fingerprint(pairs, texts, reward.path, reward.image_cfg, reward_cfg.dtype, chunk_size,
+                     tok)
     done = set(_prepare_chunk_dir(out_dir, fp, n_chunks))
     todo = [k for k in range(n_chunks) if k not in done]
     stats = {"chunks_total": n_chunks, "chunks_reused": len(done), "chunks_scored": 0,

@@ -147,3 +147,22 @@ def test_fsdp_spec_rule():
     assert llm_io.fsdp_spec((256, 30), mesh) == P("fsdp", None)
     assert llm_io.fsdp_spec((30, 31), mesh) == P()
     assert llm_io.fsdp_spec((256,), mesh) == P()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_compute_logits_accumulate_and_stay_float32(tmp_path, tied):
+    """With bfloat16 compute the output projection takes bf16 inputs but its logits are not
+    rounded to bf16 (which would cost several percent of every next-token probability)."""
+    hf = dict(HF, tie_word_embeddings=tied)
+    cfg = from_hf_dict(hf)
+    weights = llm_io.random_torch_weights(cfg, seed=1, std=0.5)
+    llm_io.save_checkpoint(str(tmp_path), hf, weights)
+    model = llm_io.load_llm(str(tmp_path), dtype=jnp.bfloat16)
+    hidden = jnp.asarray(np.random.default_rng(0).standard_normal((3, 32)) * 4, jnp.bfloat16)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(model.logits(hidden))
+    w = weights["model.embed_tokens.weight" if tied else "lm_head.weight"]       # (V, D)
+    w = np.asarray(jnp.asarray(w, jnp.bfloat16), np.float64)
+    want = np.asarray(hidden, np.float64) @ w.T
+    assert got.dtype == np.float32 and np.abs(want).max() > 8
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)

@@ -179,3 +179,25 @@ def test_load_runs_no_eager_init(saved, monkeypatch):
     monkeypatch.setattr(layers, "_kernel_init", spy)
     load_unet(saved[1])
     assert seen and all(seen)
+
+
+def test_sharded_fp16_variant_loads_with_diffusers_index_name(tmp_path):
+    """diffusers writes a sharded variant's index as `...safetensors.index.fp16.json`."""
+    import numpy as np
+    import torch
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    from fifa_jax.models.safetensors_io import find_weights
+
+    torch.manual_seed(0)
+    tiny = TorchUNet(block_out_channels=(8, 16), layers_per_block=1, cross_attention_dim=8,
+                     attention_head_dim=2, norm_num_groups=4, sample_size=8,
+                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    tiny.half().save_pretrained(tmp_path, variant="fp16", max_shard_size="20KB")
+    found = find_weights(str(tmp_path), ["diffusion_pytorch_model"], "fp16")
+    assert found.endswith(".index.fp16.json")
+    model = load_unet(str(tmp_path), variant="fp16")
+    ref = tiny.state_dict()["conv_in.weight"].float().numpy()
+    got = np.transpose(np.asarray(model.conv_in.kernel[...]), (3, 2, 0, 1))
+    np.testing.assert_array_equal(got, ref)

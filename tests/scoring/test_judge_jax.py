@@ -174,3 +174,61 @@ def test_bfloat16_compute_close_to_float32(ckpt, single):
     assert r.ok.all()
     err = np.abs(r.quality - single.quality).max()
     assert 0 < err < 0.3, err
+
+
+def test_ten_in_vocab_but_digits_split_rates_zero_to_nine(tmp_path):
+    """Qwen2-style: "10" is in the vocabulary but the pre-tokenizer splits every digit, so the
+    model can only answer "1", "0": rating 10 must not be read from the "10" token."""
+    path = build_tiny_judge_checkpoint(str(tmp_path / "split"), seed=4)
+    tj = os.path.join(path, "tokenizer.json")
+    with open(tj) as f:
+        d = json.load(f)
+    d["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Whitespace"}, {"type": "Digits", "individual_digits": True}]}
+    with open(tj, "w") as f:
+        json.dump(d, f)
+    judge = judge_jax.JaxJudge(_cfg(path))
+    assert "10" in judge.tok.get_vocab()
+    assert judge.tok.convert_ids_to_tokens(
+        judge.tok("10", add_special_tokens=False)["input_ids"]) == ["1", "0"]
+    assert judge.max_rating == 9 and 10 not in judge.table
+    with pytest.raises(ValueError, match="ratings \\[10\\]"):
+        judge_jax.JaxJudge(_cfg(path, rating_max=10))
+    # A tokenizer that does write "10" as one token keeps the 0..10 scale.
+    assert judge_jax.JaxJudge(_cfg(build_tiny_judge_checkpoint(
+        str(tmp_path / "whole"), seed=4))).max_rating == 10
+
+
+def test_cache_key_changes_with_new_weights_at_same_path(tmp_path):
+    """model_id defaults to the folder path: new weights written there must not be answered
+    from the cache of the old ones."""
+    path = str(tmp_path / "judge")
+    cfg = _cfg(path, cache_dir=str(tmp_path / "cache"))
+    with jax.default_matmul_precision("highest"):
+        build_tiny_judge_checkpoint(path, seed=3)
+        old = judge_prompts(PROMPTS[:3], cfg, mesh=_mesh((1, 1)))
+        build_tiny_judge_checkpoint(path, seed=5)
+        new = judge_prompts(PROMPTS[:3], cfg, mesh=_mesh((1, 1)))
+        again = judge_prompts(PROMPTS[:3], cfg, mesh=_mesh((1, 1)))
+    assert new.metadata["counts"]["cached"] == 0 and new.metadata["counts"]["scored"] == 3
+    assert np.abs(new.quality - old.quality).max() > 1e-3
+    assert again.metadata["counts"]["cached"] == 3   # unchanged files: the cache is reused
+    np.testing.assert_array_equal(again.quality, new.quality)
+
+
+def test_checkpoint_signature_content_not_mtime(tmp_path):
+    """Cache keys follow file content (large files by sampled blocks), not mtimes: identical
+    copies on several hosts must agree, or hosts would take different cache decisions."""
+    big = tmp_path / "model.safetensors"
+    data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)
+    big.write_bytes(data.tobytes())
+    (tmp_path / "config.json").write_text("{}")
+    sig = judge_jax.checkpoint_signature(str(tmp_path))
+    os.utime(big, (1, 1))
+    assert judge_jax.checkpoint_signature(str(tmp_path)) == sig
+    data[:16] ^= 0xFF
+    big.write_bytes(data.tobytes())
+    changed = judge_jax.checkpoint_signature(str(tmp_path))
+    assert changed != sig
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    assert judge_jax.checkpoint_signature(str(tmp_path)) not in (sig, changed)

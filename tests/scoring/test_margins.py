@@ -237,3 +237,23 @@ def test_bfloat16_close_to_float32(world, run8, tmp_path):
     # bf16 compute: about 1% of the score range here (0.57 of 52); a wrong scale or tower
     # would be off by tens.
     assert err.max() < 0.03 * np.abs(want).max(), err
+
+
+def test_changed_tokenizer_in_processor_path_discards_old_chunks(world, tmp_path):
+    """The tokenizer may come from processor_path, outside the fingerprinted reward folder: a
+    different tokenizer gives different text features, so finished chunks must not be reused."""
+    import shutil
+    cfg = reward_cfg(world["reward"])
+    pairs = world["pairs"].slice(0, 4)
+    out = tmp_path / "out"
+    margins.compute_margins(pairs, world["texts"], cfg, _mesh(8), out)
+    proc = tmp_path / "processor"
+    proc.mkdir()
+    shutil.copy(os.path.join(world["reward"], "preprocessor_config.json"), proc)
+    for name, data in demo_checkpoints.tokenizer_files(n_merges=20).items():
+        (proc / name).write_bytes(data)
+    s = margins.compute_margins(pairs, world["texts"],
+                                reward_cfg(world["reward"], processor_path=str(proc)),
+                                _mesh(8), out)
+    assert s["chunks_reused"] == 0 and s["chunks_scored"] == 2
+    assert s["text_features_computed"] == len(world["texts"])
