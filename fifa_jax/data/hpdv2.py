@@ -28,7 +28,7 @@ import os
 from typing import Iterator
 
 from fifa_jax.data import schema
-from fifa_jax.data.rows import Candidate, file_image
+from fifa_jax.data.rows import Candidate, file_image, image_root_for
 
 
 def load_records(path: str) -> list:
@@ -100,7 +100,7 @@ def iter_batches(path: str, *, image_root: str = "", batch_rows: int = 256,
                  records: list | None = None) -> Iterator[list[Candidate]]:
     """Stream the candidates of one annotation file, whole records per batch."""
     path = os.path.abspath(path)
-    root = os.path.abspath(os.path.expanduser(image_root)) if image_root else os.path.dirname(path)
+    root = image_root_for(path, image_root)
     records = load_records(path) if records is None else records
     if records:
         _check_first(path, records[0])

@@ -21,7 +21,7 @@ import os
 from typing import Iterator
 
 from fifa_jax.data import schema
-from fifa_jax.data.rows import Candidate, file_image
+from fifa_jax.data.rows import Candidate, batched, file_image, image_root_for
 
 
 def _candidate(path: str, row: int, rec: dict, root: str, empty_l1_absent: bool) -> Candidate:
@@ -35,38 +35,32 @@ def _candidate(path: str, row: int, rec: dict, root: str, empty_l1_absent: bool)
         model_0=str(rec.get("model_0") or ""), model_1=str(rec.get("model_1") or ""))
 
 
-def _root(path: str, image_root: str) -> str:
-    return os.path.abspath(os.path.expanduser(image_root)) if image_root else os.path.dirname(path)
-
-
 def iter_csv(path: str, *, image_root: str = "", batch_rows: int = 256
              ) -> Iterator[list[Candidate]]:
     path = os.path.abspath(path)
-    root = _root(path, image_root)
+    root = image_root_for(path, image_root)
     with open(path, newline="", encoding="utf-8-sig") as f:   # -sig: drop a BOM (Excel)
         reader = csv.DictReader(f)
         schema.require_columns(path, reader.fieldnames or [], schema.USER_REQUIRED)
-        batch = []
-        for row, rec in enumerate(reader):
-            if None in rec:  # more cells than header names
-                batch.append(Candidate(source=path, source_row=row,
-                                       bad=f"{len(rec[None])} cells beyond the header"))
-            else:
-                batch.append(_candidate(path, row, rec, root, empty_l1_absent=True))
-            if len(batch) >= batch_rows:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+
+        def candidates():
+            for row, rec in enumerate(reader):
+                if None in rec:  # more cells than header names
+                    yield Candidate(source=path, source_row=row,
+                                    bad=f"{len(rec[None])} cells beyond the header")
+                else:
+                    yield _candidate(path, row, rec, root, empty_l1_absent=True)
+        yield from batched(candidates(), batch_rows)
 
 
 def iter_jsonl(path: str, *, image_root: str = "", batch_rows: int = 256
                ) -> Iterator[list[Candidate]]:
     path = os.path.abspath(path)
-    root = _root(path, image_root)
+    root = image_root_for(path, image_root)
     checked = False
-    batch = []
-    with open(path, encoding="utf-8-sig") as f:   # -sig: drop a leading BOM
+
+    def candidates(f):
+        nonlocal checked
         for row, line in enumerate(f):
             if not line.strip():
                 continue
@@ -84,14 +78,12 @@ def iter_jsonl(path: str, *, image_root: str = "", batch_rows: int = 256
                 if missing:
                     bad = f"missing key(s) {missing}"
             if bad:
-                batch.append(Candidate(source=path, source_row=row, bad=bad))
+                yield Candidate(source=path, source_row=row, bad=bad)
             else:
-                batch.append(_candidate(path, row, rec, root, empty_l1_absent=False))
-            if len(batch) >= batch_rows:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+                yield _candidate(path, row, rec, root, empty_l1_absent=False)
+
+    with open(path, encoding="utf-8-sig") as f:   # -sig: drop a leading BOM
+        yield from batched(candidates(f), batch_rows)
 
 
 def count_lines(path: str) -> int:

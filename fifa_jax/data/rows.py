@@ -247,6 +247,23 @@ def _key(identity) -> bytes:
     return identity if isinstance(identity, bytes) else identity.encode("utf-8")
 
 
+def image_root_for(path: str, image_root: str) -> str:
+    """Base folder of relative image paths: `image_root` if given, else the file's folder."""
+    return os.path.abspath(os.path.expanduser(image_root)) if image_root else os.path.dirname(path)
+
+
+def batched(candidates, batch_rows: int):
+    """Lists of up to `batch_rows` candidates from an iterable of them."""
+    batch = []
+    for cand in candidates:
+        batch.append(cand)
+        if len(batch) >= batch_rows:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def file_image(value, root: str) -> ImageSource:
     """An image path from an annotation (relative to `root`, or absolute, or file:// URL)."""
     if not isinstance(value, str) or not value.strip():
