@@ -1,6 +1,6 @@
 """Flax NNX decoder-only LM for the Llama, Qwen2, Gemma2 and Gemma3 (text) families.
 
-    model = load_llm(path, dtype=jnp.bfloat16, mesh=mesh)   # transformers folder
+    model = llm_io.load_llm(path, dtype=jnp.bfloat16, mesh=mesh)   # transformers folder
     hidden = model(input_ids, attention_mask)               # (B, T, D), after the final norm
     logits = model.logits(hidden[:, -1])                    # (B, V) float32, soft-capped
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -91,10 +90,3 @@ def next_token_logits(model: DecoderLM, input_ids, attention_mask):
     """Logits (B, V) float32 for the token after the last position (left-padded input)."""
     hidden = model(input_ids, attention_mask)
     return model.logits(hidden[:, -1])
-
-
-def load_llm(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-             attn_impl: str = "auto") -> DecoderLM:
-    """Load a transformers checkpoint folder (config.json + safetensors); see `llm_io`."""
-    from fifa_jax.models.llm_io import load_llm as _load
-    return _load(path, dtype=dtype, mesh=mesh, attn_impl=attn_impl)
