@@ -68,22 +68,6 @@ _CLASSES = {
 _LEGACY_PREFIX = {CLIPTextModel: "text_model.", CLIPVisionModel: "vision_model."}
 
 
-def _to_torch(layout: str, a: np.ndarray) -> np.ndarray:
-    if layout == "linear":
-        return sio.linear_to_torch(a)
-    if layout == "conv":
-        return sio.conv_to_torch(a)
-    return a
-
-
-def _to_flax(layout: str, a: np.ndarray) -> np.ndarray:
-    if layout == "linear":
-        return sio.linear_to_flax(a)
-    if layout == "conv":
-        return sio.conv_to_flax(a)
-    return a
-
-
 def name_map(model: nnx.Module) -> dict[str, tuple[tuple, str, tuple]]:
     """torch key (transformers 5.x style) -> (our param path, layout, torch shape)."""
     out = {}
@@ -146,7 +130,7 @@ def fill(abstract: nnx.Module, tensors: Mapping[str, np.ndarray], source: str) -
     graphdef, state = nnx.split(abstract)
     flat = {}
     for key, (path, layout, _) in nmap.items():
-        flat[path] = jnp.asarray(_to_flax(layout, np.asarray(tensors[key], np.float32)))
+        flat[path] = jnp.asarray(sio.to_flax_layout(layout, np.asarray(tensors[key], np.float32)))
     want = set(traverse_util.flatten_dict(nnx.to_pure_dict(state)))
     if want != set(flat):
         raise ValueError(f"model state has non-parameter leaves: {sorted(want - set(flat))}")
@@ -167,7 +151,8 @@ def state_dict(model: nnx.Module, key_style: str = "hub") -> dict[str, np.ndarra
     prefix = _LEGACY_PREFIX.get(type(model), "") if key_style == "hub" else ""
     out = {}
     for key, (path, layout, _) in name_map(model).items():
-        out[prefix + key] = _to_torch(layout, np.asarray(jax.device_get(flat[path]), np.float32))
+        value = np.asarray(jax.device_get(flat[path]), np.float32)
+        out[prefix + key] = sio.to_torch_layout(layout, value)
     return out
 
 

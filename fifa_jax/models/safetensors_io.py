@@ -119,3 +119,16 @@ def linear_to_flax(w: np.ndarray) -> np.ndarray:
 
 
 linear_to_torch = linear_to_flax
+
+
+_LAYOUTS = {"conv": (conv_to_torch, conv_to_flax), "linear": (linear_to_torch, linear_to_flax)}
+
+
+def to_torch_layout(kind: str, a: np.ndarray) -> np.ndarray:
+    """A Flax parameter of layout `kind` ("conv", "linear"; anything else is kept) in PyTorch's."""
+    return _LAYOUTS[kind][0](a) if kind in _LAYOUTS else a
+
+
+def to_flax_layout(kind: str, a: np.ndarray) -> np.ndarray:
+    """A PyTorch tensor of layout `kind` ("conv", "linear"; anything else is kept) in Flax's."""
+    return _LAYOUTS[kind][1](a) if kind in _LAYOUTS else a

@@ -14,15 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fifa_jax.models.safetensors_io import (check_keys, conv_to_flax, conv_to_torch,
-                                            linear_to_flax, linear_to_torch)
-
-# kind -> (flax->torch, torch->flax)
-_LAYOUT = {
-    "conv": (conv_to_torch, conv_to_flax),
-    "linear": (linear_to_torch, linear_to_flax),
-    "same": (lambda a: a, lambda a: a),
-}
+from fifa_jax.models.safetensors_io import check_keys, to_flax_layout, to_torch_layout
 
 
 def _kind(path: tuple, ndim: int) -> str:
@@ -74,7 +66,7 @@ def fill_from_torch(abstract_model, tensors: Mapping[str, np.ndarray],
     graphdef, state = nnx.split(abstract_model)
     pure = nnx.to_pure_dict(state)
     for key, (path, kind, _) in names.items():
-        arr = _LAYOUT[kind][1](np.asarray(tensors[key], dtype=np.float32))
+        arr = to_flax_layout(kind, np.asarray(tensors[key], dtype=np.float32))
         node = pure
         for p in path[:-1]:
             node = node[p]
@@ -87,7 +79,7 @@ def export_to_torch(model, renames: Iterable[tuple[str, str]]) -> dict[str, np.n
     """PyTorch key -> float32 numpy array in PyTorch layout, for every param of `model`."""
     names = name_map(model, renames)
     values = {path: var.get_value() for path, var in _flat_params(model)}
-    return {key: np.ascontiguousarray(_LAYOUT[kind][0](np.asarray(values[path], np.float32)))
+    return {key: np.ascontiguousarray(to_torch_layout(kind, np.asarray(values[path], np.float32)))
             for key, (path, kind, _) in names.items()}
 
 
