@@ -38,8 +38,8 @@ from flax import nnx, traverse_util
 from safetensors.numpy import save_file
 
 from fifa_jax.models import safetensors_io as sio
-from fifa_jax.models.clip import (CLIPModel, abstract_init, CLIPTextModel, CLIPTextModelWithProjection,
-                                  CLIPVisionModel, CLIPVisionModelWithProjection)
+from fifa_jax.models.clip import (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection,
+                                  CLIPVisionModel, CLIPVisionModelWithProjection, abstract_init)
 from fifa_jax.models.clip_config import (CLIPConfig, CLIPTextConfig, CLIPVisionConfig,
                                          read_config)
 

@@ -22,7 +22,8 @@ class CheckpointMismatchError(InputError):
 def _candidates(folder: str, stem: str, variant: str | None) -> list[str]:
     names = []
     if variant:
-        # diffusers / transformers name a sharded variant's index `<stem>.safetensors.index.<variant>.json`
+        # diffusers / transformers name a sharded variant's index
+        # `<stem>.safetensors.index.<variant>.json`
         names += [f"{stem}.safetensors.index.{variant}.json",
                   f"{stem}.{variant}.safetensors.index.json", f"{stem}.{variant}.safetensors"]
     names += [f"{stem}.safetensors.index.json", f"{stem}.safetensors"]
