@@ -115,5 +115,8 @@ def _check_select(sel) -> None:
         raise ConfigError(f"config key 'select.eps' (duplicate floor) must be > 0; got {sel.eps}")
     if "knn_k" in sel and sel.knn_k < 1:
         raise ConfigError(f"config key 'select.knn_k' must be >= 1; got {sel.knn_k}")
+    if "knn_tile" in sel and sel.knn_tile < 0:
+        raise ConfigError(f"config key 'select.knn_tile' must be >= 0 (0: the backend's "
+                          f"default); got {sel.knn_tile}")
     if "k_pairs" in sel and sel.get("method") != "full" and sel.k_pairs < 1:
         raise ConfigError(f"config key 'select.k_pairs' must be >= 1; got {sel.k_pairs}")

@@ -173,6 +173,10 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
     workdir.mkdir(parents=True, exist_ok=True)
     names = parse_stages(config.stages)
     force = set(parse_stages(force)) if force else set()
+    if force - set(names):
+        raise PipelineError(
+            f"--force names stage(s) {sorted(force - set(names))} that this run does not run "
+            f"(config.stages = {','.join(names)}); add them to config.stages")
     fps: dict[str, str] = {}
     runs: dict[str, str | None] = {}    # run id of the outputs each stage's readers will see
     ran: set[str] = set()               # stages run by this call

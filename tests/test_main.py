@@ -77,6 +77,7 @@ SELECT_CONFIG = textwrap.dedent('''
     ("--config.select.margin=relative", "'select.margin' must be one of absolute, signed"),
     ("--config.select.eps=0", "'select.eps'"),
     ("--config.select.k_pairs=0", "'select.k_pairs' must be >= 1"),
+    ("--config.select.knn_tile=-1", "'select.knn_tile' must be >= 0"),
 ])
 def test_bad_select_value_fails_before_any_stage_runs(tmp_path, override, expected):
     """A typo in the select section must not surface only after ingest and scoring ran."""

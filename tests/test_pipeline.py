@@ -159,3 +159,11 @@ def test_global_seed_does_not_rerun_ingest_or_score():
     select = pipeline.STAGE_BY_NAME["select"]
     up = {"ingest": "f", "score": "g"}
     assert pipeline.fingerprint(one, select, up) != pipeline.fingerprint(two, select, up)
+
+
+def test_force_of_a_stage_not_run_is_an_error(fake_stages, tmp_path):
+    pipeline.run_pipeline(_config(), tmp_path, echo=lambda m: None)
+    CALLS.clear()
+    with pytest.raises(PipelineError, match=r"--force names stage\(s\) \['a'\].*config.stages = c"):
+        pipeline.run_pipeline(_config("c"), tmp_path, force=["a"], echo=lambda m: None)
+    assert CALLS == []

@@ -252,7 +252,7 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
       k: neighbours per point, 1 <= k < N.
       mesh: rows/tile pairs are split over all devices of this mesh (None: default device).
       tile: largest square tile edge (rows = columns; default 8192 on accelerators, 2560 on
-        CPU); shrunk so that N pads little.
+        CPU); shrunk so that N pads little, raised to 2 (k + 1 + margin) if smaller.
       exact_f32: rank candidates in float32 at HIGHEST precision (None: True on CPU, where it is
         the fast path, False on accelerators: bf16 candidates re-ranked in float32).
       margin: extra candidates kept per row before the exact re-rank (default: 1 exact, 5 fast;
@@ -286,7 +286,8 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
     # as few tiles as `tile` allows, each as small as possible (little padding); the tile does
     # not depend on the device count, so every device count computes the same tiles and gives
     # bit-identical results. Devices get whole tiles: the tile count rounds up to n_dev.
-    ntiles = -(-n // int(tile or default_tile()))
+    # A tile must hold k + 1 + margin candidates per row; the shrinking below can halve it.
+    ntiles = -(-n // max(int(tile or default_tile()), 2 * (k + 1 + margin)))
     tile = -(-n // ntiles)
     tile = _round_up(tile, 128 if tile >= 1024 else 8)
     ntd = -(-(-(-n // tile)) // n_dev)

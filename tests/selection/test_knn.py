@@ -95,3 +95,10 @@ def test_far_from_origin(exact):
     x = data_with_duplicates(300, 64, 4) + np.float32(1000.0)
     dist, idx = knn(x, 5, tile=128, exact_f32=exact)
     assert_same_up_to_ties(dist, idx, x, 5)
+
+
+def test_knn_tile_smaller_than_k_is_raised_not_an_error():
+    """The tile is a speed knob: one too small for k + 1 + margin candidates is enlarged."""
+    x = data_with_duplicates(150, 12, 3)
+    dist, idx = knn(x, 10, tile=2)
+    assert_same_up_to_ties(dist, idx, x, 10)
