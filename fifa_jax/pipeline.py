@@ -3,7 +3,8 @@
 Each stage is a function `run(config, workdir) -> dict` in its own module. It reads its inputs
 from `workdir/<upstream stage>/` and writes only into `workdir/<stage>/`. When it returns, the
 runner writes `workdir/<stage>/STAGE_DONE.json` holding the stage's fingerprint: a hash of the
-config sections the stage depends on and of its upstream stages' fingerprints. A later run skips
+config sections the stage depends on, of its upstream stages' fingerprints and, for a stage
+that reads files outside the work directory (ingest), of those files' sizes and times. A later run skips
 a stage whose done file carries the same fingerprint, so rerunning a command resumes it; a
 changed config section changes the fingerprint and reruns the stage and everything downstream of
 it. Every finished run also records a fresh `run_id` and the run ids of the upstream outputs it
@@ -81,11 +82,24 @@ def _section(config, key):
     return value.to_dict() if hasattr(value, "to_dict") else value
 
 
+def input_signature(config, stage: Stage) -> dict:
+    """The stage module's `input_signature(config)` (e.g. ingest: its data files' sizes and
+    modification times), or {} for a stage that reads only the work directory."""
+    if stage.module is None:
+        return {}
+    fn = getattr(importlib.import_module(stage.module), "input_signature", None)
+    return fn(config) if fn is not None else {}
+
+
 def fingerprint(config, stage: Stage, upstream_fps: dict[str, str]) -> str:
-    """sha256 over the stage's config sections and its upstream fingerprints."""
+    """sha256 over the stage's config sections, its upstream fingerprints and (when the stage
+    reads files outside the work directory) its `input_signature`."""
     payload = {"stage": stage.name,
                "config": {k: _section(config, k) for k in stage.config_keys},
                "upstream": {u: upstream_fps[u] for u in stage.upstream}}
+    inputs = input_signature(config, stage)
+    if inputs:
+        payload["inputs"] = inputs
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -221,10 +235,16 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
         _start_devices(config)
         leader = _process_index() == 0
         _barrier(f"{stage.name}:start")
+        module = importlib.import_module(stage.module)
+        forced = stage.name in force and done is not None
         if leader:
             (workdir / stage.name / DONE_FILE).unlink(missing_ok=True)
+            # --force means "compute again", not "resume": drop what a resume would reuse
+            if forced and hasattr(module, "discard_resume_state"):
+                module.discard_resume_state(workdir)
+                echo(f"[{stage.name}] forced: discarded its resumable partial results")
+        _barrier(f"{stage.name}:cleared")
         echo(f"[{stage.name}] running (fingerprint {fp})")
-        module = importlib.import_module(stage.module)
         start = time.time()
         summary, error = {}, None
         try:

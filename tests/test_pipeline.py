@@ -167,3 +167,44 @@ def test_force_of_a_stage_not_run_is_an_error(fake_stages, tmp_path):
     with pytest.raises(PipelineError, match=r"--force names stage\(s\) \['a'\].*config.stages = c"):
         pipeline.run_pipeline(_config("c"), tmp_path, force=["a"], echo=lambda m: None)
     assert CALLS == []
+
+
+def test_changed_data_files_rerun_ingest(tmp_path):
+    """The ingest fingerprint covers its data files: a new shard in the folder, or a rewritten
+    one, reruns ingest although the config is unchanged; untouched files skip it."""
+    from tests.data import _util
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    row = {"caption": "a red square", "jpg_0": _util.jpeg((200, 30, 30)),
+           "jpg_1": _util.jpeg((30, 200, 30)), "label_0": 1.0, "label_1": 0.0,
+           "model_0": "m0", "model_1": "m1", "ranking_id": 0}
+    _util.write_shard(shards / "train-0.parquet", [row])
+    cfg = _util.config("pickapic", shards)
+    cfg.stages = "ingest"
+    work = tmp_path / "w"
+
+    def status():
+        return pipeline.run_pipeline(cfg, work, echo=lambda m: None)["ingest"]["status"]
+
+    assert status() == "ran"
+    assert status() == "skipped"
+    _util.write_shard(shards / "train-1.parquet", [dict(row, caption="a blue square")])
+    assert status() == "ran"
+    assert _util.outputs(work)[2]["pairs_kept"] == 2
+    assert status() == "skipped"
+    _util.write_shard(shards / "train-1.parquet", [dict(row, caption="a green circle!")])
+    assert status() == "ran"
+
+
+def test_force_discards_resumable_state(fake_stages, tmp_path):
+    """--force on a finished stage calls its module's discard_resume_state (compute again);
+    a first run, or a rerun for a changed config, resumes instead."""
+    discarded = []
+    sys.modules["fakestage.a"].discard_resume_state = lambda w: discarded.append(w)
+    pipeline.run_pipeline(_config("a"), tmp_path, echo=lambda m: None)
+    cfg = _config("a")
+    cfg.a.v = 5
+    pipeline.run_pipeline(cfg, tmp_path, echo=lambda m: None)
+    assert discarded == []
+    pipeline.run_pipeline(cfg, tmp_path, force=["a"], echo=lambda m: None)
+    assert discarded == [tmp_path]

@@ -16,6 +16,10 @@ The rules (ties, winner first, skips, duplicates, unique prompts) are in rows.py
 written to temporary names and renamed at the end, so a rerun after a crash starts clean.
 A run that keeps no pair at all writes its report and then raises IngestError.
 Images are checked in a thread pool (`num_workers`, 0 = all cores) per `check_images`.
+`input_signature` (sizes and modification times of the data files) is part of the stage's
+fingerprint: changed shards rerun ingest. Image files named by path (hpdv2/jsonl/csv) are not
+stat'ed (hundreds of thousands of files, often on network storage): after replacing images in
+place, rerun with `--force=ingest,score`.
 """
 from __future__ import annotations
 
@@ -53,6 +57,27 @@ def default_config() -> ml_collections.ConfigDict:
     c.batch_rows = 256           # rows per read batch (bounds the image bytes held in RAM)
     c.demo = demo_world.default_config()
     return c
+
+
+def input_signature(config) -> dict:
+    """{file: [size, mtime_ns]} of the data files `config.data` reads (not the image files they
+    name by path); the runner folds it into this stage's fingerprint, so new, removed or
+    rewritten shards rerun ingest (and everything after it) although the config is unchanged.
+    A path that no longer resolves is recorded as such (the rerun then fails naming it)."""
+    data = config.get("data") or {}
+    fmt = data.get("format", "demo")
+    if fmt not in FORMATS or fmt == "demo":   # demo: made from the config; bad: run() says so
+        return {}
+    suffix = {"pickapic": ".parquet", "hpdv2": ".json"}.get(fmt, "." + fmt)
+    try:
+        files = pickapic.resolve_files(data.get("path", ""), suffix=suffix)
+    except schema.IngestError as e:
+        return {"unresolved": str(e)}
+    out = {}
+    for f in files:
+        st = os.stat(f)
+        out[f] = [st.st_size, st.st_mtime_ns]
+    return out
 
 
 def _open_source(data, out_dir: pathlib.Path):

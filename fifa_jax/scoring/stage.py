@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import time
 
 import jax
@@ -36,6 +37,13 @@ from fifa_jax import parallel
 from fifa_jax.scoring import demo_checkpoints, embeddings, judge, margins
 
 STAGE = "score"
+
+
+def discard_resume_state(workdir) -> None:
+    """Forget finished margin chunks, so that the next run rescores every pair (the runner
+    calls this for `--force=score`: chunks are keyed by image refs, not image bytes). The
+    judge cache stays: it is keyed by the prompt, the rubric and the model's contents."""
+    shutil.rmtree(pathlib.Path(workdir) / STAGE / margins.CHUNK_DIR, ignore_errors=True)
 
 
 def default_config() -> ml_collections.ConfigDict:

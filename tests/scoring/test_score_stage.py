@@ -127,6 +127,19 @@ def test_rerun_rescores_nothing(scored):
     assert pq.read_table(out / "margins.parquet").equals(before)
 
 
+def test_discarded_resume_state_rescores_everything(scored):
+    """What `--force=score` calls: the next run rescores every chunk, to the same values."""
+    workdir, config, _, _, _ = scored
+    out = workdir / "score"
+    before = pq.read_table(out / "margins.parquet")
+    stage.discard_resume_state(workdir)
+    stage.run(config, workdir)
+    report = json.loads((out / "score_report.json").read_text())
+    assert report["margins"]["chunks_reused"] == 0
+    assert report["margins"]["chunks_scored"] == report["margins"]["chunks_total"]
+    assert pq.read_table(out / "margins.parquet").equals(before)
+
+
 def test_missing_ingest_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="pairs.parquet"):
         stage.run(_config(), tmp_path)
