@@ -8,13 +8,16 @@ spell a rating, probabilities summed). Without logprobs in the answer the first 
 text is the rating; an answer with neither is "unparsable".
 
 Transport: `concurrency` requests in flight, `timeout_s` each; HTTP 429/5xx, timeouts and
-connection errors are retried `retries` times with exponential back-off
-(`backoff_s * 2**attempt`). A prompt whose retries run out is "failed"; if the server cannot be
-reached at all (connection refused, unknown host) `JudgeServerUnreachable` names the URL.
+dropped connections are retried `retries` times with exponential back-off
+(`backoff_s * 2**attempt`). A prompt whose retries run out is "failed"; if no connection can be
+made at all (connection refused, unknown host, no route) `JudgeServerUnreachable` names the URL
+and stops the run (answers so far are in the cache, so a rerun continues from there).
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
+import http.client
 import json
 import math
 import os
@@ -36,8 +39,15 @@ class JudgeServerUnreachable(ConnectionError, InputError):
     """The judge server could not be reached at all."""
 
 
-class _Retryable(Exception):
-    pass
+_NO_CONNECTION = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL)
+
+
+def _never_connected(error) -> bool:
+    """True for errors that mean no connection was made (refused, unknown host, no route);
+    False for a connection that was made and then dropped or reset."""
+    if isinstance(error, (ConnectionRefusedError, socket.gaierror)):
+        return True
+    return isinstance(error, OSError) and getattr(error, "errno", None) in _NO_CONNECTION
 
 
 class HttpJudge:
@@ -148,9 +158,11 @@ class HttpJudge:
                 if isinstance(e.reason, (socket.timeout, TimeoutError)):
                     last, unreachable = f"timeout after {h.timeout_s}s", False
                 else:
-                    last, unreachable = f"{e.reason}", True
-            except (ConnectionError, OSError) as e:
-                last, unreachable = f"{type(e).__name__}: {e}", True
+                    last, unreachable = f"{e.reason}", _never_connected(e.reason)
+            except (http.client.HTTPException, OSError) as e:
+                # a server that accepted the connection and then dropped it (or sent half an
+                # answer) is up but failing this request: retried, then "failed", not fatal
+                last, unreachable = f"{type(e).__name__}: {e}", _never_connected(e)
         if unreachable:
             raise JudgeServerUnreachable(
                 f"judge server {self.url} unreachable after {int(h.retries) + 1} tries: {last}")

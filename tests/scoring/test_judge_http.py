@@ -59,6 +59,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self._send(500, {"error": "overloaded"})
         if key == "down":
             return self._send(503, {"error": "down"})
+        if key == "dropped" or (key == "dropsonce" and Handler.counts[prompt] == 1):
+            # accept the request, then hang up without an answer
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return None
         if key == "slow":
             time.sleep(0.6)
         if key == "text":
@@ -153,6 +158,15 @@ def test_cache_skips_server_but_retries_failures(server, tmp_path):
     assert second.metadata["counts"]["cached"] == 2
     np.testing.assert_array_equal(first.quality, second.quality)
     assert first.failure_reason == second.failure_reason
+
+
+def test_dropped_connection_is_retried_then_failed_not_fatal(server):
+    """A server that hangs up on a request is up: retried, then that prompt alone fails."""
+    Handler.counts.clear()
+    r = judge_prompts(["dropsonce six", "dropped six", "good six"], _cfg(server))
+    assert r.failure_reason == ["", "failed", ""]
+    assert Handler.counts["dropsonce six"] == 2 and Handler.counts["dropped six"] == 3
+    np.testing.assert_allclose(r.quality[[0, 2]], GOOD_Q, rtol=1e-6)
 
 
 def test_unreachable_server_named():
