@@ -22,7 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fifa_jax.models.llm import DecoderLM
 from fifa_jax.models.llm_config import LMConfig, load_lm_config
-from fifa_jax.models.safetensors_io import check_keys, find_weights, write_safetensors
+from fifa_jax.models.safetensors_io import (CheckpointMismatchError, check_keys, find_weights,
+                                           is_index, read_index, write_safetensors)
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -35,12 +36,7 @@ class LazySafetensors:
     def __init__(self, path: str):
         self.path = path
         self._where: dict[str, tuple[str, dict, int]] = {}
-        files = [path]
-        if path.endswith(".index.json"):
-            with open(path, encoding="utf-8") as f:
-                wmap = json.load(f)["weight_map"]
-            folder = os.path.dirname(path)
-            files = [os.path.join(folder, s) for s in sorted(set(wmap.values()))]
+        wmap, files = read_index(path) if is_index(path) else ({}, [path])
         for file in files:
             with open(file, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
@@ -48,11 +44,10 @@ class LazySafetensors:
             header.pop("__metadata__", None)
             for key, info in header.items():
                 self._where[key] = (file, info, 8 + n)
-        if path.endswith(".index.json"):
-            missing = set(wmap) - set(self._where)
-            if missing:
-                raise ValueError(f"{path}: index names keys absent from shards: "
-                                 f"{sorted(missing)[:10]}")
+        missing = set(wmap) - set(self._where)
+        if missing:
+            raise CheckpointMismatchError(f"{path}: index names keys absent from shards: "
+                                          f"{sorted(missing)[:10]}")
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(info["shape"]) for k, (_, info, _) in self._where.items()}
@@ -162,13 +157,15 @@ def _default_mesh() -> jax.sharding.Mesh:
 
 
 def load_llm(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-             attn_impl: str = "auto") -> DecoderLM:
+             attn_impl: str = "auto", variant: str | None = None) -> DecoderLM:
     """DecoderLM from a transformers folder; params float32, FSDP-sharded over `mesh`.
+
+    `variant` (e.g. "fp16") prefers `model.<variant>.safetensors` or a variant's sharded index.
 
     Raises CheckpointMismatchError naming every missing, unexpected or mis-shaped key.
     """
     cfg = load_lm_config(path)
-    weights = find_weights(path, ["model"])
+    weights = find_weights(path, ["model"], variant)
     reader = LazySafetensors(weights)
     rename = checkpoint_names(reader.shapes())
     shapes = {rename[k]: s for k, s in reader.shapes().items() if k in rename}

@@ -43,19 +43,35 @@ def find_weights(path: str, stems: Iterable[str], variant: str | None = None) ->
     raise FileNotFoundError(f"no safetensors weights in {path}; looked for {tried}")
 
 
+def is_index(path: str) -> bool:
+    """True for a sharded checkpoint's index: `<stem>.safetensors.index.json`, or a variant's
+    `<stem>.safetensors.index.<variant>.json` / `<stem>.<variant>.safetensors.index.json`."""
+    return path.endswith(".json") and ".safetensors.index" in os.path.basename(path)
+
+
+def read_index(path: str) -> tuple[dict[str, str], list[str]]:
+    """A sharded index -> (weight_map {key: shard file name}, sorted shard paths)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointMismatchError(f"{path}: not a safetensors index with a 'weight_map' "
+                                      f"({type(e).__name__}: {e})") from e
+    folder = os.path.dirname(path)
+    return weight_map, [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a `.safetensors` file or a sharded `.safetensors.index.json`.
+    """All tensors of a `.safetensors` file or a sharded index (see `is_index`).
 
     bfloat16 tensors come back as float32 (numpy has no bfloat16 in safetensors.numpy).
     """
-    if path.endswith(".json") and ".safetensors.index" in os.path.basename(path):
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-        folder = os.path.dirname(path)
+    if is_index(path):
+        weight_map, shards = read_index(path)
         out: dict[str, np.ndarray] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            out.update(read_safetensors(os.path.join(folder, shard)))
-        missing = set(index["weight_map"]) - set(out)
+        for shard in shards:
+            out.update(read_safetensors(shard))
+        missing = set(weight_map) - set(out)
         if missing:
             raise CheckpointMismatchError(f"{path}: index names keys absent from shards: "
                                           f"{sorted(missing)[:10]}")

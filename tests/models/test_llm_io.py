@@ -139,6 +139,36 @@ def test_sharded_index_bf16_and_fsdp(ckpt, tmp_path):
     assert np.max(np.abs(want - got_single)) > 0   # bf16 rounding really happened
 
 
+def test_sharded_variant_index_name(ckpt, tmp_path):
+    """transformers' sharded variant index `model.safetensors.index.fp16.json` is an index."""
+    folder, weights = ckpt
+    from safetensors.numpy import save_file
+    keys = sorted(weights)
+    wmap = {}
+    for i, part in enumerate((keys[:3], keys[3:])):
+        name = f"model.fp16-0000{i + 1}-of-00002.safetensors"
+        save_file({k: weights[k].astype(np.float16) for k in part}, str(tmp_path / name),
+                  metadata={"format": "pt"})
+        wmap.update({k: name for k in part})
+    with open(tmp_path / "model.safetensors.index.fp16.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": wmap}, f)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(HF, f)
+    model = llm_io.load_llm(str(tmp_path), variant="fp16")
+    reader = llm_io.LazySafetensors(str(tmp_path / "model.safetensors.index.fp16.json"))
+    assert set(reader.shapes()) == set(weights)
+    key = "model.layers.1.mlp.up_proj.weight"
+    np.testing.assert_array_equal(reader.get(key), weights[key].astype(np.float16))
+    np.testing.assert_array_equal(np.asarray(model.model.layers[1].mlp.up_proj.kernel[...]),
+                                  weights[key].astype(np.float16).astype(np.float32).T)
+    del wmap[keys[0]]
+    wmap["model.not_there.weight"] = "model.fp16-00001-of-00002.safetensors"
+    with open(tmp_path / "model.safetensors.index.fp16.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": wmap}, f)
+    with pytest.raises(CheckpointMismatchError, match="model.not_there.weight"):
+        llm_io.LazySafetensors(str(tmp_path / "model.safetensors.index.fp16.json"))
+
+
 def test_fsdp_spec_rule():
     devices = np.array(jax.devices())
     mesh = Mesh(devices.reshape(2, 4), ("data", "fsdp"))
