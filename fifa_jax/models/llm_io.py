@@ -5,13 +5,15 @@ Name map (strict, by rule since module names mirror transformers'): the Flax pat
 `embedding -> weight`, `bias`/`weight` unchanged; e.g. `model.layers.0.self_attn.q_proj.kernel`
 <-> `model.layers.0.self_attn.q_proj.weight`. A tied checkpoint that still stores
 `lm_head.weight` is accepted (the copy is ignored); a Gemma3 image-text checkpoint loads its
-language model (`checkpoint_names`). Tensors are read one at a time through a
+language model (`checkpoint_names`); rotary `inv_freq` buffers saved by older transformers
+versions are checked against the config and not loaded. Tensors are read one at a time through a
 memory map (F32/F16/BF16 -> float32), so host memory stays near one tensor.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 
 import jax
@@ -22,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fifa_jax.models.llm import DecoderLM
 from fifa_jax.models.llm_config import LMConfig, load_lm_config
+from fifa_jax.models.llm_layers import rope_inv_freq
 from fifa_jax.models.safetensors_io import (CheckpointMismatchError, check_keys, find_weights,
                                            is_index, read_index, write_safetensors)
 
@@ -115,6 +118,25 @@ def checkpoint_names(shapes: dict) -> dict[str, str]:
     return out
 
 
+def check_derived_buffers(reader: "LazySafetensors", cfg: LMConfig) -> set[str]:
+    """Keys of rotary `inv_freq` buffers that older transformers versions saved
+    (`model.layers.<i>.self_attn.rotary_emb.inv_freq`). They are derived from the config, so
+    they are not loaded; each must equal the config's frequencies, else the config and the
+    weights disagree and the error names the key. Returns the keys to leave out."""
+    keys = {k for k in reader.shapes() if k.endswith("rotary_emb.inv_freq")}
+    for key in sorted(keys):
+        m = re.search(r"layers\.(\d+)\.", key)
+        layer_type = cfg.layer_types[int(m.group(1))] if m and int(m.group(1)) < len(
+            cfg.layer_types) else "full_attention"
+        want = rope_inv_freq(cfg.rope_for(layer_type), cfg.head_dim)
+        got = reader.get(key)
+        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=0):
+            raise CheckpointMismatchError(
+                f"{reader.path}: {key} (a saved rotary buffer) does not match the frequencies "
+                f"config.json gives (rope {cfg.rope_for(layer_type)}, head_dim {cfg.head_dim})")
+    return keys
+
+
 def abstract_model(cfg: LMConfig, *, dtype=jnp.float32, attn_impl: str = "auto") -> DecoderLM:
     """The model with ShapeDtypeStruct parameters (nothing allocated)."""
     return nnx.eval_shape(lambda: DecoderLM(cfg, dtype=dtype, attn_impl=attn_impl,
@@ -167,7 +189,8 @@ def load_llm(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = N
     cfg = load_lm_config(path)
     weights = find_weights(path, ["model"], variant)
     reader = LazySafetensors(weights)
-    rename = checkpoint_names(reader.shapes())
+    derived = check_derived_buffers(reader, cfg)
+    rename = {k: v for k, v in checkpoint_names(reader.shapes()).items() if k not in derived}
     shapes = {rename[k]: s for k, s in reader.shapes().items() if k in rename}
     if cfg.tie_embeddings:
         shapes.pop("lm_head.weight", None)

@@ -169,6 +169,26 @@ def test_sharded_variant_index_name(ckpt, tmp_path):
         llm_io.LazySafetensors(str(tmp_path / "model.safetensors.index.fp16.json"))
 
 
+def test_old_rotary_buffers_checked_and_skipped(ckpt, tmp_path):
+    """Checkpoints from older transformers carry `rotary_emb.inv_freq` buffers: ones equal to
+    the config's frequencies are skipped; a mismatch is an error naming the key."""
+    folder, weights = ckpt
+    cfg = from_hf_dict(HF)
+    inv = rope_inv_freq(cfg.rope_for("full_attention"), cfg.head_dim)
+    old = dict(weights)
+    for i in range(HF["num_hidden_layers"]):
+        old[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv
+    llm_io.save_checkpoint(str(tmp_path / "ok"), HF, old)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 40, (2, 5)), jnp.int32)
+    mask = jnp.ones((2, 5), jnp.int32)
+    np.testing.assert_array_equal(_forward(llm_io.load_llm(str(tmp_path / "ok")), ids, mask),
+                                  _forward(llm_io.load_llm(folder), ids, mask))
+    old["model.layers.1.self_attn.rotary_emb.inv_freq"] = inv / 8.0    # a scaling not in config
+    llm_io.save_checkpoint(str(tmp_path / "bad"), HF, old)
+    with pytest.raises(CheckpointMismatchError, match=r"model\.layers\.1\.self_attn\.rotary_emb"):
+        llm_io.load_llm(str(tmp_path / "bad"))
+
+
 def test_fsdp_spec_rule():
     devices = np.array(jax.devices())
     mesh = Mesh(devices.reshape(2, 4), ("data", "fsdp"))
