@@ -4,8 +4,10 @@
 
 a_i = m_i + alpha q(c_i) per candidate pair; rho_k^S(i) is the k-th smallest distance from i
 to the *other* members of S, distances between pairs being distances between their prompts'
-embeddings (two pairs of one prompt sit at 0, floored at eps: the duplicate policy). Each step
-adds the candidate with the largest gain F(S + j) - F(S), smallest index on ties (method.md 2):
+embeddings (two pairs of one prompt, or of two prompts with bitwise identical embeddings, sit
+at 0, floored at eps: the duplicate policy). Each step adds the candidate with the largest gain
+F(S + j) - F(S), smallest index on ties (method.md 2; gains within float32 rounding,
+`TIE_RTOL`, count as tied):
 
     gain_j = a_j + gamma * [ log rho_k(j; S) + pen(j) ]          (|S| >= k; a_j if |S| < k)
     pen(j) = sum_{i in S} c_i(d_ij),  c_i(d) = [d < r_i^(k)] (log max(d, r_i^(k-1)) - log r_i^(k))
@@ -35,6 +37,20 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 log = logging.getLogger(__name__)
+
+# Gains within TIE_RTOL * (1 + |best|) of the best count as tied (smallest index wins).
+TIE_RTOL = 1e-5
+
+
+def duplicate_groups(emb: np.ndarray) -> np.ndarray:
+    """(U, d) -> (U,) int32: for each row, the smallest index of a row bitwise equal to it
+    (prompts that embed identically, e.g. ones differing only in case or spacing under CLIP's
+    tokenizer, are duplicates: distance exactly 0, floored at eps)."""
+    if emb.shape[0] == 0:
+        return np.zeros(0, np.int32)
+    _, first, inverse = np.unique(np.ascontiguousarray(emb), axis=0, return_index=True,
+                                  return_inverse=True)
+    return first[inverse.reshape(-1)].astype(np.int32)
 
 
 class GreedyResult(NamedTuple):
@@ -72,17 +88,20 @@ def _contrib(dist, lists, k):
 @functools.lru_cache(maxsize=16)
 def _build(n_pad: int, u_pad: int, kp: int, k: int, chunk: int, gamma: float, eps: float,
            cap: int, mesh: Optional[Mesh]):
-    """jit(run_steps(state, n_steps, a, pid, emb, emb_rep, sq, uid) -> state)."""
+    """jit(run_steps(state, n_steps, a, pid, emb, emb_rep, sq, grp, grp_rep) -> state)."""
 
-    def dist_to(emb, sq, uid, q, qp):
-        """Floored distances (U, B) from every prompt to the prompts qp (B,) with rows q (B, d)."""
+    def dist_to(emb, sq, grp, q, qgrp):
+        """Floored distances (U, B) from every prompt to B prompts with rows q (B, d) and
+        duplicate groups qgrp (B,); grp (U,) are the rows' groups."""
         g = jnp.dot(emb, q.T, precision=lax.Precision.HIGHEST)
         d2 = sq[:, None] + jnp.sum(q * q, axis=1)[None, :] - 2.0 * g
         dist = jnp.sqrt(jnp.maximum(d2, 0.0))
-        dist = jnp.where(uid[:, None] == qp[None, :], 0.0, dist)   # same prompt: exactly 0
+        # same embedding (the same prompt, or two prompts that embed identically): exactly 0;
+        # the matmul form would leave about 1e-7 |x|^2 of rounding, above a small eps
+        dist = jnp.where(grp[:, None] == qgrp[None, :], 0.0, dist)
         return jnp.maximum(dist, eps)
 
-    def step(st: _State, a, pid, emb, emb_rep, sq, uid):
+    def step(st: _State, a, pid, emb, emb_rep, sq, grp, grp_rep):
         m = st.m
         ent = jnp.log(st.own[:, k - 1]) + st.pen
         gain = a + jnp.where(m >= k, gamma * ent[pid], 0.0)
@@ -90,10 +109,14 @@ def _build(n_pad: int, u_pad: int, kp: int, k: int, chunk: int, gamma: float, ep
         if cap > 0:
             blocked = blocked | (st.count[pid] >= cap)
         gain = jnp.where(blocked, -jnp.inf, gain)
-        s = jnp.argmax(gain).astype(jnp.int32)
+        # smallest index among the gains tied with the best up to float32 rounding (the
+        # penalties are float32 sums, so exact ties of the float64 objective drift apart)
+        best = jnp.max(gain)
+        floor = jnp.where(jnp.isfinite(best), best - TIE_RTOL * (1.0 + jnp.abs(best)), best)
+        s = jnp.argmax(gain >= floor).astype(jnp.int32)
         g = gain[s]
         ps = pid[s]
-        dv = dist_to(emb, sq, uid, emb_rep[ps][None, :], ps[None])[:, 0]      # (U,)
+        dv = dist_to(emb, sq, grp, emb_rep[ps][None, :], grp_rep[ps][None])[:, 0]   # (U,)
         r_s = st.own[ps]
         slots = jnp.arange(kp, dtype=jnp.int32)
         old = st.mem_list
@@ -114,7 +137,7 @@ def _build(n_pad: int, u_pad: int, kp: int, k: int, chunk: int, gamma: float, ep
             sl = lax.dynamic_slice_in_dim(order, c * chunk, chunk)
             valid = (c * chunk + jnp.arange(chunk)) < n_proc
             qp = st.mem_prompt.at[m].set(ps)[sl]
-            dist = dist_to(emb, sq, uid, emb_rep[qp], qp)                       # (U, B)
+            dist = dist_to(emb, sq, grp, emb_rep[qp], grp_rep[qp])              # (U, B)
             delta = _contrib(dist, new[sl], k)
             delta = delta - jnp.where(has_old[sl][None, :], _contrib(dist, old[sl], k), 0.0)
             return c + 1, pen + jnp.sum(jnp.where(valid[None, :], delta, 0.0), axis=1)
@@ -125,9 +148,9 @@ def _build(n_pad: int, u_pad: int, kp: int, k: int, chunk: int, gamma: float, ep
                       mem_list=new, mem_gain=st.mem_gain.at[m].set(g),
                       count=st.count.at[ps].add(1), m=m1)
 
-    def run_steps(st, n_steps, a, pid, emb, emb_rep, sq, uid):
+    def run_steps(st, n_steps, a, pid, emb, emb_rep, sq, grp, grp_rep):
         return lax.fori_loop(0, n_steps,
-                             lambda _, s: step(s, a, pid, emb, emb_rep, sq, uid), st)
+                             lambda _, s: step(s, a, pid, emb, emb_rep, sq, grp, grp_rep), st)
 
     if mesh is None:
         return jax.jit(run_steps, donate_argnums=(0,))
@@ -136,7 +159,8 @@ def _build(n_pad: int, u_pad: int, kp: int, k: int, chunk: int, gamma: float, ep
     st_sh = _State(chosen=sh, own=sh, pen=sh, mem_pair=rep, mem_prompt=rep, mem_list=rep,
                    mem_gain=rep, count=sh, m=rep)
     return jax.jit(run_steps, donate_argnums=(0,),
-                   in_shardings=(st_sh, rep, sh, sh, NamedSharding(mesh, P(ax, None)), rep, sh, sh),
+                   in_shardings=(st_sh, rep, sh, sh, NamedSharding(mesh, P(ax, None)), rep, sh, sh,
+                                 rep),
                    out_shardings=st_sh)
 
 
@@ -191,7 +215,8 @@ def greedy_select(a, prompt_id, emb, k_pairs: int, *, knn_k: int = 5, gamma: flo
     emb_p = np.zeros((u_pad, emb.shape[1]), np.float32)
     emb_p[:u] = emb
     sq = np.sum(emb_p.astype(np.float32) ** 2, axis=1, dtype=np.float32)
-    uid = np.arange(u_pad, dtype=np.int32)
+    grp = np.arange(u_pad, dtype=np.int32)
+    grp[:u] = duplicate_groups(emb)
     chosen = np.zeros(n_pad, bool)
     chosen[n:] = True
     st = _State(chosen=chosen, own=np.full((u_pad, k), np.inf, np.float32),
@@ -211,14 +236,15 @@ def greedy_select(a, prompt_id, emb, k_pairs: int, *, knn_k: int = 5, gamma: flo
                          f"(a > -inf" + (f", at most cap_per_prompt={cap} per prompt)" if cap > 0
                                          else ")"))
     fn = _build(n_pad, u_pad, kp, k, int(chunk), float(gamma), float(eps), cap, mesh)
-    args = [a_p, pid_p, emb_p, emb_p, sq, uid]
+    args = [a_p, pid_p, emb_p, emb_p, sq, grp, grp]
     if mesh is not None:
         ax = tuple(mesh.axis_names)
         sh = NamedSharding(mesh, P(ax))
         rep = NamedSharding(mesh, P())
         args = [jax.device_put(a_p, sh), jax.device_put(pid_p, sh),
                 jax.device_put(emb_p, NamedSharding(mesh, P(ax, None))),
-                jax.device_put(emb_p, rep), jax.device_put(sq, sh), jax.device_put(uid, sh)]
+                jax.device_put(emb_p, rep), jax.device_put(sq, sh), jax.device_put(grp, sh),
+                jax.device_put(grp, rep)]
         st = _State(*[jax.device_put(v, s) for v, s in
                       zip(st, (sh, sh, sh, rep, rep, rep, rep, sh, rep))])
     else:

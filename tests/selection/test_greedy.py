@@ -72,6 +72,61 @@ def test_greedy_matches_brute_force(seed):
         assert abs(exact[t] - g) < 1e-6 * max(1.0, abs(g))
 
 
+def tie_problem(seed, dup_emb):
+    """Like make_problem but with k up to 5 and caps up to 3: exact float64 ties between
+    candidates of different prompts occur (seeds 23, 31, 37), which float32 penalties split."""
+    rng = np.random.default_rng(seed)
+    u = int(rng.integers(6, 14))
+    n = int(rng.integers(u, 40))
+    d = int(rng.choice([2, 5, 16]))
+    emb = rng.normal(size=(u, d)).astype(np.float32)
+    if dup_emb:
+        emb[1], emb[3] = emb[0], emb[2]
+    pid = np.concatenate([np.arange(u), rng.integers(0, u, n - u)])
+    rng.shuffle(pid)
+    a = rng.normal(size=n).astype(np.float32) * float(rng.choice([0.1, 1, 3]))
+    if seed % 2:
+        a = np.round(a)
+    k = int(rng.integers(1, 6))
+    K = int(rng.integers(k + 1, min(n, 3 * k + 10) + 1))
+    cap = int(rng.choice([0, 1, 2, 3]))
+    if cap and K > sum(min(c, cap) for c in np.bincount(pid)):
+        cap = 0
+    return a.astype(np.float32), pid, emb, K, k, float(rng.choice([0.3, 1, 2])), cap
+
+
+@pytest.mark.parametrize("seed,dup_emb", [(23, False), (37, False), (31, True)])
+def test_exact_ties_go_to_the_smallest_index(seed, dup_emb):
+    a, pid, emb, K, k, gamma, cap = tie_problem(seed, dup_emb)
+    want = brute_force_greedy(a.astype(np.float64), pid, emb, K, k, gamma, 1e-2, cap)
+    got = greedy_select(a, pid, emb, K, knn_k=k, gamma=gamma, eps=1e-2, cap_per_prompt=cap,
+                        chunk=4, steps_per_call=5, progress=False)
+    np.testing.assert_array_equal(got.order, want)
+
+
+def test_identical_embeddings_of_two_prompts_are_floored_at_eps():
+    """d = 768 unit vectors, eps = 1e-4: the matmul form leaves ~3e-4 between identical rows,
+    which must still count as distance 0 (floored at eps), as in the float64 brute force."""
+    rng = np.random.default_rng(0)
+    u, k, eps = 12, 1, 1e-4
+    emb = rng.normal(size=(u, 768))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb[1] = emb[0]
+    emb = emb.astype(np.float32)
+    pid = np.arange(u)
+    a = np.zeros(u, np.float32)
+    a[0], a[2] = 30, 25
+    # make candidate 1 lose step 3 by 0.5 nat under the exact (floored) objective
+    a64 = a.astype(np.float64)
+    base = objective(a64, pid, emb, [0, 2], k, 1.0, eps)
+    gains = [objective(a64, pid, emb, [0, 2, j], k, 1.0, eps) - base for j in range(u)]
+    a[1] = np.float32(max(gains[3:]) - gains[1] - 0.5)
+    want = brute_force_greedy(a.astype(np.float64), pid, emb, 3, k, 1.0, eps)
+    got = greedy_select(a, pid, emb, 3, knn_k=k, gamma=1.0, eps=eps, progress=False)
+    np.testing.assert_array_equal(got.order, want)
+    assert 1 not in got.order.tolist()
+
+
 def test_sharded_equals_single_device():
     rng = np.random.default_rng(5)
     u, n = 37, 203
