@@ -189,6 +189,9 @@ def greedy_select(a, prompt_id, emb, k_pairs: int, *, knn_k: int = 5, gamma: flo
     pid = np.asarray(prompt_id, np.int64)
     emb = np.asarray(emb, np.float32)
     n, u = a.shape[0], emb.shape[0]
+    bad = np.flatnonzero(~np.isfinite(emb).all(axis=1)) if u else np.zeros(0, int)
+    if bad.size:
+        raise ValueError(f"emb has NaN or inf in rows {bad[:5].tolist()}")
     # distances come from |x|^2 + |y|^2 - 2xy in float32: centre first, or an offset far from
     # the origin cancels every digit (translation does not change any distance)
     emb = (emb - emb.mean(axis=0, dtype=np.float64)).astype(np.float32) if u else emb

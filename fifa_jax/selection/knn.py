@@ -47,6 +47,18 @@ def default_tile() -> int:
     return 8192 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else 2560
 
 
+def _check_finite(x) -> None:
+    """NaN/inf rows, or values whose squared norms overflow float32, have no neighbours."""
+    xn = np.asarray(jnp.isfinite(x).all(axis=1)) if isinstance(x, jax.Array) else \
+        np.isfinite(x).all(axis=1)
+    if not xn.all():
+        raise ValueError(f"knn: x has NaN or inf in rows {np.flatnonzero(~xn)[:5].tolist()}")
+    big = float(jnp.max(jnp.abs(x))) if isinstance(x, jax.Array) else float(np.abs(x).max())
+    if big * big * x.shape[1] > 1e36:
+        raise ValueError(f"knn: |x| up to {big:.3g}: squared distances would overflow float32; "
+                         f"rescale the data")
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -293,6 +305,7 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
     n, d = x.shape
     if not 1 <= k < n:
         raise ValueError(f"knn needs 1 <= k < N, got k={k}, N={n}")
+    _check_finite(x)
     # Distances do not change under translation, but the matmul form -||a-b||^2 =
     # 2ab - |a|^2 - |b|^2 cancels catastrophically for points far from the origin (a common
     # offset of 1000 in d = 64 gives wrong neighbours): centre first.

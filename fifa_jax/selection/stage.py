@@ -123,11 +123,17 @@ def load_inputs(workdir: pathlib.Path) -> dict:
                          f"outside [0, {u})")
     order = np.argsort(pair_id, kind="stable")
     pair_id, pid = pair_id[order], pid[order]
-    if np.any(pair_id[1:] == pair_id[:-1]):
-        raise ValueError("select: ingest/pairs.parquet has duplicate pair_id")
+    dup = pair_id[1:][pair_id[1:] == pair_id[:-1]]
+    if dup.size:
+        raise InputError(f"select: {workdir / 'ingest' / 'pairs.parquet'} repeats pair_id(s) "
+                         f"{np.unique(dup)[:5].tolist()}")
 
     # margins joined on pair_id
     mid = margins["pair_id"].astype(np.int64)
+    srt = np.sort(mid)
+    dup = srt[1:][srt[1:] == srt[:-1]]
+    if dup.size:
+        raise InputError(f"select: {mpath} repeats pair_id(s) {np.unique(dup)[:5].tolist()}")
     pos = np.searchsorted(pair_id, mid)
     known = (pos < pair_id.size) & (pair_id[np.minimum(pos, pair_id.size - 1)] == mid)
     if not known.all():

@@ -181,3 +181,10 @@ def test_far_from_origin_matches_brute_force(seed):
     got = greedy_select(a, pid, emb, K, knn_k=k, gamma=gamma, eps=eps, cap_per_prompt=cap,
                         chunk=4, progress=False)
     np.testing.assert_array_equal(got.order, want)
+
+
+def test_non_finite_embedding_is_refused():
+    a, pid, emb, K, k, gamma, eps, cap = make_problem(1)
+    emb[2, 0] = np.inf
+    with pytest.raises(ValueError, match=r"emb has NaN or inf in rows \[2\]"):
+        greedy_select(a, pid, emb, K, knn_k=k, progress=False)

@@ -127,3 +127,12 @@ def test_knn_same_with_either_top_k():
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(ref[0]))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref[1]))
     assert_same_up_to_ties(*got, x, 6)
+
+
+def test_non_finite_or_overflowing_input_is_refused():
+    x = data_with_duplicates(80, 4, 1)
+    x[7, 2] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or inf in rows \[7\]"):
+        knn(x, 3)
+    with pytest.raises(ValueError, match="overflow"):
+        knn(data_with_duplicates(80, 4, 1) * 1e20, 3)

@@ -143,6 +143,17 @@ def test_bad_inputs(tmp_path):
         stage.run(config("importance"), wd)
 
 
+@pytest.mark.parametrize("table", ["ingest/pairs.parquet", "score/margins.parquet"])
+def test_repeated_pair_id_is_a_one_line_error_naming_it(tmp_path, table):
+    from fifa_jax.errors import InputError
+    wd = make_workdir(tmp_path / "r")
+    t = pq.read_table(wd / table)
+    pq.write_table(pa.concat_tables([t, t.slice(7, 1)]), wd / table)
+    repeated = t.column("pair_id")[7].as_py()
+    with pytest.raises(InputError, match=rf"{table.split('/')[1]} repeats pair_id\(s\) \[{repeated}\]"):
+        stage.run(config("importance"), wd)
+
+
 @pytest.mark.parametrize("method", ["importance", "greedy"])
 def test_mesh_from_config_gives_the_same_manifest(tmp_path, method):
     """config.mesh -> fifa_jax.parallel.make_mesh (8 forced CPU devices): same bytes as 1 device."""
