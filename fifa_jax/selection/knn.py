@@ -23,6 +23,10 @@ Algorithm (no N x N matrix ever exists):
 4. Re-rank: the kc candidates of every row get their exact float32 squared distance
    sum((x_i - x_j)^2); the point itself (by index, so a duplicate is still a neighbour at
    distance 0) and padding are dropped; sort by (distance, index) and keep k.
+5. Certificate (float32 mode): a point outside the candidates scored no better than the worst
+   candidate, so it is at least that far less the matmul's rounding bound; rows whose k-th
+   neighbour is not clearly nearer (near-duplicate clusters, where |x|^2 + |y|^2 - 2xy loses
+   every digit) are recomputed in float64 on the host.
 Memory: x replicated per device plus the buffer, N * (N / tile) * kc * 8 bytes.
 The fast mode is exact whenever the true k neighbours are among the kc bf16 candidates (a margin
 of candidates absorbs bf16 rounding); `exact_f32=True` ranks candidates in float32.
@@ -30,6 +34,8 @@ of candidates absorbs bf16 rounding); `exact_f32=True` ranks candidates in float
 from __future__ import annotations
 
 import functools
+import logging
+import math
 from typing import Optional, Tuple
 
 import jax
@@ -38,7 +44,10 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+log = logging.getLogger(__name__)
+
 _BIG = 1e30          # pushes padded points out of every candidate list
+CERT_SIGMAS = 16.0   # width of the float32 matmul rounding bound (see _build)
 _SENTINEL = np.iinfo(np.int32).max
 
 
@@ -157,6 +166,11 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
     nt = n_pad // tile                     # column tiles
     cdtype = jnp.float32 if exact else jnp.bfloat16
     prec = lax.Precision.HIGHEST if exact else lax.Precision.DEFAULT
+    # Rounding bound of a float32 matmul score: CERT_SIGMAS standard deviations of a random
+    # walk of D roundings of at most (|x_i| + |x_j|)^2 (the augmented rows' |a| |b|). Only the
+    # float32 mode is certified; bf16 candidates are exact only up to the margin (docstring).
+    certify = exact and not direct
+    cert_c = CERT_SIGMAS * math.sqrt(_round_up(d + 2, 16)) * 2.0 ** -24
 
     def operands(x, n):
         """Row and column operands (n_pad, D) whose product is -||x_i - x_j||^2."""
@@ -216,13 +230,18 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
 
         return lax.fori_loop(0, table.shape[0], body, (v0, i0))
 
-    def rerank(x, rows_x, cand, row_base, n):
-        """Exact float32 distances of the candidates; (nb, kc) -> (nb, k) dist, idx."""
+    def rerank(x, rows_x, cand, worst, row_base, n):
+        """Exact float32 distances of the candidates; (nb, kc) -> (nb, k) dist, idx, and
+        (nb,) `certified`: whether no point outside the candidates can be nearer than the
+        k-th (the worst candidate's matmul score, less its rounding bound, says so)."""
         rt = tile
         nrt = nb // rt
+        real = jnp.arange(n_pad) < n
+        norms = jnp.sqrt(jnp.sum(x * x, axis=1))
+        rmax = jnp.max(jnp.where(real, norms, 0.0))
 
         def one(t, out):
-            od, oi = out
+            od, oi, oc = out
             r0 = t * rt
             xr = lax.dynamic_slice_in_dim(rows_x, r0, rt)
             ci = lax.dynamic_slice_in_dim(cand, r0, rt)
@@ -234,23 +253,31 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
             d2 = jnp.where(bad, jnp.inf, d2)
             ci = jnp.where(bad, _SENTINEL, ci)
             d2, ci = lax.sort((d2, ci), dimension=1, num_keys=2)
+            # any point j outside the candidates has matmul score <= the worst candidate's,
+            # so d2_j >= -worst - bound; the k found are exact when the k-th is nearer than that
+            bound = cert_c * (jnp.sqrt(jnp.sum(xr * xr, axis=1)) + rmax) ** 2
+            wr = lax.dynamic_slice_in_dim(worst, r0, rt)
+            ok = d2[:, k - 1] * (1.0 + 1e-6) < -wr - bound
             od = lax.dynamic_update_slice_in_dim(od, jnp.sqrt(d2[:, :k]), r0, 0)
             oi = lax.dynamic_update_slice_in_dim(oi, ci[:, :k], r0, 0)
-            return od, oi
+            oc = lax.dynamic_update_slice_in_dim(oc, ok | (not certify), r0, 0)
+            return od, oi, oc
 
-        init = (jnp.zeros((nb, k), jnp.float32), jnp.zeros((nb, k), jnp.int32))
+        init = (jnp.zeros((nb, k), jnp.float32), jnp.zeros((nb, k), jnp.int32),
+                jnp.zeros((nb,), bool))
         return lax.fori_loop(0, nrt, one, init)
 
     def reduce_buffer(vals, ids):
-        """(rows, nt, kc) buffer -> (rows, kc) best candidate ids (top_k over all slots)."""
+        """(rows, nt, kc) buffer -> (rows, kc) best candidate ids (top_k over all slots) and
+        (rows,) the kc-th best score (the worst candidate's)."""
         rows = vals.shape[0]
-        _, pos = lax.top_k(vals.reshape(rows, nt * kc), kc)
-        return jnp.take_along_axis(ids.reshape(rows, nt * kc), pos, axis=1)
+        v, pos = lax.top_k(vals.reshape(rows, nt * kc), kc)
+        return jnp.take_along_axis(ids.reshape(rows, nt * kc), pos, axis=1), v[:, kc - 1]
 
     if mesh is None:
         def run(x, table, n):
             vals, ids = local_pass(x, table, n)
-            return rerank(x, x, reduce_buffer(vals, ids), 0, n)
+            return rerank(x, x, *reduce_buffer(vals, ids), 0, n)
         return jax.jit(run)
 
     def device_fn(x, table, n):
@@ -262,14 +289,14 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
         src = jnp.argmax(vals[:, :, :, 0], axis=0)[None, :, :, None]
         vals = jnp.take_along_axis(vals, src, axis=0)[0]
         ids = jnp.take_along_axis(ids, src, axis=0)[0]
-        ids = reduce_buffer(vals, ids)
+        ids, worst = reduce_buffer(vals, ids)
         me = lax.axis_index(axes)
         base = (me * nb).astype(jnp.int32)
         rows_x = lax.dynamic_slice_in_dim(x, base, nb)
-        return rerank(x, rows_x, ids, base, n)
+        return rerank(x, rows_x, ids, worst, base, n)
 
     sm = jax.shard_map(device_fn, mesh=mesh, in_specs=(P(), P(axes), P()),
-                       out_specs=(P(axes), P(axes)), check_vma=False)
+                       out_specs=(P(axes), P(axes), P(axes)), check_vma=False)
     return jax.jit(sm)
 
 
@@ -285,11 +312,14 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
       mesh: rows/tile pairs are split over all devices of this mesh (None: default device).
       tile: largest square tile edge (rows = columns; default 8192 on accelerators, 2560 on
         CPU); shrunk so that N pads little, raised to 2 (k + 1 + margin) if smaller.
-      exact_f32: rank candidates in float32 at HIGHEST precision (None: True on CPU, where it is
-        the fast path, False on accelerators: bf16 candidates re-ranked in float32).
-      margin: extra candidates kept per row before the exact re-rank (default: 1 exact, 5 fast;
-        in the exact mode candidates are ranked to float32 rounding, so the margin only decides
-        among neighbours tied to about 1e-7).
+      exact_f32: rank candidates in float32 at HIGHEST precision and certify them (None: True
+        on CPU, where it is the fast path, False on accelerators: bf16 candidates re-ranked in
+        float32, exact only when the margin absorbs bf16 rounding). Certified: a row whose
+        k-th neighbour is not nearer than the worst candidate by more than the float32 matmul's
+        rounding bound (near-duplicate clusters) is recomputed in float64 on the host
+        (`exact_rows_f64`), so the result is exact (ties by index) on any input.
+      margin: extra candidates kept per row before the exact re-rank (default: 3 exact, which
+        leaves about no row to recompute on random data, 5 fast).
       direct_max_dim: for d <= this, distances are formed from differences (no cancellation).
       group: entries per group at each level of the hierarchical per-tile top-k (1: plain
         top-k over whole tile rows).
@@ -316,7 +346,7 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
     if exact_f32 is None:
         exact_f32 = jax.default_backend() == "cpu"
     if margin is None:
-        margin = 1 if exact_f32 else 5
+        margin = 3 if exact_f32 else 5
     direct = d <= direct_max_dim
     n_dev = mesh.size if mesh is not None else 1
     # as few tiles as `tile` allows, each as small as possible (little padding); the tile does
@@ -345,12 +375,48 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
     if mesh is not None:
         xp = jax.device_put(xp, NamedSharding(mesh, P()))
         table = jax.device_put(table, NamedSharding(mesh, P(tuple(mesh.axis_names))))
-    dist, idx = fn(xp, table, np.int32(n))
+    dist, idx, cert = fn(xp, table, np.int32(n))
     if not dist.is_fully_addressable:     # several hosts: every process gets the whole result
         from jax.experimental import multihost_utils
-        dist, idx = (np.asarray(v) for v in
-                     multihost_utils.process_allgather((dist, idx), tiled=True))
-    return dist[:n], idx[:n]
+        dist, idx, cert = (np.asarray(v) for v in
+                           multihost_utils.process_allgather((dist, idx, cert), tiled=True))
+    redo = np.flatnonzero(~np.asarray(cert)[:n])
+    if redo.size == 0:
+        return dist[:n], idx[:n]
+    # near-ties inside float32 matmul rounding (near-duplicate clusters): exact in float64
+    log.info("knn: %d of %d rows have neighbours closer than float32 matmul rounding; "
+             "recomputing them in float64", redo.size, n)
+    dist, idx = np.array(dist[:n]), np.array(idx[:n])
+    dist[redo], idx[redo] = exact_rows_f64(np.asarray(x, np.float32), redo, k)
+    return dist, idx
 
 
-__all__ = ["knn", "default_tile"]
+def exact_rows_f64(x: np.ndarray, rows: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The k nearest other points of x[rows] in float64 on the host: a float64 matmul finds
+    every point within rounding of the k-th, then their distances from differences (exact
+    duplicates at exactly 0) sorted by (distance, index). x (N, d); -> (R, k) dist, idx."""
+    n, d = x.shape
+    x64 = x.astype(np.float64)
+    sq = np.einsum("ij,ij->i", x64, x64)
+    rmax = float(np.sqrt(sq.max()))
+    out_d = np.empty((rows.size, k), np.float32)
+    out_i = np.empty((rows.size, k), np.int32)
+    step = max(1, min(256, (1 << 25) // max(n, 1)))          # (step, N) float64 <= 256 MiB
+    for c0 in range(0, rows.size, step):
+        r = rows[c0:c0 + step]
+        g = sq[r][:, None] + sq[None, :] - 2.0 * (x64[r] @ x64.T)
+        g[np.arange(r.size), r] = np.inf
+        kth = np.partition(g, k - 1, axis=1)[:, k - 1]
+        tol = 2 * CERT_SIGMAS * math.sqrt(d + 2) * 2.0 ** -53 * (np.sqrt(sq[r]) + rmax) ** 2
+        for t, i in enumerate(r):
+            cand = np.flatnonzero(g[t] <= kth[t] + 2 * tol[t])
+            cand = cand[cand != i]
+            diff = x64[cand] - x64[i]
+            d2 = np.einsum("ij,ij->i", diff, diff)
+            order = np.lexsort((cand, d2))[:k]
+            out_d[c0 + t] = np.sqrt(d2[order])
+            out_i[c0 + t] = cand[order]
+    return out_d, out_i
+
+
+__all__ = ["knn", "default_tile", "exact_rows_f64"]

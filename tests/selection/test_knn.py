@@ -136,3 +136,43 @@ def test_non_finite_or_overflowing_input_is_refused():
         knn(x, 3)
     with pytest.raises(ValueError, match="overflow"):
         knn(data_with_duplicates(80, 4, 1) * 1e20, 3)
+
+
+def near_duplicate_cluster(n=300, d=768, seed=1):
+    """Unit vectors with 12 points within 3e-5..4e-4 of point 0 (punctuation variants of one
+    prompt): their distances are below the float32 matmul's rounding of |x|^2 + |y|^2 - 2xy."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for j in range(1, 13):
+        x[j] = x[0] + rng.normal(size=d) * (j * 3e-5 / np.sqrt(d))
+    x[20] = x[0]                                   # and an exact duplicate
+    return x.astype(np.float32)
+
+
+def test_exact_mode_resolves_near_duplicate_clusters():
+    x = near_duplicate_cluster()
+    ref_d, _, _ = knn_reference(x, 5)
+    dist, idx = knn(x, 5, exact_f32=True)
+    np.testing.assert_allclose(np.asarray(dist), ref_d, rtol=1e-5, atol=1e-7)
+    assert_same_up_to_ties(dist, idx, x, 5)
+    assert int(np.asarray(idx)[0, 0]) == 20 and float(np.asarray(dist)[0, 0]) == 0.0
+
+
+def test_exact_mode_fallback_sharded_equals_single_device():
+    x = near_duplicate_cluster(n=211, seed=2)
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    d1, i1 = knn(x, 4, tile=64, exact_f32=True)
+    d8, i8 = knn(x, 4, tile=64, exact_f32=True, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(d1), np.asarray(d8))
+    np.testing.assert_array_equal(np.asarray(i1), np.asarray(i8))
+
+
+def test_exact_rows_f64_equals_reference_with_ties():
+    from fifa_jax.selection.knn import exact_rows_f64
+    x = data_with_duplicates(120, 16, 4)
+    rows = np.array([0, 5, 7, 40, 45, 119])
+    d, i = exact_rows_f64(x, rows, 4)
+    ref_d, ref_i, _ = knn_reference(x, 4)
+    np.testing.assert_allclose(d, ref_d[rows], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(i, ref_i[rows])        # ties by index, exactly
