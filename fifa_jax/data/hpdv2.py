@@ -16,13 +16,15 @@ Image paths are relative to `image_root` when set, else to the JSON file's folde
 images sit in `train/` and `test/` folders next to the JSON: set image_root accordingly).
 The first record must hold prompt, an image list and a preference list (else IngestError naming
 file and key); a later record that lacks them, has lists of different lengths, fewer than two
-images or non-numeric preferences counts as one row skipped as bad_record.
+images or non-numeric or non-finite (NaN, Infinity) preferences counts as one row skipped as
+bad_record. A file that is not UTF-8 or not JSON raises IngestError (naming the file).
 The annotation list itself is loaded with json.load (text only; images are read one batch at a
 time while checking).
 """
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 from typing import Iterator
@@ -33,10 +35,13 @@ from fifa_jax.data.rows import Candidate, file_image, image_root_for
 
 def load_records(path: str) -> list:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:   # -sig: drop a leading BOM
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise schema.IngestError(path, f"not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise schema.IngestError(path, f"not UTF-8: byte 0x{e.object[e.start]:02x} at byte "
+                                 f"offset {e.start}") from e
     if isinstance(data, dict):  # tolerate {"data": [...]} style wrappers with one list
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -83,6 +88,9 @@ def record_candidates(path: str, idx: int, rec, root: str) -> list[Candidate]:
         return bad(f"{len(paths)} image(s); a pair needs at least two")
     if not all(isinstance(p, numbers.Real) and not isinstance(p, bool) for p in prefs):
         return bad(f"'{pref_key}' holds non-numeric values: {prefs!r}")
+    # json.load accepts NaN and Infinity; neither orders anything
+    if not all(isinstance(p, numbers.Integral) or math.isfinite(p) for p in prefs):
+        return bad(f"'{pref_key}' holds non-finite values: {prefs!r}")
     # d > 0: image i is better (rank: lower wins; human_preference: higher wins)
     sign = -1.0 if pref_key == "rank" else 1.0
     imgs = [file_image(p, root) for p in paths]

@@ -11,7 +11,8 @@ Outputs (workdir/ingest/):
                        is_tie, winner_model, loser_model (schema.PAIRS_SCHEMA)
   prompts.parquet      prompt_id, text, n_pairs (schema.PROMPTS_SCHEMA)
   ingest_report.json   counts: rows read, pairs kept, skipped by reason (+ examples), ties,
-                       swaps, duplicates, per source file; and the settings used
+                       swaps, duplicates, same-image pairs, per source file; and the settings
+                       used
 The rules (ties, winner first, skips, duplicates, unique prompts) are in rows.py. Outputs are
 written to temporary names and renamed at the end, so a rerun after a crash starts clean.
 A run that keeps no pair at all writes its report and then raises IngestError.
@@ -51,6 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.path = ""                  # data location (unused by demo)
     c.image_root = ""            # hpdv2/jsonl/csv: base of relative image paths ("" = file's dir)
     c.keep_ties = False          # keep label_0 == 0.5 pairs (is_tie=True, order unchanged)
+    c.keep_same_image = False    # keep pairs whose two sides are the same image (no preference)
     c.max_rows = 0               # stop after this many candidate rows (0 = all)
     c.check_images = "decode"    # decode | header | none (see images.verify_image_bytes)
     c.num_workers = 0            # image-check threads (0 = os.cpu_count())
@@ -118,6 +120,33 @@ def _open_source(data, out_dir: pathlib.Path):
     return files, max(total, 0), gen
 
 
+def _build_pairs(data, batches, tmp_pairs, total, max_rows: int, workers: int) -> PairBuilder:
+    """Stream every batch through a PairBuilder, writing the kept pairs to `tmp_pairs`."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
+            pq.ParquetWriter(tmp_pairs, schema.PAIRS_SCHEMA) as writer, \
+            tqdm(total=total, unit="row", desc="ingest", mininterval=2.0) as bar:
+        builder = PairBuilder(keep_ties=data.keep_ties, keep_same_image=data.keep_same_image,
+                              check_images=data.check_images,
+                              executor=pool if workers > 1 else None)
+        pending: list[pa.Table] = []
+        n_pending = 0
+        for batch in batches():
+            if max_rows:
+                batch = batch[: max_rows - builder.rows_read]
+            pending.append(builder.add_batch(batch))
+            n_pending += pending[-1].num_rows
+            bar.update(len(batch))
+            bar.set_postfix(kept=builder.pairs_kept, refresh=False)
+            if n_pending >= _WRITE_ROWS:
+                writer.write_table(pa.concat_tables(pending))
+                pending, n_pending = [], 0
+            if max_rows and builder.rows_read >= max_rows:
+                break
+        if pending:
+            writer.write_table(pa.concat_tables(pending))
+    return builder
+
+
 def run(config, workdir) -> dict:
     """Ingest config.data into workdir/ingest/; -> summary counts (see module doc)."""
     data = config.data
@@ -140,27 +169,11 @@ def run(config, workdir) -> dict:
     for p in (pairs_path, prompts_path, report_path):
         p.unlink(missing_ok=True)   # never leave old outputs beside new ones
     tmp_pairs = out_dir / "pairs.parquet.tmp"
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
-            pq.ParquetWriter(tmp_pairs, schema.PAIRS_SCHEMA) as writer, \
-            tqdm(total=total, unit="row", desc="ingest", mininterval=2.0) as bar:
-        builder = PairBuilder(keep_ties=data.keep_ties, check_images=data.check_images,
-                              executor=pool if workers > 1 else None)
-        pending: list[pa.Table] = []
-        n_pending = 0
-        for batch in batches():
-            if max_rows:
-                batch = batch[: max_rows - builder.rows_read]
-            pending.append(builder.add_batch(batch))
-            n_pending += pending[-1].num_rows
-            bar.update(len(batch))
-            bar.set_postfix(kept=builder.pairs_kept, refresh=False)
-            if n_pending >= _WRITE_ROWS:
-                writer.write_table(pa.concat_tables(pending))
-                pending, n_pending = [], 0
-            if max_rows and builder.rows_read >= max_rows:
-                break
-        if pending:
-            writer.write_table(pa.concat_tables(pending))
+    try:
+        builder = _build_pairs(data, batches, tmp_pairs, total, max_rows, workers)
+    except BaseException:
+        tmp_pairs.unlink(missing_ok=True)   # e.g. a corrupt shard: leave no partial table
+        raise
 
     prompts = builder.prompts_table()
     tmp_prompts = out_dir / "prompts.parquet.tmp"
@@ -168,6 +181,7 @@ def run(config, workdir) -> dict:
     report = builder.report()
     report.update(
         format=data.format, sources=files, keep_ties=bool(data.keep_ties),
+        keep_same_image=bool(data.keep_same_image),
         check_images=data.check_images, max_rows=max_rows,
         stopped_at_max_rows=bool(max_rows) and builder.rows_read >= max_rows,
         seconds=round(time.time() - t0, 3))

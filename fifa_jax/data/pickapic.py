@@ -24,7 +24,8 @@ from fifa_jax.data.rows import Candidate, ImageSource
 
 
 def resolve_files(path: str, suffix: str = ".parquet") -> list[str]:
-    """folder | glob | file | "a,b,c" -> sorted-within-each-part absolute file paths."""
+    """folder | glob | file | "a,b,c" -> sorted-within-each-part absolute file paths, each file
+    once (a file named twice, by any spelling or link, is kept where it first appears)."""
     if not path or not str(path).strip():
         raise schema.IngestError("config.data.path", "is empty; set it to the data location")
     files: list[str] = []
@@ -44,7 +45,13 @@ def resolve_files(path: str, suffix: str = ".parquet") -> list[str]:
             files.append(part)
         else:
             raise schema.IngestError(part, "no such file or folder")
-    return [os.path.abspath(f) for f in dict.fromkeys(files)]
+    seen, out = set(), []
+    for f in files:   # dedupe after resolving: "x.parquet,./x.parquet" reads the file once
+        real = os.path.realpath(f)
+        if real not in seen:
+            seen.add(real)
+            out.append(os.path.abspath(f))
+    return out
 
 
 def _is_image_type(t: pa.DataType) -> bool:
@@ -98,6 +105,30 @@ def _binary_list(col: pa.Array) -> list:
     return col.to_pylist()
 
 
+def _record_batches(f: str, cols: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """One shard's record batches, row group by row group; a corrupt page (bad compression,
+    truncated data, ...) raises IngestError naming the shard and the row group."""
+    try:
+        pf = pq.ParquetFile(f)
+    except Exception as e:
+        raise schema.IngestError(f, f"cannot open parquet file: {e}") from e
+    first = 0
+    for rg in range(pf.num_row_groups):
+        n = pf.metadata.row_group(rg).num_rows
+        it = pf.iter_batches(batch_size=batch_rows, columns=cols, row_groups=[rg])
+        while True:
+            try:
+                rb = next(it)
+            except StopIteration:
+                break
+            except (OSError, pa.ArrowException) as e:
+                raise schema.IngestError(
+                    f, f"row group {rg} (rows {first}-{first + n - 1}) cannot be read "
+                    f"(corrupt data?): {type(e).__name__}: {' '.join(str(e).split())}") from e
+            yield rb
+        first += n
+
+
 def iter_batches(files: list[str], batch_rows: int = 256) -> Iterator[list[Candidate]]:
     """Stream all shards (schemas already checked or checked here) as candidate batches."""
     columns = check_schemas(files)
@@ -105,7 +136,7 @@ def iter_batches(files: list[str], batch_rows: int = 256) -> Iterator[list[Candi
         cols = columns[f]
         has_l1 = "label_1" in cols
         row0 = 0
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=cols):
+        for rb in _record_batches(f, cols, batch_rows):
             d = {name: rb.column(name) for name in rb.schema.names}
             n = rb.num_rows
             captions = d["caption"].to_pylist()

@@ -5,19 +5,24 @@ applies the rules below in this order, and each skipped row is counted under the
 fails (the counts and a few examples per reason end up in ingest_report.json):
 
  1. reader-level failure (unparsable record)                  -> skipped "bad_record"
+    (a JSONL line / CSV record that is not UTF-8                -> skipped "bad_encoding")
  2. prompt null / empty after stripping whitespace             -> skipped "empty_prompt"
  3. label_0 not in {0, 0.5, 1}, or label_0 + label_1 != 1      -> skipped "bad_label"
  4. tie (label_0 == 0.5): dropped (counted "ties_dropped") unless keep_ties; kept ties have
     is_tie=True and keep their order
  5. either image missing (null bytes, absent file, remote URL) -> skipped "missing_image"
     either image not decodable (see images.verify_image_bytes)  -> skipped "undecodable_image"
- 6. duplicate: same stripped prompt and the same two images (unordered) as an earlier kept
+ 6. same image on both sides (identical bytes, or the same file path; with
+    check_images="none" files are compared by path only): such a pair carries no preference
+    -> skipped "same_image" unless keep_same_image; every such pair seen is also counted in
+    "same_image_pairs" (kept ones too).
+ 7. duplicate: same stripped prompt and the same two images (unordered) as an earlier kept
     pair -> skipped "duplicate", the first one is kept; a duplicate whose outcome (winner or
     tie) differs from the kept one is also counted in "duplicates_conflicting".
     Image identity: blake2b-128 of the bytes for parquet cells, the absolute path for files.
     The seen-set holds a 64-bit hash per kept pair (~100 B each; a false match has odds ~1e-8
     at 1M pairs).
- 7. winner first: label_0 == 0 swaps the images (counted "swapped").
+ 8. winner first: label_0 == 0 swaps the images (counted "swapped").
 
 Unique prompts: the exact text after stripping surrounding whitespace (case and inner
 whitespace kept); prompt ids are given in order of first kept appearance.
@@ -62,46 +67,50 @@ class Candidate:
     model_0: str = ""
     model_1: str = ""
     bad: str = ""               # non-empty: the reader could not parse this record
+    bad_reason: str = "bad_record"  # the skip reason used when `bad` is set
 
 
-def _inspect(src: ImageSource, mode: str) -> tuple[str, str, bytes | str | None]:
-    """-> (status, message, identity); status "ok" | "missing_image" | "undecodable_image"."""
+def _inspect(src: ImageSource, mode: str) -> tuple[str, str, bytes | str | None, bytes | None]:
+    """-> (status, message, identity, content digest or None when the bytes were not read);
+    status "ok" | "missing_image" | "undecodable_image"."""
     if src.missing:
-        return "missing_image", src.missing, None
+        return "missing_image", src.missing, None, None
     if src.is_file:
         if mode == "none":
             if os.path.isfile(src.ref):
-                return "ok", "", src.ref
-            return "missing_image", f"file not found: {src.ref}", None
+                return "ok", "", src.ref, None
+            return "missing_image", f"file not found: {src.ref}", None, None
         try:
             with open(src.ref, "rb") as f:
                 data = f.read()
         except OSError as e:
-            return "missing_image", f"cannot read {src.ref}: {e.strerror or e}", None
+            return "missing_image", f"cannot read {src.ref}: {e.strerror or e}", None, None
         identity = src.ref
     else:
         data = src.data
         if data is None:
-            return "missing_image", f"{src.ref}: null image bytes", None
-        identity = hashlib.blake2b(data, digest_size=16).digest()
+            return "missing_image", f"{src.ref}: null image bytes", None, None
+        identity = None
     if len(data) == 0:
-        return "missing_image", f"{src.ref}: 0 bytes", None
+        return "missing_image", f"{src.ref}: 0 bytes", None, None
     try:
         images.verify_image_bytes(data, mode)
     except Exception as e:  # PIL raises many exception types for bad data
-        return "undecodable_image", f"{src.ref}: {type(e).__name__}: {e}", None
-    return "ok", "", identity
+        return "undecodable_image", f"{src.ref}: {type(e).__name__}: {e}", None, None
+    digest = hashlib.blake2b(data, digest_size=16).digest()
+    return "ok", "", identity if identity is not None else digest, digest
 
 
 class PairBuilder:
     """Stateful filter: add_batch(candidates) -> pyarrow table of new pairs (PAIRS_SCHEMA)."""
 
-    def __init__(self, *, keep_ties: bool = False, check_images: str = "decode",
-                 executor=None, max_examples: int = 5):
+    def __init__(self, *, keep_ties: bool = False, keep_same_image: bool = False,
+                 check_images: str = "decode", executor=None, max_examples: int = 5):
         if check_images not in images.CHECK_MODES:
             raise ValueError(f"config.data.check_images must be one of {images.CHECK_MODES}, "
                              f"got {check_images!r}")
         self.keep_ties = bool(keep_ties)
+        self.keep_same_image = bool(keep_same_image)
         self.check_images = check_images
         self.executor = executor
         self.max_examples = max_examples
@@ -145,7 +154,7 @@ class PairBuilder:
             self.rows_read += 1
             self.per_source[c.source]["rows"] += 1
             if c.bad:
-                self._skip(c, "bad_record", c.bad)
+                self._skip(c, c.bad_reason, c.bad)
                 continue
             text = c.prompt.strip() if isinstance(c.prompt, str) else ""
             if not text:
@@ -167,15 +176,21 @@ class PairBuilder:
                                      for img in (c.image_0, c.image_1)])
         cols = {name: [] for name in schema.PAIRS_SCHEMA.names}
         for c, text, label in survivors:
-            (s0, m0, id0), (s1, m1, id1) = checked[c.image_0.ref], checked[c.image_1.ref]
+            (s0, m0, id0, d0), (s1, m1, id1, d1) = (checked[c.image_0.ref],
+                                                    checked[c.image_1.ref])
             if s0 != "ok" or s1 != "ok":
                 bad = [(s, m) for s, m in ((s0, m0), (s1, m1)) if s != "ok"]
                 missing = [x for x in bad if x[0] == "missing_image"]
                 reason, msg = (missing or bad)[0]  # missing wins over undecodable
                 self._skip(c, reason, msg)
                 continue
-            if id0 == id1:
+            if id0 == id1 or (d0 is not None and d0 == d1):
                 self.same_image_pairs += 1
+                if not self.keep_same_image:
+                    self._skip(c, "same_image", f"both sides are the same image ({c.image_0.ref}"
+                               + ("" if c.image_0.ref == c.image_1.ref
+                                  else f" and {c.image_1.ref}") + ")")
+                    continue
             a, b = (id0, id1) if _key(id0) <= _key(id1) else (id1, id0)
             h = hashlib.blake2b(text.encode("utf-8"), digest_size=8)
             h.update(b"\x00" + _key(a) + b"\x00" + _key(b))

@@ -34,8 +34,10 @@ SKIP_REASONS = (
     "bad_label",          # label_0 not in {0, 0.5, 1}, or label_0 + label_1 != 1
     "missing_image",      # image bytes null / file absent / remote URL
     "undecodable_image",  # bytes present but PIL cannot decode them
+    "same_image",         # winner and loser are the same image (skipped unless keep_same_image)
     "duplicate",          # same prompt and same two images as an earlier kept pair
     "bad_record",         # a record the reader could not parse at all (bad JSON line, ...)
+    "bad_encoding",       # a JSONL line / CSV record that is not valid UTF-8
 )
 
 VALID_LABELS = (0.0, 0.5, 1.0)

@@ -112,7 +112,8 @@ def test_jsonl(image_dir, tmp_path):
     assert pairs[1]["winner_model"] == "y" and pairs[1]["source_row"] == 1
     assert report["rows_read"] == len(USER_ROWS) + 3  # the blank line is not a row
     assert report["skipped"] == {"empty_prompt": 1, "bad_label": 1, "missing_image": 2,
-                                 "undecodable_image": 0, "duplicate": 1, "bad_record": 3}
+                                 "undecodable_image": 0, "same_image": 0, "duplicate": 1,
+                                 "bad_record": 3, "bad_encoding": 0}
     assert report["ties_dropped"] == 1 and report["accounted"]
     assert any("not fetched" in e for e in report["skip_examples"]["missing_image"])
     assert any("row 4" in e and "invalid JSON" in e for e in report["skip_examples"]["bad_record"])
@@ -175,3 +176,86 @@ def test_utf8_bom_is_not_part_of_the_first_column(image_dir, tmp_path, fmt):
     pairs, prompts, report = _util.outputs(tmp_path / "w")
     assert winners(pairs) == [(COL["a"], COL["b"])] and report["skipped_total"] == 0
     assert prompts[0]["text"] == "red vs green"
+
+
+def test_hpdv2_non_finite_preference_is_bad_record(image_dir, tmp_path):
+    """json.load accepts NaN / Infinity: such a record is bad_record, not a tie."""
+    ann = tmp_path / "nan.json"
+    ann.write_text('[{"prompt": "ok", "image_path": ["sub/a.jpg", "sub/b.jpg"], "rank": [1, 2]},'
+                   ' {"prompt": "nan", "image_path": ["sub/a.jpg", "sub/b.jpg", "sub/c.jpg"],'
+                   '  "rank": [1, NaN, 2]},'
+                   ' {"prompt": "inf", "file_path": ["sub/d.jpg", "sub/e.jpg"],'
+                   '  "human_preference": [Infinity, 0]}]')
+    ingest.run(_util.config("hpdv2", ann, image_root=str(image_dir)), tmp_path / "w")
+    pairs, _, report = _util.outputs(tmp_path / "w")
+    assert winners(pairs) == [(COL["a"], COL["b"])]
+    assert report["skipped"]["bad_record"] == 2 and report["ties_seen"] == 0
+    assert all("non-finite" in e for e in report["skip_examples"]["bad_record"])
+    assert report["accounted"]
+
+
+def test_hpdv2_not_utf8_is_one_error(tmp_path):
+    ann = tmp_path / "latin1.json"
+    ann.write_bytes(b'[{"prompt": "caf\xe9", "image_path": ["a.jpg", "b.jpg"], "rank": [1, 2]}]')
+    with pytest.raises(IngestError, match=r"latin1\.json: not UTF-8: byte 0xe9"):
+        ingest.run(_util.config("hpdv2", ann), tmp_path / "w")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_bad_utf8_row_is_skipped_and_counted(image_dir, tmp_path, fmt):
+    """One non-UTF-8 byte skips its row (bad_encoding, file/row/line named), not the run."""
+    good = [dict(USER_ROWS[0]), dict(USER_ROWS[1])]
+    if fmt == "csv":
+        head, enc = "prompt,image_0,image_1,label_0\n", lambda r: (
+            f"{r['prompt']},{r['image_0']},{r['image_1']},{r['label_0']}\n")
+    else:
+        head, enc = "", lambda r: json.dumps(r) + "\n"
+    bad = enc(dict(USER_ROWS[0], prompt="caf@")).encode().replace(b"@", b"\xe9")
+    path = tmp_path / f"mixed.{fmt}"
+    path.write_bytes(head.encode() + enc(good[0]).encode() + bad + enc(good[1]).encode())
+    ingest.run(_util.config(fmt, path, image_root=str(image_dir)), tmp_path / "w")
+    pairs, _, report = _util.outputs(tmp_path / "w")
+    assert winners(pairs) == [(COL["a"], COL["b"]), (COL["d"], COL["c"])]
+    assert [p["source_row"] for p in pairs] == [0, 2]
+    assert report["skipped"]["bad_encoding"] == 1 and report["skipped_total"] == 1
+    [example] = report["skip_examples"]["bad_encoding"]
+    line = 3 if fmt == "csv" else 2
+    assert f"mixed.{fmt} row 1: line {line} is not UTF-8 (byte 0xe9" in example
+    assert report["accounted"]
+
+
+def test_csv_header_not_utf8_and_unparsable_record(image_dir, tmp_path):
+    path = tmp_path / "h.csv"
+    path.write_bytes(b"prompt,image_0,image_1,label_0,caf\xe9\n")
+    with pytest.raises(IngestError, match=r"h\.csv: header \(line 1\) is not UTF-8"):
+        ingest.run(_util.config("csv", path), tmp_path / "w")
+    # a record the csv module rejects (field over the size limit) is one bad_record
+    path.write_text("prompt,image_0,image_1,label_0\n" + f"{'x' * 300},sub/a.jpg,sub/b.jpg,1\n"
+                    "red vs green,sub/a.jpg,sub/b.jpg,1\n")
+    old = csv.field_size_limit(200)
+    try:
+        ingest.run(_util.config("csv", path, image_root=str(image_dir)), tmp_path / "w")
+    finally:
+        csv.field_size_limit(old)
+    pairs, _, report = _util.outputs(tmp_path / "w")
+    assert [p["source_row"] for p in pairs] == [1]
+    assert report["skipped"]["bad_record"] == 1 and report["accounted"]
+    assert "field larger than field limit" in report["skip_examples"]["bad_record"][0]
+
+
+def test_same_image_files(image_dir, tmp_path):
+    """The same path twice, or two files with identical bytes: skipped as same_image."""
+    copy = tmp_path / "a_copy.jpg"
+    copy.write_bytes((image_dir / "sub" / "a.jpg").read_bytes())
+    a = str(image_dir / "sub" / "a.jpg")
+    rows = [dict(USER_ROWS[0], image_0=a, image_1=a),                 # same path twice
+            dict(USER_ROWS[0], image_0=str(copy)),                       # copy vs b: kept
+            dict(USER_ROWS[0], image_0="sub/a.jpg", image_1=str(copy)),  # identical bytes
+            USER_ROWS[1]]
+    path = tmp_path / "same.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ingest.run(_util.config("jsonl", path, image_root=str(image_dir)), tmp_path / "w")
+    pairs, _, report = _util.outputs(tmp_path / "w")
+    assert [p["source_row"] for p in pairs] == [1, 3]
+    assert report["skipped"]["same_image"] == 2 and report["same_image_pairs"] == 2
+    assert report["skipped"]["undecodable_image"] == 0 and report["accounted"]

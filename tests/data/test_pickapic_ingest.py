@@ -3,6 +3,7 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -72,7 +73,8 @@ def test_counts_by_reason(default_run):
     assert report["rows_read"] == 15
     assert report["pairs_kept"] == 4
     assert report["skipped"] == {"empty_prompt": 2, "bad_label": 2, "missing_image": 1,
-                                 "undecodable_image": 2, "duplicate": 3, "bad_record": 0}
+                                 "undecodable_image": 2, "same_image": 0, "duplicate": 3,
+                                 "bad_record": 0, "bad_encoding": 0}
     assert report["ties_seen"] == report["ties_dropped"] == 1 and report["ties_kept"] == 0
     assert report["swapped"] == 2  # "a dog" and "A cat"
     assert report["duplicates_conflicting"] == 1
@@ -201,3 +203,43 @@ def test_hugging_face_image_struct_columns(tmp_path):
     pairs, _, _ = _util.outputs(tmp_path / "w")
     assert _util.colour_of(images.load_image(pairs[0]["winner_ref"])) == BLUE
     assert _util.colour_of(images.load_image(pairs[0]["loser_ref"])) == RED
+
+
+def test_corrupt_page_names_shard_and_row_group(tmp_path):
+    """A corrupt page is one IngestError naming the shard and row group; no output is left."""
+    rows = [row(f"prompt {i} " * 5, RED, GREEN, 1.0) for i in range(6)]
+    f = _util.write_shard(tmp_path / "torn.parquet", rows, row_group_size=2)
+    md = pq.read_metadata(f)
+    col = md.row_group(1).column(md.schema.names.index("caption"))
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    data = bytearray((tmp_path / "torn.parquet").read_bytes())
+    for i in range(start, start + col.total_compressed_size):
+        data[i] ^= 0x5A
+    (tmp_path / "torn.parquet").write_bytes(bytes(data))
+    with pytest.raises(IngestError, match=r"torn\.parquet: row group 1 \(rows 2-3\)") as e:
+        ingest.run(_util.config("pickapic", f), tmp_path / "w")
+    assert "\n" not in str(e.value)
+    assert list((tmp_path / "w" / "ingest").iterdir()) == []
+
+
+def test_same_file_named_twice_is_read_once(shards, monkeypatch):
+    monkeypatch.chdir(shards.parent)
+    name = f"{shards.name}/train-0.parquet"
+    assert pickapic.resolve_files(f"{name},./{name},{shards}/../{name}") == [
+        str(shards / "train-0.parquet")]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_same_image_on_both_sides(tmp_path, keep):
+    """winner == loser (identical bytes) carries no preference: skipped unless keep_same_image."""
+    f = _util.write_shard(tmp_path / "same.parquet", [
+        row("same", RED, RED, 1.0),      # identical bytes (Pick-a-Pic are_different=False)
+        row("pair", RED, GREEN, 1.0)])
+    ingest.run(_util.config("pickapic", f, keep_same_image=keep), tmp_path / "w")
+    pairs, _, report = _util.outputs(tmp_path / "w")
+    assert [p["source_row"] for p in pairs] == ([0, 1] if keep else [1])
+    assert report["skipped"]["same_image"] == (0 if keep else 1)
+    assert report["same_image_pairs"] == 1 and report["keep_same_image"] == keep
+    assert report["accounted"]
+    if not keep:
+        assert "same image" in report["skip_examples"]["same_image"][0]
