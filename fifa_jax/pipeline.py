@@ -77,9 +77,38 @@ def parse_stages(spec: str | Sequence[str]) -> list[str]:
     return sorted(dict.fromkeys(names), key=order.__getitem__)
 
 
+# Settings that change how fast a stage runs, never what it writes: left out of fingerprints,
+# so that more threads or another chunk size do not redo hours of decoding and scoring.
+NOT_IN_FINGERPRINT = {
+    "data": ("num_workers", "batch_rows"),
+    "score": ("reward.num_workers", "reward.chunk_size", "judge.cache_dir",
+              "judge.http.concurrency"),
+}
+
+
 def _section(config, key):
     value = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
     return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def _semantic(key: str, section):
+    """`section` (a plain dict) without its NOT_IN_FINGERPRINT settings, JSON-normalised."""
+    section = json.loads(json.dumps(section, sort_keys=True, default=str))
+    for dotted in NOT_IN_FINGERPRINT.get(key, ()) if isinstance(section, dict) else ():
+        *parents, leaf = dotted.split(".")
+        node = section
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return section
+
+
+def _config_changes(stage: Stage, done: dict, config) -> list[str]:
+    """Config sections of `stage` whose settings differ from those its finished run used."""
+    old = done.get("config") or {}
+    return [k for k in stage.config_keys
+            if _semantic(k, old.get(k)) != _semantic(k, _section(config, k))]
 
 
 def input_signature(config, stage: Stage) -> dict:
@@ -95,7 +124,7 @@ def fingerprint(config, stage: Stage, upstream_fps: dict[str, str]) -> str:
     """sha256 over the stage's config sections, its upstream fingerprints and (when the stage
     reads files outside the work directory) its `input_signature`."""
     payload = {"stage": stage.name,
-               "config": {k: _section(config, k) for k in stage.config_keys},
+               "config": {k: _semantic(k, _section(config, k)) for k in stage.config_keys},
                "upstream": {u: upstream_fps[u] for u in stage.upstream}}
     inputs = input_signature(config, stage)
     if inputs:
@@ -211,6 +240,12 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
                     raise PipelineError(
                         f"stage {stage.name!r} in {workdir} is out of date: its input stage(s) "
                         f"{changed} changed since it ran; add {stage.name!r} to config.stages")
+                sections = _config_changes(stage, done, config)
+                if sections:
+                    raise PipelineError(
+                        f"stage {stage.name!r} in {workdir} ran with other settings in config "
+                        f"section(s) {sections} than this config has; add {stage.name!r} to "
+                        f"config.stages to rerun it, or use the config it ran with")
                 fps[stage.name] = done["fingerprint"]
                 runs[stage.name] = done.get("run_id")
             continue

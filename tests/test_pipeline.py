@@ -208,3 +208,25 @@ def test_force_discards_resumable_state(fake_stages, tmp_path):
     assert discarded == []
     pipeline.run_pipeline(cfg, tmp_path, force=["a"], echo=lambda m: None)
     assert discarded == [tmp_path]
+
+
+def test_unlisted_stage_with_other_settings_is_refused(fake_stages, tmp_path):
+    """A stage read but not run must have run with this config's settings."""
+    pipeline.run_pipeline(_config(), tmp_path, echo=lambda m: None)
+    cfg = _config("c")
+    cfg.b.v = 20                                   # b's outputs were made with v = 2
+    with pytest.raises(PipelineError, match=r"stage 'b' .* section\(s\) \['b'\]"):
+        pipeline.run_pipeline(cfg, tmp_path, echo=lambda m: None)
+
+
+def test_speed_settings_are_not_in_fingerprints():
+    stage = pipeline.STAGE_BY_NAME["score"]
+    one = ml_collections.ConfigDict({"score": {"reward": {"num_workers": 4, "chunk_size": 64,
+                                                          "dtype": "float32"}}})
+    two = ml_collections.ConfigDict({"score": {"reward": {"num_workers": 16, "chunk_size": 8,
+                                                          "dtype": "float32"}}})
+    three = ml_collections.ConfigDict({"score": {"reward": {"num_workers": 4, "chunk_size": 64,
+                                                            "dtype": "bfloat16"}}})
+    fps = {"ingest": "x"}
+    assert pipeline.fingerprint(one, stage, fps) == pipeline.fingerprint(two, stage, fps)
+    assert pipeline.fingerprint(one, stage, fps) != pipeline.fingerprint(three, stage, fps)
