@@ -38,9 +38,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.min_rating_mass = 0.05   # below: "unparsable" (the model does not answer with a rating)
     c.harm_threshold = 0.5     # harmful if P(rating 0) / mass >= this
     c.harmful_quality_zero = True
-    c.batch_size = 16
+    c.batch_size = 16          # jax: prompts PER DEVICE (a batch is batch_size x
+                               # parallel.batch_multiple(mesh)); http: prompts per chunk
     c.max_length = 512         # tokens of the rendered chat prompt; longer prompts are cut
-    c.buckets = (64, 128, 256, 512)
+    c.buckets = (64, 128, 256, 512)  # jax: padded lengths (part of the cache key)
     c.dtype = "bfloat16"       # jax compute dtype (params stay float32)
     c.attn_impl = "xla"        # "auto" picks cuDNN on GPU (see fifa_jax/models/attention.py)
     c.cache_dir = ""           # "" = no cache unless judge_prompts gets cache_dir

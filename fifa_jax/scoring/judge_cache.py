@@ -2,10 +2,11 @@
 
 Key = sha256 of JSON {prompt, settings}, where settings holds everything that changes the raw
 answer (backend, model id, a content digest of a local model folder, rubric, rating scale,
-answer prefix, max length, dtype, ...), but not thresholds (applied afterwards by
-`rubric.finalize`) nor batch size / buckets / URL. Reruns and
-other datasets that share prompts reuse entries. Only answers are cached, never transport
-failures ("failed"), so a rerun retries them. Each batch is committed on its own, so a killed run
+answer prefix, max length, dtype; for the `jax` backend also the buckets and per-device batch
+size, since the padded shape changes bfloat16 answers), but not thresholds (applied afterwards by
+`rubric.finalize`) nor the HTTP URL. Reruns and other datasets that share prompts reuse entries.
+Only answers are cached, never transport failures ("failed": also an HTTP 200 body that is not a
+completion), so a rerun retries them. Each batch is committed on its own, so a killed run
 keeps every finished batch.
 """
 from __future__ import annotations

@@ -5,13 +5,16 @@ server applying its own chat template; `endpoint = "completions"`: POST {url}/v1
 with `PLAIN_TEMPLATE`. Both ask for `max_tokens` tokens at temperature 0 with `top_logprobs`
 alternatives; the first answer token's alternatives give the rating distribution (tokens that
 spell a rating, probabilities summed). Without logprobs in the answer the first integer in the
-text is the rating; an answer with neither is "unparsable".
+text is the rating; a well-formed completion with neither is "unparsable" (cached: the model's
+answer). An HTTP 200 whose body is not a completion (not JSON, or JSON without a choice, e.g.
+`{"object": "error", "message": "server overloaded"}`) is a server failure, not an answer.
 
-Transport: `concurrency` requests in flight, `timeout_s` each; HTTP 429/5xx, timeouts and
-dropped connections are retried `retries` times with exponential back-off
-(`backoff_s * 2**attempt`). A prompt whose retries run out is "failed"; if no connection can be
-made at all (connection refused, unknown host, no route) `JudgeServerUnreachable` names the URL
-and stops the run (answers so far are in the cache, so a rerun continues from there).
+Transport: `concurrency` requests in flight, `timeout_s` each; HTTP 429/5xx, timeouts,
+dropped connections and HTTP 200 bodies that are not a completion are retried `retries` times
+with exponential back-off (`backoff_s * 2**attempt`). A prompt whose retries run out is
+"failed"; if no connection can be made at all (connection refused, unknown host, no route)
+`JudgeServerUnreachable` names the URL and stops the run (answers so far are in the cache, so
+a rerun continues from there).
 """
 from __future__ import annotations
 
@@ -37,6 +40,10 @@ from fifa_jax.scoring.rubric import (RawJudgement, check_rubric, rating_from_tex
 
 class JudgeServerUnreachable(ConnectionError, InputError):
     """The judge server could not be reached at all."""
+
+
+class NotACompletion(ValueError):
+    """An HTTP 200 body that is not a completion: retried like a server error, never cached."""
 
 
 _NO_CONNECTION = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL)
@@ -102,10 +109,13 @@ class HttpJudge:
             return json.loads(resp.read().decode("utf-8"))
 
     def parse(self, answer) -> RawJudgement:
-        """A server answer -> raw judgement (probabilities, else a text rating)."""
+        """A server answer -> raw judgement (probabilities, else a text rating).
+        Raises NotACompletion for a body that is not a completion (the caller retries it)."""
         r_max = self.max_rating
         try:
             choice = answer["choices"][0]
+            if not isinstance(choice, dict) or not ("message" in choice or "text" in choice):
+                raise TypeError("the first choice has neither 'message' nor 'text'")
             if "message" in choice:
                 text = choice["message"].get("content") or ""
                 lp = choice.get("logprobs") or {}
@@ -116,8 +126,8 @@ class HttpJudge:
                 lp = choice.get("logprobs") or {}
                 tops = dict(((lp.get("top_logprobs") or [None])[0]) or {})
         except (KeyError, IndexError, TypeError, AttributeError) as e:
-            return RawJudgement(max_rating=r_max, error="unparsable",
-                                detail=f"malformed answer ({type(e).__name__}: {e})")
+            raise NotACompletion(f"not a completion ({type(e).__name__}: {e}): "
+                                 f"{json.dumps(answer)[:200]}") from None
         probs = [0.0] * (r_max + 1)
         found = False
         for token, logprob in tops.items():
@@ -149,9 +159,10 @@ class HttpJudge:
                 unreachable = False
                 if e.code != 429 and e.code < 500:
                     break
-            except json.JSONDecodeError as e:
-                return RawJudgement(max_rating=self.max_rating, error="unparsable",
-                                    detail=f"answer is not JSON: {e}")
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                last, unreachable = f"HTTP 200 answer is not JSON ({e})", False
+            except NotACompletion as e:
+                last, unreachable = f"HTTP 200 answer is {e}", False
             except (socket.timeout, TimeoutError) as e:
                 last, unreachable = f"timeout after {h.timeout_s}s ({e})", False
             except urllib.error.URLError as e:

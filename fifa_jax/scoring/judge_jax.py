@@ -6,10 +6,16 @@ a chat template gets the plain template `PLAIN_TEMPLATE` with its own special to
 next-token distribution after that text gives `probs[r]`, the probability summed over every
 vocabulary token that spells rating r (see `rating_token_table`).
 
+Prompt text is data, never chat control: special-token strings inside it (e.g. "<|end|>") are
+tokenized as plain text, so a prompt cannot close its turn and answer itself (`encode`).
+
 Batches: prompts are left-padded to the smallest bucket length that fits (one compile per
-bucket), `batch_size` rows (rounded up to a multiple of the mesh size, padded with dummy rows),
-sharded over every mesh axis; parameters are FSDP-sharded by `llm_io.fsdp_spec`. A prompt longer
-than `max_length` tokens is cut (its text, never the template) and flagged `truncated`.
+bucket); `batch_size` is rows PER DEVICE, so a batch has `batch_size * batch_multiple(mesh)` rows
+(padded with dummy rows) sharded over every mesh axis. Every device thus always computes the same
+(batch_size, bucket) shape and the answers do not depend on the device count (in bfloat16 they
+do depend on that shape: batch size and buckets are part of the cache key). Parameters are
+FSDP-sharded by `llm_io.fsdp_spec`. A prompt longer than `max_length` tokens is cut (its text,
+never the template) and flagged `truncated`.
 """
 from __future__ import annotations
 
@@ -23,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fifa_jax.scoring.rubric import RawJudgement, check_rubric, rating_of_token, render_rubric
 
 PLAIN_TEMPLATE = "{content}\n\nRating:"
+_SLOT = "@@FIFA_JAX_PROMPT_SLOT@@"   # stands for the prompt text while the template renders
 
 
 def _writes_ten_as_one_token(tokenizer) -> bool:
@@ -124,48 +130,116 @@ class JaxJudge:
         if int(cfg.max_length) > self.buckets[-1]:
             raise ValueError(f"judge max_length {cfg.max_length} exceeds the largest bucket "
                              f"{self.buckets[-1]}")
+        if int(cfg.batch_size) < 1:
+            raise ValueError(f"judge batch_size must be >= 1 (prompts per device), "
+                             f"got {cfg.batch_size}")
         self.mesh = mesh
         self._step = None
+        self._parts = None
+        # special tokens by id -> text (<unk> only counts where the text spells it)
+        self._control = {int(i): t.content for i, t in self.tok.added_tokens_decoder.items()
+                         if t.special}
 
     def settings(self) -> dict:
-        """Everything that changes the raw answer (the cache key)."""
+        """Everything that changes the raw answer (the cache key). In bfloat16 the padded
+        length and the per-device batch change the answer, so buckets and batch_size count."""
         c = self.cfg
         return {"backend": "jax", "model_id": self.model_id, "rubric": c.rubric,
                 "max_rating": self.max_rating, "answer_prefix": c.answer_prefix,
                 "max_length": int(c.max_length), "dtype": c.dtype,
+                "buckets": list(self.buckets), "batch_size": int(c.batch_size),
                 "template": "chat" if self.has_template else PLAIN_TEMPLATE,
                 "files": checkpoint_signature(self.path)}
 
     # -- prompts -> token ids -------------------------------------------------------------
-    def _render(self, text: str) -> str:
-        content = render_rubric(self.cfg.rubric, text, self.max_rating)
-        if self.has_template:
-            s = self.tok.apply_chat_template([{"role": "user", "content": content}],
-                                             tokenize=False, add_generation_prompt=True)
-        else:
-            s = PLAIN_TEMPLATE.format(content=content)
-        return s + self.cfg.answer_prefix
+    def _template_parts(self) -> list[str]:
+        """The rendered chat prompt, split where the prompt text goes (rendered once)."""
+        if self._parts is None:
+            content = render_rubric(self.cfg.rubric, _SLOT, self.max_rating)
+            if self.has_template:
+                s = self.tok.apply_chat_template([{"role": "user", "content": content}],
+                                                 tokenize=False, add_generation_prompt=True)
+            else:
+                s = PLAIN_TEMPLATE.format(content=content)
+            parts = (s + self.cfg.answer_prefix).split(_SLOT)
+            if len(parts) < 2:
+                raise ValueError(f"judge chat template of {self.path} drops the user message")
+            self._parts = parts
+        return self._parts
 
-    def _ids(self, strings: list[str]) -> list[list[int]]:
-        return self.tok(strings, add_special_tokens=not self.has_template)["input_ids"]
+    def _render(self, text: str) -> str:
+        """The whole model input as text; the prompt text is inserted verbatim."""
+        return text.join(self._template_parts())
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of `_render(text)` per text, special-token strings in the text as text."""
+        parts = self._template_parts()
+        strings = [t.join(parts) for t in texts]
+        enc = self.tok(strings, add_special_tokens=not self.has_template,
+                       return_offsets_mapping=True)
+        out = []
+        for t, s, ids, offs in zip(texts, strings, enc["input_ids"], enc["offset_mapping"]):
+            spans, pos = [], 0
+            for part in parts[:-1]:
+                pos += len(part)
+                spans.append((pos, pos + len(t)))
+                pos += len(t)
+            out.append(self._as_text(s, list(ids), [tuple(o) for o in offs], spans))
+        return out
+
+    def _as_text(self, s: str, ids: list[int], offs: list[tuple], spans: list[tuple]
+                 ) -> list[int]:
+        """`ids` of `s`, with every run of text that holds a special token parsed inside a
+        prompt span re-tokenized with special-token strings split as plain text. The template's
+        own special tokens (and those the tokenizer adds) stay; ordinary prompts keep `ids`."""
+        def control(k):   # a special token matched in the text (not added by the tokenizer)
+            a, b = offs[k]
+            tid = ids[k]
+            return (tid in self._control and b > a
+                    and (tid != self.tok.unk_token_id or s[a:b] == self._control[tid]))
+        inside = {k for k in range(len(ids)) if control(k)
+                  and any(offs[k][0] < e and offs[k][1] > b0 for b0, e in spans)}
+        if not inside:
+            return ids
+        anchor = [k not in inside and ids[k] in self._control
+                  and (control(k) or offs[k][1] <= offs[k][0]) for k in range(len(ids))]
+        out, i = [], 0
+        while i < len(ids):
+            if anchor[i]:
+                out.append(ids[i])
+                i += 1
+                continue
+            j = i
+            while j < len(ids) and not anchor[j]:
+                j += 1
+            if inside.intersection(range(i, j)):
+                a = offs[i - 1][1] if i > 0 else 0
+                b = offs[j][0] if j < len(ids) and offs[j][1] > offs[j][0] else len(s)
+                out += self.tok(s[a:b], add_special_tokens=False,
+                                split_special_tokens=True)["input_ids"]
+            else:
+                out += ids[i:j]
+            i = j
+        return out
 
     def encode(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
         """Token ids per prompt (<= max_length) and whether the prompt text was cut."""
         limit = int(self.cfg.max_length)
-        ids = self._ids([self._render(t) for t in texts])
+        ids = self._ids(texts)
         truncated = [False] * len(texts)
-        overhead = len(self._ids([self._render("")])[0])
+        overhead = len(self._ids([""])[0])
         for i, seq in enumerate(ids):
             if len(seq) <= limit:
                 continue
-            text_ids = self.tok(texts[i], add_special_tokens=False)["input_ids"]
+            text_ids = self.tok(texts[i], add_special_tokens=False,
+                                split_special_tokens=True)["input_ids"]
             keep = limit - overhead - 2
             for _ in range(32):
                 if keep <= 0:
                     raise ValueError(f"judge max_length {limit} leaves no room for the prompt: "
                                      f"the rubric and template alone take {overhead} tokens")
                 cut = self.tok.decode(text_ids[:keep], skip_special_tokens=True)
-                seq = self._ids([self._render(cut)])[0]
+                seq = self._ids([cut])[0]
                 if len(seq) <= limit:
                     break
                 keep -= max(2, len(seq) - limit)
@@ -208,7 +282,8 @@ class JaxJudge:
             ids[i, length - len(seq):] = seq
             mask[i, length - len(seq):] = 1
         from fifa_jax.models.llm_io import put_global
-        sharding = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names), None))
+        from fifa_jax.parallel import batch_sharding
+        sharding = batch_sharding(self.mesh, 2)
         out = self._step(self._state, put_global(ids, sharding), put_global(mask, sharding),
                          *self._consts)
         if jax.process_count() > 1:
@@ -225,8 +300,8 @@ class JaxJudge:
         ids, truncated = self.encode(texts)
         if self._step is None:
             self._build()
-        n_dev = self.mesh.devices.size
-        rows = -(-int(self.cfg.batch_size) // n_dev) * n_dev
+        from fifa_jax.parallel import batch_multiple
+        rows = int(self.cfg.batch_size) * batch_multiple(self.mesh)   # batch_size per device
         order = sorted(range(len(texts)), key=lambda i: (bucket_of(len(ids[i]), self.buckets), i))
         batches = []
         for i in order:

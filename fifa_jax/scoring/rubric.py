@@ -57,11 +57,12 @@ def rating_of_token(token: str, max_rating: int) -> int | None:
     return None
 
 
-_INT = re.compile(r"(?<![\d.])(\d{1,3})(?![\d.])")
+_INT = re.compile(r"(?<![\d.])(\d{1,3})(?!\d|\.\d)")   # "7" and "7." yes, "7.5" no
 
 
 def rating_from_text(text: str, max_rating: int) -> int | None:
-    """The first integer in `text` if it is a valid rating, else None."""
+    """The first integer in `text` (a full stop may end it; decimals are not integers) if it
+    is a valid rating, else None."""
     m = _INT.search(text or "")
     if not m:
         return None

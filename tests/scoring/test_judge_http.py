@@ -74,6 +74,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self._send(200, {"foo": 1})
         if key == "notjson":
             return self._send(200, b"<html>oops</html>")
+        if key == "overloaded":
+            return self._send(200, {"object": "error", "message": "server overloaded"})
+        if key == "errorsonce" and Handler.counts[prompt] == 1:
+            return self._send(200, {"object": "error", "message": "server overloaded"})
         if key == "harm":
             return self._send(200, _chat("0", [("0", 0.9), ("5", 0.05)]))
         return self._send(200, _chat("7", TOPS) if chat else _completion("7", TOPS))
@@ -111,18 +115,21 @@ def test_canned_answers(server):
     r = judge_prompts(texts, _cfg(server))
     want_ok = [True, True, True, False, False, False, False, True, True]
     assert r.ok.tolist() == want_ok
-    assert r.failure_reason == ["", "", "", "unparsable", "unparsable", "failed", "unparsable",
-                                "", ""]
+    # A completion without a rating is "unparsable"; a 200 body that is not a completion
+    # (malformed, not JSON) is a server failure: retried, then "failed".
+    assert r.failure_reason == ["", "", "", "unparsable", "failed", "failed", "failed", "", ""]
     np.testing.assert_allclose(r.quality[[0, 1, 8]], GOOD_Q, rtol=1e-6)
     assert math.isclose(r.quality[2], 6.0) and r.rating_mass[2] == 1.0
     np.testing.assert_allclose(r.rating_mass[0], 0.9, rtol=1e-6)
     assert r.harmful.tolist() == [False] * 7 + [True, False] and r.quality[7] == 0.0
     assert np.all(np.isfinite(r.quality)) and np.all(r.quality[~r.ok] == 0)
     counts = r.metadata["counts"]
-    assert (counts["unparsable"], counts["failed"], counts["ok"]) == (3, 1, 5)
+    assert (counts["unparsable"], counts["failed"], counts["ok"]) == (1, 3, 5)
     assert Handler.counts["flaky one"] == 2          # 500, then success
     assert Handler.counts["down one"] == 3           # 1 + 2 retries
-    assert Handler.counts["malformed one"] == 1      # an answer is not retried
+    assert Handler.counts["garbage one"] == 1        # an answer is not retried
+    assert Handler.counts["malformed one"] == 3      # not a completion: 1 + 2 retries
+    assert Handler.counts["notjson one"] == 3
     path, body = Handler.bodies[-1]
     assert path == "/v1/chat/completions"
     assert body["model"] == "judge-test" and body["temperature"] == 0.0
@@ -158,6 +165,25 @@ def test_cache_skips_server_but_retries_failures(server, tmp_path):
     assert second.metadata["counts"]["cached"] == 2
     np.testing.assert_array_equal(first.quality, second.quality)
     assert first.failure_reason == second.failure_reason
+
+
+def test_error_body_with_200_is_retried_and_not_cached(server, tmp_path):
+    """`{"object": "error", ...}` with HTTP 200 is the server failing, not the model's answer:
+    retried with back-off, then "failed" and never cached, so a rerun asks the server again."""
+    Handler.counts.clear()
+    cfg = _cfg(server)
+    cfg.cache_dir = str(tmp_path)
+    texts = ["overloaded seven", "errorsonce seven", "garbage seven"]
+    first = judge_prompts(texts, cfg)
+    assert first.failure_reason == ["failed", "", "unparsable"]
+    np.testing.assert_allclose(first.quality[1], GOOD_Q, rtol=1e-6)   # the retry succeeded
+    assert Handler.counts["overloaded seven"] == 3 and Handler.counts["errorsonce seven"] == 2
+    second = judge_prompts(texts, cfg)
+    assert Handler.counts["overloaded seven"] == 6                     # asked again
+    assert Handler.counts["errorsonce seven"] == 2                     # answer cached
+    assert Handler.counts["garbage seven"] == 1                        # unparsable cached
+    assert second.metadata["counts"]["cached"] == 2
+    assert second.failure_reason == first.failure_reason
 
 
 def test_dropped_connection_is_retried_then_failed_not_fatal(server):

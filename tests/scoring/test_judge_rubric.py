@@ -24,6 +24,11 @@ def test_rating_from_text():
     assert rating_from_text("10", 10) == 10
     assert rating_from_text("12", 10) is None
     assert rating_from_text("3.5", 10) is None
+    assert rating_from_text("7.", 10) == 7                 # a full stop ends the rating
+    assert rating_from_text("Rating: 8.", 10) == 8
+    assert rating_from_text("10.\n", 10) == 10
+    assert rating_from_text("7.5", 10) is None             # a decimal is not a rating
+    assert rating_from_text("Rating: 7.5.", 10) is None
     assert rating_from_text("no idea", 10) is None
 
 
