@@ -96,8 +96,59 @@ def validate(config) -> None:
     if not isinstance(config.seed, int):
         raise ConfigError(f"config key 'seed' must be an int, got {config.seed!r}")
     stages = config.stages.split(",") if isinstance(config.stages, str) else config.stages
-    if "select" in [str(s).strip() for s in stages] and "select" in config:
+    stages = [str(s).strip() for s in stages]
+    for section, stage in (("data", "ingest"), ("score", "score"), ("mesh", "score"),
+                           ("mesh", "select")):
+        if stage in stages and section in config:
+            _check_rules(section, config[section], _RULES[section])
+    if "mesh" in config and ("score" in stages or "select" in stages):
+        m = config.mesh
+        if m.get("data") == -1 and m.get("fsdp") == -1:
+            raise ConfigError("config keys 'mesh.data' and 'mesh.fsdp' cannot both be -1")
+    if "select" in stages and "select" in config:
         _check_select(config.select)
+
+
+# Value rules of the data, score and mesh sections, checked before any stage runs (a typo in
+# score.* must not surface after hours of ingest). ("choice", values) | ("min", lower bound) |
+# ("size", None): -1 (the rest of the devices) or >= 1.
+_RULES = {
+    "data": {"format": ("choice", ("pickapic", "hpdv2", "jsonl", "csv", "demo")),
+             "check_images": ("choice", ("decode", "header", "none")),
+             "num_workers": ("min", 0), "batch_rows": ("min", 1), "max_rows": ("min", 0)},
+    "score": {"reward.dtype": ("choice", ("float32", "bfloat16")),
+              "reward.attention_impl": ("choice", ("auto", "xla", "cudnn")),
+              "reward.batch_size": ("min", 1), "reward.chunk_size": ("min", 1),
+              "reward.num_workers": ("min", 0),
+              "embedder.kind": ("choice", ("bert", "clip")), "embedder.batch_size": ("min", 1),
+              "judge.backend": ("choice", ("jax", "http", "column")),
+              "judge.dtype": ("choice", ("float32", "bfloat16")),
+              "judge.attn_impl": ("choice", ("auto", "xla", "cudnn")),
+              "judge.batch_size": ("min", 1), "judge.max_length": ("min", 1),
+              "judge.http.endpoint": ("choice", ("chat", "completions")),
+              "judge.http.concurrency": ("min", 1), "judge.http.retries": ("min", 0),
+              "judge.column.missing": ("choice", ("error", "fail"))},
+    "mesh": {"distributed": ("choice", ("auto", "on", "off")), "data": ("size", None),
+             "fsdp": ("size", None)},
+}
+
+
+def _check_rules(section: str, node, rules: dict) -> None:
+    for dotted, (kind, arg) in rules.items():
+        value = node
+        for part in dotted.split("."):
+            value = value.get(part) if hasattr(value, "get") else None
+        if value is None:
+            continue
+        key = f"{section}.{dotted}"
+        if kind == "choice" and value not in arg:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(arg)}; "
+                              f"got {value!r}")
+        if kind == "min" and not value >= arg:
+            raise ConfigError(f"config key '{key}' must be >= {arg}; got {value!r}")
+        if kind == "size" and not (value == -1 or value >= 1):
+            raise ConfigError(f"config key '{key}' must be -1 (the remaining devices) or >= 1; "
+                              f"got {value!r}")
 
 
 def _check_select(sel) -> None:

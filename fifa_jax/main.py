@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fifa_jax import config_check, pipeline
+from fifa_jax.errors import InputError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py (optionally :arg).",
@@ -33,7 +34,7 @@ def _run(argv) -> int:
     try:
         config_check.validate(config)
         results = pipeline.run_pipeline(config, _WORKDIR.value, force=_FORCE.value)
-    except (pipeline.PipelineError, config_check.ConfigError) as e:
+    except (pipeline.PipelineError, config_check.ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ran = [k for k, v in results.items() if v["status"] == "ran"]

@@ -3,8 +3,9 @@
 Each stage is a function `run(config, workdir) -> dict` in its own module. It reads its inputs
 from `workdir/<upstream stage>/` and writes only into `workdir/<stage>/`. When it returns, the
 runner writes `workdir/<stage>/STAGE_DONE.json` holding the stage's fingerprint: a hash of the
-config sections the stage depends on, of its upstream stages' fingerprints and, for a stage
-that reads files outside the work directory (ingest), of those files' sizes and times. A later run skips
+config sections the stage depends on (less its speed-only settings, `NOT_IN_FINGERPRINT`), of
+its upstream stages' fingerprints and, for a stage that reads files outside the work directory
+(ingest), of those files' sizes and times. A later run skips
 a stage whose done file carries the same fingerprint, so rerunning a command resumes it; a
 changed config section changes the fingerprint and reruns the stage and everything downstream of
 it. Every finished run also records a fresh `run_id` and the run ids of the upstream outputs it

@@ -1,9 +1,12 @@
 """The command line: config errors are one line naming the key; unbuilt stages are refused."""
+import pathlib
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 CONFIG = textwrap.dedent('''
     import ml_collections
@@ -65,7 +68,7 @@ SELECT_CONFIG = textwrap.dedent('''
         c = ml_collections.ConfigDict()
         c.seed = 0
         c.stages = "ingest,score,select"
-        c.data = ml_collections.ConfigDict({"format": "not-run"})
+        c.data = ml_collections.ConfigDict({"format": "jsonl", "path": "/nonexistent/not-run"})
         c.select = stage.default_config()
         return c
 ''')
@@ -85,6 +88,25 @@ def test_bad_select_value_fails_before_any_stage_runs(tmp_path, override, expect
     cfg.write_text(SELECT_CONFIG)
     work = tmp_path / "w"
     rc, _, err = _cli("--config", str(cfg), "--workdir", str(work), override)
+    lines = [line for line in err.strip().splitlines() if line]
+    assert rc == 2 and len(lines) == 1 and expected in lines[0], err
+    assert not (work / "ingest").exists()
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.data.check_images=fast", "'data.check_images' must be one of decode, header, none"),
+    ("--config.data.num_workers=-1", "'data.num_workers' must be >= 0"),
+    ("--config.score.embedder.kind=sbert", "'score.embedder.kind' must be one of bert, clip"),
+    ("--config.score.reward.dtype=bf16", "'score.reward.dtype' must be one of float32, bfloat16"),
+    ("--config.score.judge.backend=vllm", "'score.judge.backend' must be one of jax, http"),
+    ("--config.score.reward.batch_size=0", "'score.reward.batch_size' must be >= 1"),
+    ("--config.mesh.distributed=yes", "'mesh.distributed' must be one of auto, on, off"),
+    ("--config.mesh.data=0", "'mesh.data' must be -1 (the remaining devices) or >= 1"),
+])
+def test_bad_data_score_mesh_values_fail_before_any_stage_runs(tmp_path, override, expected):
+    work = tmp_path / "w"
+    rc, _, err = _cli("--config", str(ROOT / "configs" / "demo.py"), "--workdir", str(work),
+                      override)
     lines = [line for line in err.strip().splitlines() if line]
     assert rc == 2 and len(lines) == 1 and expected in lines[0], err
     assert not (work / "ingest").exists()

@@ -23,6 +23,12 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fifa_jax.errors import InputError
+
+
+class MeshConfigError(InputError):
+    """The mesh section or the multi-host environment does not fit the devices (one line)."""
+
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # a batch dimension is split over every device
 
@@ -43,7 +49,7 @@ def _wants_distributed(mode: str) -> bool:
     if mode == "off":
         return False
     if mode != "auto":
-        raise ValueError(f"mesh.distributed must be 'auto', 'on' or 'off', got {mode!r}")
+        raise MeshConfigError(f"mesh.distributed must be 'auto', 'on' or 'off', got {mode!r}")
     if os.environ.get("SLURM_NTASKS", "1") not in ("", "1"):
         return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
@@ -60,7 +66,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") \
+        raise MeshConfigError(f"environment variable {name} must be an integer, got {value!r}") \
             from None
 
 
@@ -75,7 +81,7 @@ def _explicit_args() -> dict:
     if i is not None:
         kwargs["process_id"] = i
     if n is not None and i is not None and not 0 <= i < n:
-        raise ValueError(f"{ENV_PROCESS_ID}={i} must be in [0, {ENV_NUM_PROCESSES}={n})")
+        raise MeshConfigError(f"{ENV_PROCESS_ID}={i} must be in [0, {ENV_NUM_PROCESSES}={n})")
     return kwargs
 
 
@@ -98,17 +104,17 @@ def initialize_distributed(mode: str = "auto") -> None:
 def mesh_shape(n_devices: int, data: int, fsdp: int) -> tuple[int, int]:
     """Resolve -1 entries; raise naming the key when the sizes do not multiply to n_devices."""
     if fsdp == -1 and data == -1:
-        raise ValueError("mesh.data and mesh.fsdp cannot both be -1")
+        raise MeshConfigError("mesh.data and mesh.fsdp cannot both be -1")
     if fsdp == -1:
         if n_devices % data:
-            raise ValueError(f"mesh.data={data} does not divide the {n_devices} devices")
+            raise MeshConfigError(f"mesh.data={data} does not divide the {n_devices} devices")
         fsdp = n_devices // data
     if data == -1:
         if n_devices % fsdp:
-            raise ValueError(f"mesh.fsdp={fsdp} does not divide the {n_devices} devices")
+            raise MeshConfigError(f"mesh.fsdp={fsdp} does not divide the {n_devices} devices")
         data = n_devices // fsdp
     if data * fsdp != n_devices:
-        raise ValueError(f"mesh.data * mesh.fsdp = {data} * {fsdp} = {data * fsdp}, "
+        raise MeshConfigError(f"mesh.data * mesh.fsdp = {data} * {fsdp} = {data * fsdp}, "
                          f"but there are {n_devices} devices")
     return data, fsdp
 

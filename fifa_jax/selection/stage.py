@@ -15,8 +15,8 @@ Writes select/:
     hist_terms.png     margin / quality / diversity histograms, chosen vs all candidates
     prompts_pca.png    2-D PCA of the prompt embeddings, chosen prompts marked
 Pairs whose margins row has ok = False (image not decodable) and pairs of a prompt whose
-prompt_scores row has ok = False (the judge failed) are excluded and counted apart. The same config gives a
-byte-identical manifest.
+prompt_scores row has ok = False (the judge failed) are excluded and counted apart. The same
+config gives a byte-identical manifest.
 """
 from __future__ import annotations
 

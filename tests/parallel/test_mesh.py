@@ -26,7 +26,8 @@ def test_mesh_shapes(data, fsdp, shape):
 @pytest.mark.parametrize("data,fsdp,match", [(3, -1, "mesh.data=3"), (-1, 3, "mesh.fsdp=3"),
                                              (2, 2, "2 \\* 2"), (-1, -1, "both")])
 def test_bad_mesh_names_the_key(data, fsdp, match):
-    with pytest.raises(ValueError, match=match):
+    from fifa_jax.errors import InputError      # the CLI prints it as one line
+    with pytest.raises(InputError, match=match):
         parallel.make_mesh(_cfg(data, fsdp))
 
 

@@ -150,7 +150,8 @@ def test_repeated_pair_id_is_a_one_line_error_naming_it(tmp_path, table):
     t = pq.read_table(wd / table)
     pq.write_table(pa.concat_tables([t, t.slice(7, 1)]), wd / table)
     repeated = t.column("pair_id")[7].as_py()
-    with pytest.raises(InputError, match=rf"{table.split('/')[1]} repeats pair_id\(s\) \[{repeated}\]"):
+    name = table.split("/")[1]
+    with pytest.raises(InputError, match=rf"{name} repeats pair_id\(s\) \[{repeated}\]"):
         stage.run(config("importance"), wd)
 
 
