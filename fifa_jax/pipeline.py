@@ -112,22 +112,23 @@ def _config_changes(stage: Stage, done: dict, config) -> list[str]:
             if _semantic(k, old.get(k)) != _semantic(k, _section(config, k))]
 
 
-def input_signature(config, stage: Stage) -> dict:
-    """The stage module's `input_signature(config)` (e.g. ingest: its data files' sizes and
-    modification times), or {} for a stage that reads only the work directory."""
+def input_signature(config, stage: Stage, workdir=None) -> dict:
+    """The stage module's `input_signature(config, workdir)` (ingest: its data files' sizes and
+    modification times; score: its model and rating files'), or {} for a stage that reads
+    only the work directory."""
     if stage.module is None:
         return {}
     fn = getattr(importlib.import_module(stage.module), "input_signature", None)
-    return fn(config) if fn is not None else {}
+    return fn(config, workdir) if fn is not None else {}
 
 
-def fingerprint(config, stage: Stage, upstream_fps: dict[str, str]) -> str:
+def fingerprint(config, stage: Stage, upstream_fps: dict[str, str], workdir=None) -> str:
     """sha256 over the stage's config sections, its upstream fingerprints and (when the stage
     reads files outside the work directory) its `input_signature`."""
     payload = {"stage": stage.name,
                "config": {k: _semantic(k, _section(config, k)) for k in stage.config_keys},
                "upstream": {u: upstream_fps[u] for u in stage.upstream}}
-    inputs = input_signature(config, stage)
+    inputs = input_signature(config, stage, workdir)
     if inputs:
         payload["inputs"] = inputs
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
@@ -250,7 +251,7 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
                 fps[stage.name] = done["fingerprint"]
                 runs[stage.name] = done.get("run_id")
             continue
-        fp = fingerprint(config, stage, fps)
+        fp = fingerprint(config, stage, fps, workdir)
         fps[stage.name] = fp
         done = read_done(workdir, stage.name)
         changed = _changed_inputs(stage, done, fps, runs, ran) if done is not None else []

@@ -61,7 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def input_signature(config) -> dict:
+def input_signature(config, workdir=None) -> dict:
     """{file: [size, mtime_ns]} of the data files `config.data` reads (not the image files they
     name by path); the runner folds it into this stage's fingerprint, so new, removed or
     rewritten shards rerun ingest (and everything after it) although the config is unchanged.

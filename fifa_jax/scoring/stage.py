@@ -39,6 +39,45 @@ from fifa_jax.scoring import demo_checkpoints, embeddings, judge, margins
 STAGE = "score"
 
 
+def _file_stats(path: str) -> dict:
+    """{file: [size, mtime_ns]} of a file, or of every file under a folder."""
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return {path: [st.st_size, st.st_mtime_ns]}
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in sorted(files):
+            st = os.stat(os.path.join(root, f))
+            out[os.path.join(root, f)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def input_signature(config, workdir) -> dict:
+    """Sizes and modification times of the model and data files this stage reads from outside
+    the work directory (reward model and processor, embedder, judge model or rating file): the
+    runner folds them into the fingerprint, so replacing a checkpoint or the ratings in place
+    reruns the stage. The demo reward is made from the config; an http judge cannot be seen."""
+    sc = config.get("score")
+    if sc is None:
+        return {}
+    judge_cfg = _judge_config(sc.judge, pathlib.Path(workdir))
+    paths = {"reward": sc.reward.get("path", ""),
+             "processor": sc.reward.get("processor_path", ""),
+             "embedder": sc.embedder.get("path", ""),
+             "judge_model": judge_cfg.get("model_path", "") if judge_cfg.backend == "jax" else "",
+             "judge_column": judge_cfg.column.get("path", "")
+             if judge_cfg.backend == "column" else ""}
+    out = {}
+    for what, path in paths.items():
+        if not path or path == "demo":
+            continue
+        path = os.path.abspath(os.path.expanduser(path))
+        if path.startswith(os.path.abspath(workdir) + os.sep):
+            continue              # made by an upstream stage: its fingerprint covers it
+        out[what] = _file_stats(path) if os.path.exists(path) else "missing"
+    return out
+
+
 def discard_resume_state(workdir) -> None:
     """Forget finished margin chunks, so that the next run rescores every pair (the runner
     calls this for `--force=score`: chunks are keyed by image refs, not image bytes). The

@@ -143,3 +143,31 @@ def test_discarded_resume_state_rescores_everything(scored):
 def test_missing_ingest_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="pairs.parquet"):
         stage.run(_config(), tmp_path)
+
+
+def test_input_signature_follows_model_and_rating_files(tmp_path):
+    """Replacing the ratings file or a checkpoint file in place changes the fingerprint input;
+    files inside the work directory (made upstream) and the demo reward are left out."""
+    import os
+    config = _config()
+    work = tmp_path / "w"
+    work.mkdir()
+    ratings = tmp_path / "ratings.parquet"
+    pq.write_table(pa.table({"prompt": ["a"], "quality": [5.0]}), ratings)
+    config.score.judge.column.path = str(ratings)
+    model = tmp_path / "reward"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    config.score.reward.path = str(model)
+    sig = stage.input_signature(config, work)
+    assert set(sig) == {"reward", "judge_column"}
+    pq.write_table(pa.table({"prompt": ["a", "b"], "quality": [5.0, 1.0]}), ratings)
+    assert stage.input_signature(config, work)["judge_column"] != sig["judge_column"]
+    (model / "config.json").write_text('{"projection_dim": 8}')
+    os.utime(model / "config.json", ns=(1, 2))
+    assert stage.input_signature(config, work)["reward"] != sig["reward"]
+    config.score.reward.path = "demo"
+    config.score.judge.column.path = "ingest/demo_data/quality.parquet"   # workdir-relative
+    (work / "ingest" / "demo_data").mkdir(parents=True)
+    (work / "ingest" / "demo_data" / "quality.parquet").write_bytes(b"x")
+    assert stage.input_signature(config, work) == {}
