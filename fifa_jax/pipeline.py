@@ -8,7 +8,9 @@ its upstream stages' fingerprints and, for a stage that reads files outside the 
 (ingest), of those files' sizes and times. A later run skips
 a stage whose done file carries the same fingerprint, so rerunning a command resumes it; a
 changed config section changes the fingerprint and reruns the stage and everything downstream of
-it. Every finished run also records a fresh `run_id` and the run ids of the upstream outputs it
+it. A stage whose summary reports `retryable_failures` (the score stage's judge requests that
+failed in transport) is run again by the next call, reusing its finished work. Every finished
+run also records a fresh `run_id` and the run ids of the upstream outputs it
 read (`upstream_runs`), so an upstream stage that ran again (e.g. `--force`, or alone with
 `config.stages`) reruns its downstream stages too, and a stage left out of `config.stages` whose
 own inputs changed since it ran is refused as out of date instead of being read stale.
@@ -255,8 +257,9 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
         fps[stage.name] = fp
         done = read_done(workdir, stage.name)
         changed = _changed_inputs(stage, done, fps, runs, ran) if done is not None else []
+        retry = int(((done or {}).get("summary") or {}).get("retryable_failures") or 0)
         if (done is not None and done.get("fingerprint") == fp and not changed
-                and stage.name not in force):
+                and stage.name not in force and not retry):
             echo(f"[{stage.name}] skipped: finished at {done.get('finished_at')} with the same "
                  f"config (fingerprint {fp}); outputs in {workdir / stage.name}")
             results[stage.name] = {"status": "skipped", **done}
@@ -268,6 +271,9 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
         elif changed:
             echo(f"[{stage.name}] input stage(s) {changed} ran again since the last run: "
                  f"running again")
+        elif retry and stage.name not in force:
+            echo(f"[{stage.name}] its last run left {retry} retryable failure(s): running again "
+                 f"to retry them (finished work is reused)")
         # Every host reaches the same decision above (they read the same work directory).
         _start_devices(config)
         leader = _process_index() == 0

@@ -230,3 +230,20 @@ def test_speed_settings_are_not_in_fingerprints():
     fps = {"ingest": "x"}
     assert pipeline.fingerprint(one, stage, fps) == pipeline.fingerprint(two, stage, fps)
     assert pipeline.fingerprint(one, stage, fps) != pipeline.fingerprint(three, stage, fps)
+
+
+def test_retryable_failures_run_the_stage_again(fake_stages, tmp_path, monkeypatch):
+    """A run that reports retryable failures is not final: the next call runs it again; once
+    a run has none, calls skip it."""
+    left = [2, 0]
+    module = sys.modules["fakestage.a"]
+    plain = module.run
+    monkeypatch.setattr(module, "run",
+                        lambda c, w: dict(plain(c, w), retryable_failures=left.pop(0)))
+    msgs = []
+    pipeline.run_pipeline(_config("a"), tmp_path, echo=msgs.append)
+    res = pipeline.run_pipeline(_config("a"), tmp_path, echo=msgs.append)
+    assert res["a"]["status"] == "ran"
+    assert any("2 retryable failure(s)" in m for m in msgs)
+    res = pipeline.run_pipeline(_config("a"), tmp_path, echo=msgs.append)
+    assert res["a"]["status"] == "skipped" and CALLS == ["fakestage.a"] * 2

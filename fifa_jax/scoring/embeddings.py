@@ -7,8 +7,11 @@ Two encoders:
   kind="clip": a CLIP text tower (pooled, projected, L2-normalised), padded to 77 tokens.
 
 Text goes through the checkpoint's own tokenizer; prompts longer than the encoder's limit are
-truncated and counted. Batches are split over every device of the mesh (the last one padded);
-parameters are replicated. One jitted function per encoder, compiled once per padded length.
+truncated and counted. `batch_size` is prompts PER DEVICE: a step takes batch_size x
+`parallel.batch_multiple(mesh)` prompts split over every device of the mesh (the last one
+padded), so each device always runs the same shape and the embeddings do not depend on the
+device count (1 device == 8 devices bit for bit). Parameters are replicated. One jitted function
+per encoder, compiled once per padded length. No prompts give a (0, d) result.
 """
 from __future__ import annotations
 
@@ -73,6 +76,11 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int,
              pad_to: int | None = None) -> TokenizedText:
     """Tokenize with truncation at `max_length`; pad to `pad_to` (default max_length)."""
     texts = list(texts)
+    if not texts:  # the tokenizers fail on an empty list
+        width = pad_to or max_length
+        return TokenizedText(ids=np.zeros((0, width), np.int32),
+                             mask=np.zeros((0, width), np.int32),
+                             n_tokens=np.zeros((0,), np.int64), truncated=np.zeros((0,), bool))
     full = tokenizer(texts, add_special_tokens=True, truncation=False,
                      verbose=False)["input_ids"]
     n_tokens = np.array([len(x) for x in full], np.int64)
@@ -87,12 +95,16 @@ def run_batched(fn: Callable, params, arrays: Sequence[np.ndarray], batch_size: 
                 mesh, what: str = "batches") -> np.ndarray:
     """fn(params, *batch) over rows of `arrays` in batches sharded on `mesh`.
 
-    Each batch is padded to `batch_size` rounded up to the mesh's batch multiple (one compiled
-    shape); the padding rows are dropped. Returns the concatenated host results (N, ...).
+    `batch_size` is rows PER DEVICE: every batch is padded to batch_size x the mesh's batch
+    multiple (one compiled shape, the same per-device shape on any mesh); the padding rows are
+    dropped. Returns the concatenated host results (N, ...); (0, ...) when N == 0.
     """
     n = arrays[0].shape[0]
-    mult = parallel.batch_multiple(mesh)
-    bs = -(-max(1, batch_size) // mult) * mult
+    bs = max(1, int(batch_size)) * parallel.batch_multiple(mesh)
+    if n == 0:  # the result's trailing shape, without running anything
+        out = jax.eval_shape(fn, params, *[jax.ShapeDtypeStruct((bs,) + a.shape[1:], a.dtype)
+                                           for a in arrays])
+        return np.zeros((0,) + tuple(out.shape[1:]), out.dtype)
     outs, t0 = [], time.time()
     pending = None
     for start in range(0, n, bs):
@@ -112,8 +124,6 @@ def run_batched(fn: Callable, params, arrays: Sequence[np.ndarray], batch_size: 
                          (n - done) / max(rate, 1e-9))
     if pending is not None:
         outs.append(parallel.to_host(pending[0])[:pending[1]])
-    if not outs:
-        return np.zeros((0,), np.float32)
     return np.concatenate(outs, axis=0)
 
 
@@ -211,7 +221,8 @@ def embed_clip(texts: Sequence[str], path: str, batch_size: int, mesh) -> Embedd
 
 
 def embed_prompts(texts: Sequence[str], embedder_cfg, mesh) -> EmbeddingResult:
-    """Embed unique prompts with `embedder_cfg` = {kind, path, batch_size} (config.score.embedder)."""
+    """Embed unique prompts with `embedder_cfg` = {kind, path, batch_size (per device)}
+    (config.score.embedder). No prompts give a (0, d) result."""
     kind = embedder_cfg.kind
     path = embedder_cfg.path
     if kind == "bert":

@@ -7,13 +7,22 @@ Text features are computed once per unique prompt (and cached in the chunk folde
 decoded and resized/cropped by a thread pool (`input_pipeline`) while the device scores the
 previous batch; one jitted step normalises the uint8 crops, runs the vision tower and takes the
 scaled cosine, with the batch split over every device of the mesh (last batch padded).
+`score.reward.batch_size` is images (and prompts, for the text features) PER DEVICE: a step
+takes batch_size x `parallel.batch_multiple(mesh)`, so every device always runs the same shape
+and the scores do not depend on the device count (1 device == 8 devices bit for bit).
 
 `margins.parquet` holds both the signed and the absolute margin; the selector chooses
-(`select.margin`). Results go to `<out>/margin_chunks/chunk_00012.parquet`, one file per `chunk_size` pairs,
-written to a temporary name and renamed, so a killed run resumes at the first missing chunk
-and never rescores a finished one. `meta.json` fingerprints the inputs and the model; chunks
-of a different fingerprint are discarded. A pair whose image cannot be decoded (or whose
-score is not finite) gets ok=False, scores 0.0 and a failure reason; nothing is dropped.
+(`select.margin`). Results go to `<out>/margin_chunks/chunk_00012.parquet`, one file per
+`chunk_size` pairs, written to a temporary name and renamed, so a killed run resumes at the
+first missing chunk and never rescores a finished one. `meta.json` fingerprints the inputs and
+the model; chunks of a different fingerprint are discarded. The fingerprint covers the size and
+mtime of every parquet file that image refs point into (`<file>::<row>::<column>`), so a shard
+rewritten in place is rescored; refs that are plain image files (there can be millions) are not
+stat'ed: after replacing such images in place, run with `--force=ingest,score`. Process 0
+decides which chunks are finished (and whether the cached text features are valid) and
+broadcasts it, so every host takes the same work list. A pair whose image cannot be decoded
+(or whose score is not finite) gets ok=False, scores 0.0 and a failure reason; nothing is
+dropped.
 
 Test hook: env FIFA_JAX_SCORE_EXIT_AFTER_CHUNKS=N makes the process `os._exit(75)` right after
 it has written its N-th chunk (simulates a kill between chunks).
@@ -27,6 +36,7 @@ import io
 import json
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +49,7 @@ from absl import logging
 from PIL import Image
 
 from fifa_jax import parallel
+from fifa_jax.data import images as image_refs
 from fifa_jax.scoring import embeddings, input_pipeline
 from fifa_jax.scoring import preprocess as pp
 from fifa_jax.scoring.score_step import cast_matrices, make_score_step  # noqa: F401 (public)
@@ -100,18 +111,30 @@ def fingerprint(pairs: pa.Table, texts: Sequence[str], reward_path: str, image_c
                 dtype: str, chunk_size: int,
                 tokenized: embeddings.TokenizedText | None = None) -> str:
     """Hash of everything a margin chunk depends on (inputs, weights, preprocessing, chunking,
-    and the token ids the reward's tokenizer made of `texts`: the tokenizer may live outside
-    `reward_path`, in `processor_path`)."""
+    the token ids the reward's tokenizer made of `texts`: the tokenizer may live outside
+    `reward_path`, in `processor_path`; and the size and mtime of every parquet file the image
+    refs point into, stat'ed once each; plain image-file refs are not stat'ed)."""
     h = hashlib.sha256()
     if tokenized is not None:
         for a in (tokenized.ids, tokenized.mask):
             a = np.ascontiguousarray(a, np.int32)
             h.update(f"{a.shape}".encode())
             h.update(a.tobytes())
+    containers = set()
     for col in ("pair_id", "prompt_id", "winner_ref", "loser_ref"):
         for v in pairs.column(col).to_pylist():
             h.update(str(v).encode())
             h.update(b"\0")
+            if isinstance(v, str) and image_refs.SEP in v:
+                path, row, _ = image_refs.parse_ref(v)
+                if row is not None:
+                    containers.add(path)
+    for path in sorted(containers):
+        try:
+            st = os.stat(path)
+            h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}\0".encode())
+        except OSError:  # unreadable: its pairs fail to decode and are counted
+            h.update(f"{path}:missing\0".encode())
     for t in texts:
         h.update(t.encode())
         h.update(b"\0")
@@ -142,11 +165,30 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _from_leader(values: np.ndarray) -> np.ndarray:
+    """Process 0's `values` (int32, the same shape on every host) on every host."""
+    values = np.asarray(values, np.int32)
+    if jax.process_count() == 1 or values.size == 0:
+        return values
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.broadcast_one_to_all(values), np.int32)
+
+
+def _on_all_hosts(flag: bool) -> bool:
+    """True when `flag` is True on every host."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).min() == 1)
+
+
 def _prepare_chunk_dir(out_dir: Path, fp: str, n_chunks: int) -> list[int]:
     """Create/validate the chunk folder (the leader discards chunks of another fingerprint);
-    return the indices of finished chunks, the same list on every host."""
+    return the indices of finished chunks as the leader sees them, the same list on every host
+    (hosts' own file checks may disagree, e.g. under stale NFS attribute caches)."""
     cdir = out_dir / CHUNK_DIR
     meta = cdir / "meta.json"
+    finished = np.zeros(n_chunks, np.int32)
     if jax.process_index() == 0:
         cdir.mkdir(parents=True, exist_ok=True)
         old = json.loads(meta.read_text()) if meta.exists() else None
@@ -162,21 +204,35 @@ def _prepare_chunk_dir(out_dir: Path, fp: str, n_chunks: int) -> list[int]:
             os.replace(tmp, meta)
         for p in cdir.glob("*.tmp*"):  # leftovers of a kill during a write
             p.unlink()
+        finished[:] = [chunk_path(out_dir, k).exists() for k in range(n_chunks)]
     _sync("margins:prepare")
-    done = [k for k in range(n_chunks) if chunk_path(out_dir, k).exists()]
-    _sync("margins:listed")
-    return done
+    return np.nonzero(_from_leader(finished))[0].tolist()
 
 
 def _text_features(reward: RewardModel, tok: embeddings.TokenizedText, batch_size: int,
                    mesh, out_dir: Path, stats: dict) -> np.ndarray:
-    """Unit-norm reward text features (U, P), once per unique prompt, cached on disk."""
+    """Unit-norm reward text features (U, P), once per unique prompt, cached on disk.
+
+    The leader decides whether the cache is valid and broadcasts its checksum; the cache is used
+    only when every host read exactly those bytes, otherwise every host recomputes."""
     cache = out_dir / CHUNK_DIR / "text_features.npy"
-    cached = cache.exists()
-    _sync("margins:text_cache")
-    if cached:
-        feats = np.load(cache)
-        if feats.shape[0] == tok.ids.shape[0]:
+
+    def read():
+        try:
+            feats = np.load(cache)
+        except (OSError, ValueError, EOFError):  # missing or half-written
+            return None, 0
+        if feats.shape[0] != tok.ids.shape[0]:
+            return None, 0
+        return feats, zlib.crc32(np.ascontiguousarray(feats).tobytes())
+
+    feats, crc = read() if jax.process_index() == 0 else (None, 0)
+    leader = _from_leader(np.array([feats is not None, np.uint32(crc).view(np.int32)]))
+    if leader[0]:
+        if jax.process_index() != 0:
+            feats, crc = read()
+        same = feats is not None and np.uint32(crc).view(np.int32) == leader[1]
+        if _on_all_hosts(same):
             return feats
     feats = embeddings.clip_text_features(reward.ensure_model(), tok, batch_size, mesh)
     stats["text_features_computed"] += feats.shape[0]
@@ -228,8 +284,8 @@ def compute_margins(pairs: pa.Table, texts: Sequence[str], reward_cfg, mesh,
     Args:
       pairs: ingest pairs (pair_id, prompt_id, winner_ref, loser_ref, ...).
       texts: prompt text by prompt_id (U,).
-      reward_cfg: config.score.reward {path, processor_path, batch_size, chunk_size,
-        num_workers, dtype}.
+      reward_cfg: config.score.reward {path, processor_path, batch_size (images per device),
+        chunk_size, num_workers, dtype}.
       mesh: the device mesh; image batches are split over all its devices.
       reward: an already loaded reward model (tests), else loaded from reward_cfg.path.
     Returns: counts (pairs, ok, failures by reason, truncated prompts, chunks scored/reused,
@@ -245,6 +301,8 @@ def compute_margins(pairs: pa.Table, texts: Sequence[str], reward_cfg, mesh,
     chunk_size = int(reward_cfg.chunk_size)
     if chunk_size < 1:
         raise ValueError(f"score.reward.chunk_size must be >= 1, got {chunk_size}")
+    if int(reward_cfg.batch_size) < 1:
+        raise ValueError(f"score.reward.batch_size must be >= 1, got {reward_cfg.batch_size}")
     n_chunks = -(-n // chunk_size)
     if reward is None:
         reward = load_reward(reward_cfg.path, reward_cfg.dtype,
@@ -286,8 +344,7 @@ def compute_margins(pairs: pa.Table, texts: Sequence[str], reward_cfg, mesh,
 def _score_chunks(pairs, pid, text_feats, reward: RewardModel, reward_cfg, mesh,
                   out_dir: Path, todo: list[int], stats: dict) -> None:
     chunk_size = int(reward_cfg.chunk_size)
-    mult = parallel.batch_multiple(mesh)
-    bs = -(-int(reward_cfg.batch_size) // mult) * mult
+    bs = int(reward_cfg.batch_size) * parallel.batch_multiple(mesh)  # per device x devices
     h, w = reward.image_cfg.out_hw
     state, step = make_score_step(reward.ensure_model(), reward.image_cfg,
                                   _DTYPES[reward.dtype])

