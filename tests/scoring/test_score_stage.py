@@ -171,3 +171,14 @@ def test_input_signature_follows_model_and_rating_files(tmp_path):
     (work / "ingest" / "demo_data").mkdir(parents=True)
     (work / "ingest" / "demo_data" / "quality.parquet").write_bytes(b"x")
     assert stage.input_signature(config, work) == {}
+
+
+def test_default_embedder_is_the_reward_models_clip_text_tower():
+    """method.md's default: prompts embedded by the CLIP text tower; empty path = the reward."""
+    emb = stage.default_config().embedder
+    assert emb.kind == "clip" and emb.path == ""
+    assert stage.embedder_config(emb, "/models/PickScore_v1").path == "/models/PickScore_v1"
+    emb.path = "/models/other_clip"
+    assert stage.embedder_config(emb, "/models/PickScore_v1").path == "/models/other_clip"
+    emb.kind, emb.path = "bert", ""
+    assert stage.embedder_config(emb, "/models/PickScore_v1").path == ""
