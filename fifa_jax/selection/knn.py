@@ -12,9 +12,8 @@ Algorithm (no N x N matrix ever exists):
    d <= `direct_max_dim` the differences are formed directly). A hierarchical top-k reduces
    the tile to kc = k + 1 + margin candidates per row (maxima of groups of `group` columns,
    recursively; the kc best entries lie in the kc groups with the largest maxima, so only
-   kc * group entries per level go through a top-k: exact, and far cheaper than a top-k
-   over whole tile rows; on the CPU that top-k is kc max-and-mask passes, `iterative_top_k`,
-   elsewhere `lax.top_k`), and the same over the tile's columns gives
+   kc * group entries per level go through `lax.top_k`: exact, and far cheaper than a top_k
+   over whole tile rows), and the same over the tile's columns gives
    the column points' candidates without transposing. Each list goes to its own slot of a
    candidate buffer (N, N / tile, kc): no merging inside the loop, and the buffer does not
    depend on which device did which tile pair.
@@ -47,13 +46,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 log = logging.getLogger(__name__)
 
 _BIG = 1e30          # pushes padded points out of every candidate list
-CERT_SIGMAS = 16.0   # width of the float32 matmul rounding bound (see _build)
+CERT_SIGMAS = 4.0    # width of the float32 matmul rounding bound (see _build)
 _SENTINEL = np.iinfo(np.int32).max
 
 
 def default_tile() -> int:
     """Tile edge for the current default backend (GPU/TPU big tiles, CPU cache-sized)."""
-    return 8192 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else 2560
+    return 8192 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else 5120
 
 
 def _check_finite(x) -> None:
@@ -80,24 +79,7 @@ def _group_size(tile: int, kc: int, group: int) -> int:
     return max(g, 1)
 
 
-def iterative_top_k(v, kc):
-    """`lax.top_k` of every row of v (R, L) by kc max-and-mask passes: same values and
-    positions (ties to the lower position). For short rows on the CPU it is about twice as fast
-    as XLA's top-k, which sorts each row on one core; v must hold no NaN."""
-    pos = jnp.arange(v.shape[1], dtype=jnp.int32)[None, :]
-    taken = jnp.zeros(v.shape, bool)
-    vals, ids = [], []
-    for _ in range(kc):
-        live = jnp.where(taken, -jnp.inf, v)
-        m = jnp.max(live, axis=1, keepdims=True)
-        i = jnp.min(jnp.where((live == m) & ~taken, pos, v.shape[1]), axis=1, keepdims=True)
-        taken = taken | (pos == i)
-        vals.append(m)
-        ids.append(i)
-    return jnp.concatenate(vals, axis=1), jnp.concatenate(ids, axis=1)
-
-
-def _topk_rows(v, kc, g, top_k=lax.top_k):
+def _topk_rows(v, kc, g):
     """Exact top-kc of every row of v (R, L): values (R, kc), positions (R, kc).
 
     Hierarchical: the kc best entries lie in the kc groups (of g entries) with the largest
@@ -106,26 +88,26 @@ def _topk_rows(v, kc, g, top_k=lax.top_k):
     """
     r, n = v.shape
     if g <= 1 or n % g or n // g < kc:
-        return top_k(v, kc)
+        return lax.top_k(v, kc)
     vg = v.reshape(r, n // g, g)
-    _, gid = _topk_rows(jnp.max(vg, axis=2), kc, g, top_k)        # (R, kc) group ids
-    return _expand(jnp.take_along_axis(vg, gid[:, :, None], axis=1), gid, kc, g, top_k)
+    _, gid = _topk_rows(jnp.max(vg, axis=2), kc, g)               # (R, kc) group ids
+    return _expand(jnp.take_along_axis(vg, gid[:, :, None], axis=1), gid, kc, g)
 
 
-def _expand(cand, gid, kc, g, top_k=lax.top_k):
+def _expand(cand, gid, kc, g):
     """Top-kc of the gathered members cand (M, kc, g) of groups gid (M, kc)."""
     m = cand.shape[0]
-    v, pos = top_k(cand.reshape(m, kc * g), kc)
+    v, pos = lax.top_k(cand.reshape(m, kc * g), kc)
     members = (gid[:, :, None] * g + jnp.arange(g, dtype=gid.dtype)).reshape(m, kc * g)
     return v, jnp.take_along_axis(members, pos, axis=1)
 
 
-def _row_candidates(s, kc, g, top_k=lax.top_k):
+def _row_candidates(s, kc, g):
     """kc best entries of every row of s (R, C): values (R, kc), column indices (R, kc)."""
-    return _topk_rows(s, kc, g, top_k)
+    return _topk_rows(s, kc, g)
 
 
-def _col_candidates(s, kc, g, top_k=lax.top_k):
+def _col_candidates(s, kc, g):
     """kc best entries of every column of s (R, C), as (C, kc) values and row indices.
 
     The first level reduces groups of g rows in place (no transpose of s); the small
@@ -133,11 +115,11 @@ def _col_candidates(s, kc, g, top_k=lax.top_k):
     """
     r, c = s.shape
     if g <= 1 or r % g or r // g < kc:
-        return top_k(s.T, kc)
+        return lax.top_k(s.T, kc)
     gmax = jnp.max(s.reshape(r // g, g, c), axis=1).T              # (C, R/g)
-    _, gid = _topk_rows(gmax, kc, g, top_k)                         # (C, kc)
+    _, gid = _topk_rows(gmax, kc, g)                                # (C, kc)
     rows = gid[:, :, None] * g + jnp.arange(g, dtype=gid.dtype)     # (C, kc, g)
-    return _expand(s[rows, jnp.arange(c)[:, None, None]], gid, kc, g, top_k)
+    return _expand(s[rows, jnp.arange(c)[:, None, None]], gid, kc, g)
 
 
 def _pair_table(nt: int, n_dev: int) -> np.ndarray:
@@ -157,9 +139,8 @@ def _pair_table(nt: int, n_dev: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=32)
 def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: bool,
-           group: int, iterative: bool, mesh: Optional[Mesh]):
+           group: int, mesh: Optional[Mesh]):
     """Compile-once k-NN for fixed shapes: f(x_pad (n_pad, d) f32, table, n) -> (dist, idx)."""
-    top_k = iterative_top_k if iterative else lax.top_k
     axes = tuple(mesh.axis_names) if mesh is not None else ()
     n_dev = mesh.size if mesh is not None else 1
     nb = n_pad // n_dev                    # rows owned per device after the exchange
@@ -225,8 +206,8 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
                            lax.dynamic_slice_in_dim(b, c0, tile),
                            lax.dynamic_slice_in_dim(pad, r0, tile),
                            lax.dynamic_slice_in_dim(pad, c0, tile))
-            vals, ids = update(vals, ids, *_row_candidates(s, kc, group, top_k), r0, c0)
-            return update(vals, ids, *_col_candidates(s, kc, group, top_k), c0, r0)
+            vals, ids = update(vals, ids, *_row_candidates(s, kc, group), r0, c0)
+            return update(vals, ids, *_col_candidates(s, kc, group), c0, r0)
 
         return lax.fori_loop(0, table.shape[0], body, (v0, i0))
 
@@ -302,15 +283,14 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
 
 def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
         exact_f32: Optional[bool] = None, margin: Optional[int] = None,
-        direct_max_dim: int = 8, group: int = 16,
-        iterative_topk: Optional[bool] = None) -> Tuple[np.ndarray, np.ndarray]:
+        direct_max_dim: int = 8, group: int = 16) -> Tuple[np.ndarray, np.ndarray]:
     """Exact k nearest other points of every row of x.
 
     Args:
       x: (N, d) float array (host or device); N need not divide the tile or device count.
       k: neighbours per point, 1 <= k < N.
       mesh: rows/tile pairs are split over all devices of this mesh (None: default device).
-      tile: largest square tile edge (rows = columns; default 8192 on accelerators, 2560 on
+      tile: largest square tile edge (rows = columns; default 8192 on accelerators, 5120 on
         CPU); shrunk so that N pads little, raised to 2 (k + 1 + margin) if smaller.
       exact_f32: rank candidates in float32 at HIGHEST precision and certify them (None: True
         on CPU, where it is the fast path, False on accelerators: bf16 candidates re-ranked in
@@ -322,10 +302,7 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
         leaves about no row to recompute on random data, 5 fast).
       direct_max_dim: for d <= this, distances are formed from differences (no cancellation).
       group: entries per group at each level of the hierarchical per-tile top-k (1: plain
-        top-k over whole tile rows).
-      iterative_topk: the per-tile top-k by kc max-and-mask passes (`iterative_top_k`) rather
-        than `lax.top_k` (None: on the CPU, where XLA's top-k sorts each row on one core;
-        identical results either way).
+        `lax.top_k` over whole tile rows).
     Returns:
       dist (N, k) float32 ascending Euclidean distances, idx (N, k) int32; ties by index.
     """
@@ -346,7 +323,7 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
     if exact_f32 is None:
         exact_f32 = jax.default_backend() == "cpu"
     if margin is None:
-        margin = 3 if exact_f32 else 5
+        margin = 2 if exact_f32 else 5
     direct = d <= direct_max_dim
     n_dev = mesh.size if mesh is not None else 1
     # as few tiles as `tile` allows, each as small as possible (little padding); the tile does
@@ -364,10 +341,7 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
     n_pad = nt * tile
     table = _pair_table(nt, n_dev)
     group = _group_size(tile, kc, int(group))
-    if iterative_topk is None:
-        iterative_topk = jax.default_backend() == "cpu"
-    fn = _build(n_pad, d, k, kc, tile, bool(exact_f32) or direct, direct, group,
-                bool(iterative_topk), mesh)
+    fn = _build(n_pad, d, k, kc, tile, bool(exact_f32) or direct, direct, group, mesh)
     if isinstance(x, jax.Array):
         xp = jnp.pad(x, ((0, n_pad - n), (0, 0)))
     else:
@@ -396,26 +370,36 @@ def exact_rows_f64(x: np.ndarray, rows: np.ndarray, k: int) -> Tuple[np.ndarray,
     every point within rounding of the k-th, then their distances from differences (exact
     duplicates at exactly 0) sorted by (distance, index). x (N, d); -> (R, k) dist, idx."""
     n, d = x.shape
-    x64 = x.astype(np.float64)
-    sq = np.einsum("ij,ij->i", x64, x64)
+    cols = min(n, 8192)
+    buf = np.empty((cols, d))          # one reused float64 buffer: converting all of x at once
+    sq = np.empty(n)                   # costs more in fresh memory pages than in arithmetic
+    for c0 in range(0, n, cols):
+        m = min(cols, n - c0)
+        np.copyto(buf[:m], x[c0:c0 + m])
+        sq[c0:c0 + m] = np.einsum("ij,ij->i", buf[:m], buf[:m])
     rmax = float(np.sqrt(sq.max()))
     out_d = np.empty((rows.size, k), np.float32)
     out_i = np.empty((rows.size, k), np.int32)
-    step = max(1, min(256, (1 << 25) // max(n, 1)))          # (step, N) float64 <= 256 MiB
-    for c0 in range(0, rows.size, step):
-        r = rows[c0:c0 + step]
-        g = sq[r][:, None] + sq[None, :] - 2.0 * (x64[r] @ x64.T)
+    step = max(1, min(256, (1 << 25) // max(n, 1)))               # (step, N) float64 <= 256 MiB
+    for r0 in range(0, rows.size, step):
+        r = rows[r0:r0 + step]
+        xr = x[r].astype(np.float64)
+        g = np.empty((r.size, n))
+        for c0 in range(0, n, cols):
+            m = min(cols, n - c0)
+            np.copyto(buf[:m], x[c0:c0 + m])
+            g[:, c0:c0 + m] = sq[r][:, None] + sq[None, c0:c0 + m] - 2.0 * (xr @ buf[:m].T)
         g[np.arange(r.size), r] = np.inf
         kth = np.partition(g, k - 1, axis=1)[:, k - 1]
         tol = 2 * CERT_SIGMAS * math.sqrt(d + 2) * 2.0 ** -53 * (np.sqrt(sq[r]) + rmax) ** 2
         for t, i in enumerate(r):
             cand = np.flatnonzero(g[t] <= kth[t] + 2 * tol[t])
             cand = cand[cand != i]
-            diff = x64[cand] - x64[i]
+            diff = x[cand].astype(np.float64) - xr[t]
             d2 = np.einsum("ij,ij->i", diff, diff)
             order = np.lexsort((cand, d2))[:k]
-            out_d[c0 + t] = np.sqrt(d2[order])
-            out_i[c0 + t] = cand[order]
+            out_d[r0 + t] = np.sqrt(d2[order])
+            out_i[r0 + t] = cand[order]
     return out_d, out_i
 
 

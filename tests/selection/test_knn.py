@@ -104,31 +104,6 @@ def test_knn_tile_smaller_than_k_is_raised_not_an_error():
     assert_same_up_to_ties(dist, idx, x, 10)
 
 
-def test_iterative_top_k_equals_lax_top_k():
-    """Same values and positions as lax.top_k, ties (to the lower position) and -inf included."""
-    from jax import lax
-    from fifa_jax.selection.knn import iterative_top_k
-    rng = np.random.default_rng(0)
-    v = rng.integers(0, 6, size=(64, 40)).astype(np.float32)      # many exact ties
-    v[3, :] = -np.inf                                               # a row of -inf only
-    v[5, ::2] = -np.inf
-    for kc in (1, 7, 40):
-        want_v, want_i = lax.top_k(v, kc)
-        got_v, got_i = jax.jit(iterative_top_k, static_argnums=1)(v, kc)
-        np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
-        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
-
-
-def test_knn_same_with_either_top_k():
-    """The CPU's iterative per-tile top-k and the accelerators' lax.top_k: bit-identical."""
-    x = data_with_duplicates(301, 24, 5)
-    ref = knn(x, 6, tile=64, iterative_topk=False)
-    got = knn(x, 6, tile=64, iterative_topk=True)
-    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(ref[0]))
-    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref[1]))
-    assert_same_up_to_ties(*got, x, 6)
-
-
 def test_non_finite_or_overflowing_input_is_refused():
     x = data_with_duplicates(80, 4, 1)
     x[7, 2] = np.nan
