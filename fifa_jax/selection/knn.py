@@ -46,7 +46,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 log = logging.getLogger(__name__)
 
 _BIG = 1e30          # pushes padded points out of every candidate list
-CERT_SIGMAS = 4.0    # width of the float32 matmul rounding bound (see _build)
+# Width of the float32 matmul rounding bound (see _build), in units of sqrt(D) 2^-24 (|x_i| +
+# |x_j|)^2: the largest error seen over 64M pairs (d = 64, 768; Gaussian and unit vectors) was
+# 0.28 units, so 4 leaves a factor of 14.
+CERT_SIGMAS = 4.0
 _SENTINEL = np.iinfo(np.int32).max
 
 
