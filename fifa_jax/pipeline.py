@@ -206,28 +206,15 @@ def _leader_failed(failed: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
 
 
-def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = (),
-                 echo=print) -> dict[str, dict]:
-    """Run `config.stages` in order in `workdir`; returns {stage: status record}.
-
-    Args:
-      config: the experiment ConfigDict (has `stages` and one section per stage).
-      workdir: the work directory (created).
-      force: stage names to rerun even when finished with the same fingerprint.
-      echo: where one-line progress messages go.
-    """
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    names = parse_stages(config.stages)
-    force = set(parse_stages(force)) if force else set()
-    if force - set(names):
-        raise PipelineError(
-            f"--force names stage(s) {sorted(force - set(names))} that this run does not run "
-            f"(config.stages = {','.join(names)}); add them to config.stages")
+def _plan(config, workdir: pathlib.Path, names: list[str], force: set[str]) -> dict:
+    """Which stages run and which are skipped, decided from the config and the work directory
+    alone (no stage runs here). Returns {"steps": [{stage, action: run|skip, fp, message}],
+    "fps": {stage: fingerprint}, "runs": {stage: run id of its outputs, for skipped/read ones}}.
+    Raises PipelineError for a missing or out-of-date input stage."""
     fps: dict[str, str] = {}
     runs: dict[str, str | None] = {}    # run id of the outputs each stage's readers will see
-    ran: set[str] = set()               # stages run by this call
-    results: dict[str, dict] = {}
+    planned: set[str] = set()           # stages this call will run
+    steps = []
     needed = _ancestors(names)
     for stage in STAGES:
         if stage.name not in names:
@@ -239,7 +226,7 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
                     raise PipelineError(
                         f"stage {names[0]!r} needs the output of stage {stage.name!r}, which is "
                         f"not finished in {workdir}; add {stage.name!r} to config.stages")
-                changed = _changed_inputs(stage, done, fps, runs, ran)
+                changed = _changed_inputs(stage, done, fps, runs, planned)
                 if changed:
                     raise PipelineError(
                         f"stage {stage.name!r} in {workdir} is out of date: its input stage(s) "
@@ -256,34 +243,95 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
         fp = fingerprint(config, stage, fps, workdir)
         fps[stage.name] = fp
         done = read_done(workdir, stage.name)
-        changed = _changed_inputs(stage, done, fps, runs, ran) if done is not None else []
+        changed = _changed_inputs(stage, done, fps, runs, planned) if done is not None else []
         retry = int(((done or {}).get("summary") or {}).get("retryable_failures") or 0)
         if (done is not None and done.get("fingerprint") == fp and not changed
                 and stage.name not in force and not retry):
-            echo(f"[{stage.name}] skipped: finished at {done.get('finished_at')} with the same "
-                 f"config (fingerprint {fp}); outputs in {workdir / stage.name}")
-            results[stage.name] = {"status": "skipped", **done}
+            steps.append({"stage": stage.name, "action": "skip", "fp": fp, "done": done,
+                          "message": f"[{stage.name}] skipped: finished at "
+                                     f"{done.get('finished_at')} with the same config "
+                                     f"(fingerprint {fp}); outputs in {workdir / stage.name}"})
             runs[stage.name] = done.get("run_id")
             continue
+        message = None
         if done is not None and done.get("fingerprint") != fp:
-            echo(f"[{stage.name}] config changed since the last run "
-                 f"({done.get('fingerprint')} -> {fp}): running again")
+            message = (f"[{stage.name}] config or input files changed since the last run "
+                       f"({done.get('fingerprint')} -> {fp}): running again")
         elif changed:
-            echo(f"[{stage.name}] input stage(s) {changed} ran again since the last run: "
-                 f"running again")
+            message = (f"[{stage.name}] input stage(s) {changed} ran again since the last run: "
+                       f"running again")
         elif retry and stage.name not in force:
-            echo(f"[{stage.name}] its last run left {retry} retryable failure(s): running again "
-                 f"to retry them (finished work is reused)")
-        # Every host reaches the same decision above (they read the same work directory).
-        _start_devices(config)
-        leader = _process_index() == 0
+            message = (f"[{stage.name}] its last run left {retry} retryable failure(s): running "
+                       f"again to retry them (finished work is reused)")
+        steps.append({"stage": stage.name, "action": "run", "fp": fp, "message": message})
+        planned.add(stage.name)
+    return {"steps": steps, "fps": fps, "runs": runs}
+
+
+def _plan_on_leader(make_plan) -> dict:
+    """`make_plan()` on process 0, told to every host (JSON), so that all hosts take the same
+    decisions even when their views of the files differ (local checkpoint copies, stale NFS
+    attributes). A PipelineError on process 0 is raised on every host."""
+    import jax
+    if jax.process_count() == 1:
+        return make_plan()
+    import numpy as np
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+        try:
+            blob = json.dumps({"plan": make_plan()}, default=str)
+        except PipelineError as e:
+            blob = json.dumps({"error": str(e)})
+        data = np.frombuffer(blob.encode(), np.uint8)
+    else:
+        data = np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    buf = data if data.size == size else np.zeros(size, np.uint8)
+    got = json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode())
+    if "error" in got:
+        raise PipelineError(got["error"])
+    return got["plan"]
+
+
+def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = (),
+                 echo=print) -> dict[str, dict]:
+    """Run `config.stages` in order in `workdir`; returns {stage: status record}.
+
+    Args:
+      config: the experiment ConfigDict (has `stages` and one section per stage).
+      workdir: the work directory (created).
+      force: stage names to rerun from scratch even when finished with the same fingerprint.
+      echo: where one-line progress messages go.
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    names = parse_stages(config.stages)
+    force = set(parse_stages(force)) if force else set()
+    if force - set(names):
+        raise PipelineError(
+            f"--force names stage(s) {sorted(force - set(names))} that this run does not run "
+            f"(config.stages = {','.join(names)}); add them to config.stages")
+    _start_devices(config)      # hosts join first: process 0 decides for all of them
+    plan = _plan_on_leader(lambda: _plan(config, workdir, names, force))
+    fps, runs = plan["fps"], plan["runs"]
+    results: dict[str, dict] = {}
+    leader = _process_index() == 0
+    for step in plan["steps"]:
+        stage = STAGE_BY_NAME[step["stage"]]
+        fp = step["fp"]
+        if step["action"] == "skip":
+            echo(step["message"])
+            results[stage.name] = {"status": "skipped", **step["done"]}
+            continue
+        if step["message"]:
+            echo(step["message"])
         _barrier(f"{stage.name}:start")
         module = importlib.import_module(stage.module)
-        forced = stage.name in force and done is not None
         if leader:
             (workdir / stage.name / DONE_FILE).unlink(missing_ok=True)
             # --force means "compute again", not "resume": drop what a resume would reuse
-            if forced and hasattr(module, "discard_resume_state"):
+            # (also after a killed run, which left partial results but no done file)
+            if stage.name in force and hasattr(module, "discard_resume_state"):
                 module.discard_resume_state(workdir)
                 echo(f"[{stage.name}] forced: discarded its resumable partial results")
         _barrier(f"{stage.name}:cleared")
@@ -315,7 +363,6 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
                   "upstream_runs": {u: runs.get(u) for u in stage.upstream},
                   "summary": summary}
         runs[stage.name] = record["run_id"]
-        ran.add(stage.name)
         if leader:
             _write_done(workdir, stage.name, record)
         _barrier(f"{stage.name}:done")

@@ -139,11 +139,14 @@ def test_stale_upstream_left_out_of_stages_is_refused(fake_stages, tmp_path):
     later.a.v = 10
     with pytest.raises(PipelineError, match="stage 'b' .* is out of date.*'a'"):
         pipeline.run_pipeline(later, tmp_path, echo=lambda m: None)
-    # a rerun in the same call with b left out: b is stale too
+    # a rerun in the same call with b left out: b is stale too, and nothing runs (the whole
+    # plan is checked before the first stage starts)
+    CALLS.clear()
     with pytest.raises(PipelineError, match="stage 'b' .* is out of date"):
         pipeline.run_pipeline(_config("a,c"), tmp_path, force=["a"], echo=lambda m: None)
-    CALLS.clear()
+    assert CALLS == []
     fixed = _config("b,c")
+    fixed.a.v = 10
     pipeline.run_pipeline(fixed, tmp_path, echo=lambda m: None)
     assert CALLS == ["fakestage.b", "fakestage.c"]
 
@@ -247,3 +250,13 @@ def test_retryable_failures_run_the_stage_again(fake_stages, tmp_path, monkeypat
     assert any("2 retryable failure(s)" in m for m in msgs)
     res = pipeline.run_pipeline(_config("a"), tmp_path, echo=msgs.append)
     assert res["a"]["status"] == "skipped" and CALLS == ["fakestage.a"] * 2
+
+
+def test_force_after_a_killed_run_discards_its_partial_results(fake_stages, tmp_path):
+    """A killed run leaves partial results but no done file: --force must still discard them."""
+    discarded = []
+    sys.modules["fakestage.a"].discard_resume_state = lambda w: discarded.append(w)
+    pipeline.run_pipeline(_config("a"), tmp_path, echo=lambda m: None)
+    (tmp_path / "a" / pipeline.DONE_FILE).unlink()          # as after a kill
+    pipeline.run_pipeline(_config("a"), tmp_path, force=["a"], echo=lambda m: None)
+    assert discarded == [tmp_path]

@@ -6,8 +6,8 @@ a_i = m_i + alpha q(c_i) per candidate pair; rho_k^S(i) is the k-th smallest dis
 to the *other* members of S, distances between pairs being distances between their prompts'
 embeddings (two pairs of one prompt, or of two prompts with bitwise identical embeddings, sit
 at 0, floored at eps: the duplicate policy). Each step adds the candidate with the largest gain
-F(S + j) - F(S), smallest index on ties (method.md 2; gains within float32 rounding,
-`TIE_RTOL`, count as tied):
+F(S + j) - F(S), smallest index on ties (method.md 2; gains within the float32 rounding of
+their entropy terms, `TIE_RTOL`, count as tied):
 
     gain_j = a_j + gamma * [ log rho_k(j; S) + pen(j) ]          (|S| >= k; a_j if |S| < k)
     pen(j) = sum_{i in S} c_i(d_ij),  c_i(d) = [d < r_i^(k)] (log max(d, r_i^(k-1)) - log r_i^(k))
@@ -38,8 +38,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
-# Gains within TIE_RTOL * (1 + |best|) of the best count as tied (smallest index wins).
-TIE_RTOL = 1e-5
+# Two gains count as tied (smallest index wins) when they differ by less than TIE_RTOL times
+# the float32 magnitudes summed into their entropy terms (gamma (1 + |log r_k| + sum |c_i|)),
+# a bound on the rounding those sums carry; while |S| < k the gains are a_j, compared exactly.
+TIE_RTOL = 2e-6
 
 
 def duplicate_groups(emb: np.ndarray) -> np.ndarray:
@@ -62,6 +64,7 @@ class _State(NamedTuple):
     chosen: jax.Array      # (N,) bool
     own: jax.Array         # (U, k) float32
     pen: jax.Array         # (U,) float32
+    pen_abs: jax.Array     # (U,) float32 sum of |terms| added into pen (its rounding scale)
     mem_pair: jax.Array    # (Kp,) int32
     mem_prompt: jax.Array  # (Kp,) int32
     mem_list: jax.Array    # (Kp, k) float32
@@ -103,7 +106,8 @@ def _build(n_pad: int, u_pad: int, kp: int, k: int, chunk: int, gamma: float, ep
 
     def step(st: _State, a, pid, emb, emb_rep, sq, grp, grp_rep):
         m = st.m
-        ent = jnp.log(st.own[:, k - 1]) + st.pen
+        log_own = jnp.log(st.own[:, k - 1])
+        ent = log_own + st.pen
         gain = a + jnp.where(m >= k, gamma * ent[pid], 0.0)
         blocked = st.chosen
         if cap > 0:
@@ -111,9 +115,12 @@ def _build(n_pad: int, u_pad: int, kp: int, k: int, chunk: int, gamma: float, ep
         gain = jnp.where(blocked, -jnp.inf, gain)
         # smallest index among the gains tied with the best up to float32 rounding (the
         # penalties are float32 sums, so exact ties of the float64 objective drift apart)
-        best = jnp.max(gain)
-        floor = jnp.where(jnp.isfinite(best), best - TIE_RTOL * (1.0 + jnp.abs(best)), best)
-        s = jnp.argmax(gain >= floor).astype(jnp.int32)
+        scale = jnp.where(jnp.isfinite(log_own), jnp.abs(log_own), 0.0) + st.pen_abs
+        tol = jnp.where(m >= k, TIE_RTOL * abs(gamma) * (1.0 + scale[pid]), 0.0)
+        first = jnp.argmax(gain)
+        best = gain[first]
+        tied = gain >= best - tol - tol[first]
+        s = jnp.where(jnp.isfinite(best), jnp.argmax(tied), first).astype(jnp.int32)
         g = gain[s]
         ps = pid[s]
         dv = dist_to(emb, sq, grp, emb_rep[ps][None, :], grp_rep[ps][None])[:, 0]   # (U,)
@@ -129,21 +136,26 @@ def _build(n_pad: int, u_pad: int, kp: int, k: int, chunk: int, gamma: float, ep
         proc = jnp.where(m1 == k, slots < m1, (m1 > k) & (changed | (slots == m)))
         has_old = (m1 > k) & (slots != m)
         pen = jnp.where(m1 == k, jnp.zeros_like(st.pen), st.pen)
+        pen_abs = jnp.where(m1 == k, jnp.zeros_like(st.pen_abs), st.pen_abs)
         order = jnp.argsort(jnp.logical_not(proc), stable=True).astype(jnp.int32)
         n_proc = jnp.sum(proc.astype(jnp.int32))
 
         def chunk_body(carry):
-            c, pen = carry
+            c, pen, pen_abs = carry
             sl = lax.dynamic_slice_in_dim(order, c * chunk, chunk)
             valid = (c * chunk + jnp.arange(chunk)) < n_proc
             qp = st.mem_prompt.at[m].set(ps)[sl]
             dist = dist_to(emb, sq, grp, emb_rep[qp], grp_rep[qp])              # (U, B)
             delta = _contrib(dist, new[sl], k)
             delta = delta - jnp.where(has_old[sl][None, :], _contrib(dist, old[sl], k), 0.0)
-            return c + 1, pen + jnp.sum(jnp.where(valid[None, :], delta, 0.0), axis=1)
+            delta = jnp.where(valid[None, :], delta, 0.0)
+            return (c + 1, pen + jnp.sum(delta, axis=1),
+                    pen_abs + jnp.sum(jnp.abs(delta), axis=1))
 
-        _, pen = lax.while_loop(lambda cp: cp[0] * chunk < n_proc, chunk_body, (0, pen))
+        _, pen, pen_abs = lax.while_loop(lambda cp: cp[0] * chunk < n_proc, chunk_body,
+                                         (0, pen, pen_abs))
         return _State(chosen=st.chosen.at[s].set(True), own=_insert(st.own, dv), pen=pen,
+                      pen_abs=pen_abs,
                       mem_pair=st.mem_pair.at[m].set(s), mem_prompt=st.mem_prompt.at[m].set(ps),
                       mem_list=new, mem_gain=st.mem_gain.at[m].set(g),
                       count=st.count.at[ps].add(1), m=m1)
@@ -156,7 +168,7 @@ def _build(n_pad: int, u_pad: int, kp: int, k: int, chunk: int, gamma: float, ep
         return jax.jit(run_steps, donate_argnums=(0,))
     ax = tuple(mesh.axis_names)
     sh, rep = NamedSharding(mesh, P(ax)), NamedSharding(mesh, P())
-    st_sh = _State(chosen=sh, own=sh, pen=sh, mem_pair=rep, mem_prompt=rep, mem_list=rep,
+    st_sh = _State(chosen=sh, own=sh, pen=sh, pen_abs=sh, mem_pair=rep, mem_prompt=rep, mem_list=rep,
                    mem_gain=rep, count=sh, m=rep)
     return jax.jit(run_steps, donate_argnums=(0,),
                    in_shardings=(st_sh, rep, sh, sh, NamedSharding(mesh, P(ax, None)), rep, sh, sh,
@@ -223,7 +235,8 @@ def greedy_select(a, prompt_id, emb, k_pairs: int, *, knn_k: int = 5, gamma: flo
     chosen = np.zeros(n_pad, bool)
     chosen[n:] = True
     st = _State(chosen=chosen, own=np.full((u_pad, k), np.inf, np.float32),
-                pen=np.zeros(u_pad, np.float32), mem_pair=np.zeros(kp, np.int32),
+                pen=np.zeros(u_pad, np.float32), pen_abs=np.zeros(u_pad, np.float32),
+                mem_pair=np.zeros(kp, np.int32),
                 mem_prompt=np.zeros(kp, np.int32), mem_list=np.full((kp, k), np.inf, np.float32),
                 mem_gain=np.zeros(kp, np.float32), count=np.zeros(u_pad, np.int32),
                 m=np.int32(0))
@@ -249,7 +262,7 @@ def greedy_select(a, prompt_id, emb, k_pairs: int, *, knn_k: int = 5, gamma: flo
                 jax.device_put(emb_p, rep), jax.device_put(sq, sh), jax.device_put(grp, sh),
                 jax.device_put(grp, rep)]
         st = _State(*[jax.device_put(v, s) for v, s in
-                      zip(st, (sh, sh, sh, rep, rep, rep, rep, sh, rep))])
+                      zip(st, (sh, sh, sh, sh, rep, rep, rep, rep, sh, rep))])
     else:
         st = _State(*[jnp.asarray(v) for v in st])
     done, t0 = 0, time.time()

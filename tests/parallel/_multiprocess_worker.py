@@ -1,11 +1,12 @@
 """One process of a multi-process (multi-host) check, started by test_multiprocess.py.
 
-    python -m tests.parallel._multiprocess_worker knn OUT_DIR
+    python -m tests.parallel._multiprocess_worker knn|plan OUT_DIR
 
 The process joins the others through `fifa_jax.parallel.initialize_distributed` (environment:
 FIFA_JAX_COORDINATOR, FIFA_JAX_NUM_PROCESSES, FIFA_JAX_PROCESS_ID; XLA_FLAGS forces the local
 CPU device count), builds the global mesh over every process's devices, runs the sharded k-NN
-on fixed inputs and writes OUT_DIR/knn_<process id>.npz (every process gets the whole result).
+on fixed inputs and writes OUT_DIR/knn_<process id>.npz (every process gets the whole result);
+`plan` checks that every process takes process 0's stage plan (and its errors).
 """
 from __future__ import annotations
 
@@ -45,11 +46,36 @@ def _knn(out_dir: str) -> None:
     multihost_utils.sync_global_devices("knn:written")
 
 
+def _plan(out_dir: str) -> None:
+    """Every process asks `_plan_on_leader` with a plan of its own: all must get process 0's,
+    and process 0's PipelineError must reach all of them."""
+    import json
+
+    import jax
+    from fifa_jax import parallel, pipeline
+
+    parallel.initialize_distributed("on")
+    me = jax.process_index()
+    got = pipeline._plan_on_leader(lambda: {"made_by": me, "steps": ["x" * (100 + 50 * me)]})
+
+    def fail():
+        if me == 0:
+            raise pipeline.PipelineError("stage 'b' is out of date (process 0's view)")
+        return {"made_by": me}
+    try:
+        pipeline._plan_on_leader(fail)
+        error = None
+    except pipeline.PipelineError as e:
+        error = str(e)
+    with open(os.path.join(out_dir, f"plan_{me}.json"), "w") as f:
+        json.dump({"plan": got, "error": error}, f)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[1] != "knn":
-        print(f"usage: {argv[0]} knn OUT_DIR", file=sys.stderr)
+    if len(argv) != 3 or argv[1] not in ("knn", "plan"):
+        print(f"usage: {argv[0]} knn|plan OUT_DIR", file=sys.stderr)
         return 2
-    _knn(argv[2])
+    (_knn if argv[1] == "knn" else _plan)(argv[2])
     return 0
 
 

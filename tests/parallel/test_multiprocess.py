@@ -13,6 +13,7 @@ Every subprocess runs under a deadline and is killed (its process group) on the 
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import pathlib
 import signal
@@ -150,6 +151,18 @@ def test_knn_on_two_processes_equals_one_process(tmp_path):
             np.testing.assert_array_equal(g[f"{name}_idx"], idx, err_msg=f"{name} rank {rank}")
             np.testing.assert_array_equal(g[f"{name}_dist"], dist,
                                           err_msg=f"{name} rank {rank}")
+
+
+def test_every_process_takes_process_0s_plan(tmp_path):
+    """Hosts may see files differently (local checkpoint copies, stale NFS attributes): the
+    runner's skip/run plan, and its errors, come from process 0."""
+    cmd = [sys.executable, "-m", "tests.parallel._multiprocess_worker", "plan", str(tmp_path)]
+    rcs = _multiprocess(cmd, tmp_path / "logs", timeout=90)
+    assert rcs == [0] * N_PROC, _tails(tmp_path / "logs", N_PROC)
+    for i in range(N_PROC):
+        got = json.loads((tmp_path / f"plan_{i}.json").read_text())
+        assert got["plan"] == {"made_by": 0, "steps": ["x" * 100]}
+        assert got["error"] == "stage 'b' is out of date (process 0's view)"
 
 
 def test_demo_pipeline_on_two_processes_equals_one_process(tmp_path):

@@ -188,3 +188,11 @@ def test_non_finite_embedding_is_refused():
     emb[2, 0] = np.inf
     with pytest.raises(ValueError, match=r"emb has NaN or inf in rows \[2\]"):
         greedy_select(a, pid, emb, K, knn_k=k, progress=False)
+
+
+def test_close_but_unequal_gains_are_not_ties():
+    """While |S| < k the gains are a_j exactly: a 1e-5 difference decides, not the index."""
+    a = np.array([3.0, 3.00003, 0.0, 0.0], np.float32)
+    emb = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    got = greedy_select(a, np.arange(4), emb, 1, knn_k=2, progress=False)
+    assert got.order.tolist() == [1]
