@@ -59,10 +59,16 @@ def _bad_encoding(path: str, row: int, line: int, where: str) -> Candidate:
                      bad=f"line {line} is not UTF-8 ({where})")
 
 
+_FIELD_LIMIT = 1 << 26
+
+
 def iter_csv(path: str, *, image_root: str = "", batch_rows: int = 256
              ) -> Iterator[list[Candidate]]:
     path = os.path.abspath(path)
     root = image_root_for(path, image_root)
+    # a quoted field over the csv module's 128 KiB default would end the record mid-way and
+    # leave the reader inside it: read such fields whole (long captions are cut later)
+    csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
     with _open(path, newline="") as f:   # Excel exports start with a BOM
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []

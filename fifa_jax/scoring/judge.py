@@ -2,7 +2,7 @@
 
     result = judge_prompts(texts, config.score.judge, mesh=mesh, cache_dir=workdir / "cache")
     result.quality (U,) float32 in [0, 10]; result.harmful (U,) bool; result.ok (U,) bool;
-    result.failure_reason[i] in {"", "unparsable", "failed", "missing"};
+    result.failure_reason[i] in {"", "unparsable", "failed", "missing", "rejected"};
     result.rating_mass (U,) float32; result.truncated (U,) bool; result.metadata (dict)
 
 Backends: `jax` (our Flax LM, judge_jax.py), `http` (OpenAI-compatible server, judge_http.py),
@@ -21,7 +21,8 @@ import numpy as np
 from absl import logging
 
 from fifa_jax.scoring.judge_tiny import build_tiny_judge_checkpoint  # noqa: F401 (public)
-from fifa_jax.scoring.rubric import DEFAULT_RUBRIC, RawJudgement, Verdict, finalize
+from fifa_jax.scoring.rubric import (DEFAULT_RUBRIC, FAILURE_REASONS, RawJudgement, Verdict,
+                                     finalize)
 
 BACKENDS = ("jax", "http", "column")
 
@@ -127,7 +128,7 @@ def judge_prompts(texts: list[str], judge_config, *, mesh=None, cache_dir=None) 
     texts = [str(t) for t in texts]
     unique = list(dict.fromkeys(texts))
     backend = _make_backend(cfg, mesh)
-    counts = {"unparsable": 0, "failed": 0, "missing": 0, "truncated": 0, "cached": 0,
+    counts = {"unparsable": 0, "failed": 0, "missing": 0, "rejected": 0, "truncated": 0, "cached": 0,
               "scored": 0, "harmful": 0, "ok": 0}
     if cfg.backend == "column":
         verdicts = dict(zip(unique, backend.verdicts(
@@ -161,5 +162,5 @@ def judge_prompts(texts: list[str], judge_config, *, mesh=None, cache_dir=None) 
     assert np.all(np.isfinite(result.quality)), "judge produced a non-finite quality"
     if counts["ok"] < len(unique):
         logging.warning("judge: %d of %d prompts not scored: %s", len(unique) - counts["ok"],
-                        len(unique), {k: counts[k] for k in ("unparsable", "failed", "missing")})
+                        len(unique), {k: counts[k] for k in FAILURE_REASONS})
     return result

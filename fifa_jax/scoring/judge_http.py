@@ -158,7 +158,10 @@ class HttpJudge:
                 last = f"HTTP {e.code}: {e.read()[:200]!r}"
                 unreachable = False
                 if e.code != 429 and e.code < 500:
-                    break
+                    # the server refuses this request (too long for its context, a policy, a
+                    # bad model name): asking again gives the same answer, so it is cached
+                    return RawJudgement(max_rating=self.max_rating, error="rejected",
+                                        detail=last)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 last, unreachable = f"HTTP 200 answer is not JSON ({e})", False
             except NotACompletion as e:

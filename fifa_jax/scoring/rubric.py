@@ -35,7 +35,7 @@ DEFAULT_RUBRIC = (
     "Prompt: {prompt}"
 )
 
-FAILURE_REASONS = ("unparsable", "failed", "missing")
+FAILURE_REASONS = ("unparsable", "failed", "missing", "rejected")
 
 
 def check_rubric(rubric: str) -> None:
@@ -76,7 +76,7 @@ class RawJudgement:
 
     probs: (max_rating + 1,) probabilities of each rating as the first answer token, or None.
     text_rating: the rating parsed from answer text when no probabilities came back.
-    error: "" | "unparsable" | "failed" | "missing"; detail: a human-readable note.
+    error: "" | "unparsable" | "failed" | "missing" | "rejected"; detail: a human-readable note.
     """
     max_rating: int
     probs: list[float] | None = None

@@ -75,8 +75,9 @@ def input_signature(config, workdir) -> dict:
         if not path or path == "demo":
             continue
         path = os.path.abspath(os.path.expanduser(path))
-        if workdir is not None and path.startswith(os.path.abspath(workdir) + os.sep):
-            continue              # made by an upstream stage: its fingerprint covers it
+        if workdir is not None and path.startswith(
+                os.path.join(os.path.abspath(workdir), "ingest") + os.sep):
+            continue              # made by the ingest stage: its fingerprint covers it
         out[what] = _file_stats(path) if os.path.exists(path) else "missing"
     return out
 
@@ -242,7 +243,7 @@ def run(config, workdir) -> dict:
     failures = {"undecodable image (winner)": 0, "undecodable image (loser)": 0,
                 "non-finite score (winner)": 0, "non-finite score (loser)": 0}
     failures.update(msum["failures"])
-    for reason in ("unparsable", "failed", "missing"):
+    for reason in ("unparsable", "failed", "missing", "rejected"):
         failures[f"judge {reason}"] = int(jc.get(reason, 0))
     truncated = {"reward_prompt": int(reward_trunc.sum()), "embedder_prompt": emb.n_truncated,
                  "judge_prompt": int(jc.get("truncated", 0))}

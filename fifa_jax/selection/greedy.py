@@ -36,6 +36,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fifa_jax.errors import InputError
+
 log = logging.getLogger(__name__)
 
 # Two gains count as tied (smallest index wins) when they differ by less than TIE_RTOL times
@@ -203,7 +205,11 @@ def greedy_select(a, prompt_id, emb, k_pairs: int, *, knn_k: int = 5, gamma: flo
     n, u = a.shape[0], emb.shape[0]
     bad = np.flatnonzero(~np.isfinite(emb).all(axis=1)) if u else np.zeros(0, int)
     if bad.size:
-        raise ValueError(f"emb has NaN or inf in rows {bad[:5].tolist()}")
+        raise InputError(f"emb has NaN or inf in rows {bad[:5].tolist()}")
+    big = float(np.abs(emb).max()) if emb.size else 0.0
+    if big * big * emb.shape[1] > 1e36:
+        raise InputError(f"emb values up to {big:.3g}: squared distances would overflow "
+                         f"float32; rescale the embeddings")
     # distances come from |x|^2 + |y|^2 - 2xy in float32: centre first, or an offset far from
     # the origin cancels every digit (translation does not change any distance)
     emb = (emb - emb.mean(axis=0, dtype=np.float64)).astype(np.float32) if u else emb

@@ -43,6 +43,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fifa_jax.errors import InputError
+
 log = logging.getLogger(__name__)
 
 _BIG = 1e30          # pushes padded points out of every candidate list
@@ -63,10 +65,10 @@ def _check_finite(x) -> None:
     xn = np.asarray(jnp.isfinite(x).all(axis=1)) if isinstance(x, jax.Array) else \
         np.isfinite(x).all(axis=1)
     if not xn.all():
-        raise ValueError(f"knn: x has NaN or inf in rows {np.flatnonzero(~xn)[:5].tolist()}")
+        raise InputError(f"knn: x has NaN or inf in rows {np.flatnonzero(~xn)[:5].tolist()}")
     big = float(jnp.max(jnp.abs(x))) if isinstance(x, jax.Array) else float(np.abs(x).max())
     if big * big * x.shape[1] > 1e36:
-        raise ValueError(f"knn: |x| up to {big:.3g}: squared distances would overflow float32; "
+        raise InputError(f"knn: |x| up to {big:.3g}: squared distances would overflow float32; "
                          f"rescale the data")
 
 
@@ -241,7 +243,9 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
             # so d2_j >= -worst - bound; the k found are exact when the k-th is nearer than that
             bound = cert_c * (jnp.sqrt(jnp.sum(xr * xr, axis=1)) + rmax) ** 2
             wr = lax.dynamic_slice_in_dim(worst, r0, rt)
-            ok = d2[:, k - 1] * (1.0 + 1e-6) < -wr - bound
+            # k exact duplicates found: no distance can be smaller (which k of a larger group
+            # of identical points are returned is then not by index)
+            ok = (d2[:, k - 1] * (1.0 + 1e-6) < -wr - bound) | (d2[:, k - 1] == 0.0)
             od = lax.dynamic_update_slice_in_dim(od, jnp.sqrt(d2[:, :k]), r0, 0)
             oi = lax.dynamic_update_slice_in_dim(oi, ci[:, :k], r0, 0)
             oc = lax.dynamic_update_slice_in_dim(oc, ok | (not certify), r0, 0)
@@ -300,7 +304,8 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
         float32, exact only when the margin absorbs bf16 rounding). Certified: a row whose
         k-th neighbour is not nearer than the worst candidate by more than the float32 matmul's
         rounding bound (near-duplicate clusters) is recomputed in float64 on the host
-        (`exact_rows_f64`), so the result is exact (ties by index) on any input.
+        (`exact_rows_f64`), so the distances are exact on any input, ties by index (except
+        among more exact duplicates of a point than the candidate list holds: any k of them).
       margin: extra candidates kept per row before the exact re-rank (default: 3 exact, which
         leaves about no row to recompute on random data, 5 fast).
       direct_max_dim: for d <= this, distances are formed from differences (no cancellation).

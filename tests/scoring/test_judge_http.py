@@ -59,6 +59,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self._send(500, {"error": "overloaded"})
         if key == "down":
             return self._send(503, {"error": "down"})
+        if key == "toolong":
+            return self._send(400, {"error": "prompt exceeds the context length"})
         if key == "dropped" or (key == "dropsonce" and Handler.counts[prompt] == 1):
             # accept the request, then hang up without an answer
             self.close_connection = True
@@ -207,3 +209,17 @@ def test_unreachable_server_named():
 def test_bad_endpoint_named():
     with pytest.raises(ValueError, match="endpoint"):
         judge_prompts(["x"], _cfg("http://127.0.0.1:1", endpoint="generate"))
+
+
+def test_refused_request_is_rejected_once_and_cached(server, tmp_path):
+    """HTTP 400 (e.g. over the server's context length) is not retried, counted `rejected`,
+    and cached: a rerun does not ask again (and does not count as a retryable failure)."""
+    cfg = _cfg(server)
+    cfg.cache_dir = str(tmp_path)
+    Handler.counts.clear()
+    first = judge_prompts(["toolong seven", "good seven"], cfg)
+    assert first.failure_reason == ["rejected", ""]
+    assert Handler.counts["toolong seven"] == 1
+    second = judge_prompts(["toolong seven", "good seven"], cfg)
+    assert second.failure_reason == ["rejected", ""] and Handler.counts["toolong seven"] == 1
+    assert second.metadata["counts"]["rejected"] == 1

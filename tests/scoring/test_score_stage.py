@@ -147,7 +147,7 @@ def test_missing_ingest_is_named(tmp_path):
 
 def test_input_signature_follows_model_and_rating_files(tmp_path):
     """Replacing the ratings file or a checkpoint file in place changes the fingerprint input;
-    files inside the work directory (made upstream) and the demo reward are left out."""
+    files the ingest stage made (covered by its fingerprint) and the demo reward are left out."""
     import os
     config = _config()
     work = tmp_path / "w"
@@ -171,6 +171,9 @@ def test_input_signature_follows_model_and_rating_files(tmp_path):
     (work / "ingest" / "demo_data").mkdir(parents=True)
     (work / "ingest" / "demo_data" / "quality.parquet").write_bytes(b"x")
     assert stage.input_signature(config, work) == {}
+    config.score.judge.column.path = "my_ratings.parquet"                  # the user's, in workdir
+    (work / "my_ratings.parquet").write_bytes(b"y")
+    assert set(stage.input_signature(config, work)) == {"judge_column"}
 
 
 def test_default_embedder_is_the_reward_models_clip_text_tower():

@@ -188,6 +188,9 @@ def test_non_finite_embedding_is_refused():
     emb[2, 0] = np.inf
     with pytest.raises(ValueError, match=r"emb has NaN or inf in rows \[2\]"):
         greedy_select(a, pid, emb, K, knn_k=k, progress=False)
+    emb[2, 0] = 1e20
+    with pytest.raises(ValueError, match="overflow"):
+        greedy_select(a, pid, emb, K, knn_k=k, progress=False)
 
 
 def test_close_but_unequal_gains_are_not_ties():
