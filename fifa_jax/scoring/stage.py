@@ -74,7 +74,11 @@ def input_signature(config, workdir) -> dict:
     for what, path in paths.items():
         if not path or path == "demo":
             continue
-        path = os.path.abspath(os.path.expanduser(path))
+        path = os.path.expanduser(path)
+        if (what == "judge_column" and workdir is not None and not os.path.isabs(path)
+                and not os.path.exists(path)):
+            path = os.path.join(workdir, path)     # as _judge_config reads it, made or not yet
+        path = os.path.abspath(path)
         if workdir is not None and path.startswith(
                 os.path.join(os.path.abspath(workdir), "ingest") + os.sep):
             continue              # made by the ingest stage: its fingerprint covers it

@@ -168,6 +168,7 @@ def test_input_signature_follows_model_and_rating_files(tmp_path):
     assert stage.input_signature(config, work)["reward"] != sig["reward"]
     config.score.reward.path = "demo"
     config.score.judge.column.path = "ingest/demo_data/quality.parquet"   # workdir-relative
+    assert stage.input_signature(config, work) == {}     # before ingest made it: the same
     (work / "ingest" / "demo_data").mkdir(parents=True)
     (work / "ingest" / "demo_data" / "quality.parquet").write_bytes(b"x")
     assert stage.input_signature(config, work) == {}
