@@ -277,17 +277,23 @@ def _plan_on_leader(make_plan) -> dict:
         return make_plan()
     import numpy as np
     from jax.experimental import multihost_utils
+    failure = None
     if jax.process_index() == 0:
         try:
             blob = json.dumps({"plan": make_plan()}, default=str)
-        except PipelineError as e:
-            blob = json.dumps({"error": str(e)})
+        except Exception as e:  # noqa: BLE001 (told to every host, then raised here too)
+            failure = e
+            what = str(e) if isinstance(e, PipelineError) else (
+                f"planning failed on process 0: {type(e).__name__}: {e}")
+            blob = json.dumps({"error": what})
         data = np.frombuffer(blob.encode(), np.uint8)
     else:
         data = np.zeros(0, np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
     buf = data if data.size == size else np.zeros(size, np.uint8)
     got = json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode())
+    if failure is not None:
+        raise failure
     if "error" in got:
         raise PipelineError(got["error"])
     return got["plan"]
