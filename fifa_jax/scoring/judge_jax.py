@@ -142,12 +142,14 @@ class JaxJudge:
 
     def settings(self) -> dict:
         """Everything that changes the raw answer (the cache key). In bfloat16 the padded
-        length and the per-device batch change the answer, so buckets and batch_size count."""
+        length, the per-device batch and parameter sharding (FSDP) change the answer, so
+        buckets, batch_size and the mesh's fsdp size count."""
         c = self.cfg
         return {"backend": "jax", "model_id": self.model_id, "rubric": c.rubric,
                 "max_rating": self.max_rating, "answer_prefix": c.answer_prefix,
                 "max_length": int(c.max_length), "dtype": c.dtype,
                 "buckets": list(self.buckets), "batch_size": int(c.batch_size),
+                "fsdp": int(dict(self.mesh.shape).get("fsdp", 1)) if self.mesh is not None else 1,
                 "template": "chat" if self.has_template else PLAIN_TEMPLATE,
                 "files": checkpoint_signature(self.path)}
 

@@ -202,8 +202,12 @@ def test_padding_rule_and_batch_in_cache_key(ckpt):
     buckets = judge_jax.JaxJudge(_cfg(ckpt, buckets=(160,))).settings()
     batch = judge_jax.JaxJudge(_cfg(ckpt, batch_size=4)).settings()
     assert base["buckets"] == [128, 160] and buckets["buckets"] == [160]
-    keys = {cache_key("a cat", x) for x in (base, buckets, batch)}
-    assert len(keys) == 3
+    from jax.sharding import Mesh
+    fsdp = judge_jax.JaxJudge(_cfg(ckpt), mesh=Mesh(np.array(jax.devices()).reshape(4, 2),
+                                                    ("data", "fsdp"))).settings()
+    assert fsdp["fsdp"] == 2 and base["fsdp"] == 1
+    keys = {cache_key("a cat", x) for x in (base, buckets, batch, fsdp)}
+    assert len(keys) == 4
     assert cache_key("a cat", judge_jax.JaxJudge(_cfg(ckpt)).settings()) in keys
 
 
