@@ -128,8 +128,8 @@ def judge_prompts(texts: list[str], judge_config, *, mesh=None, cache_dir=None) 
     texts = [str(t) for t in texts]
     unique = list(dict.fromkeys(texts))
     backend = _make_backend(cfg, mesh)
-    counts = {"unparsable": 0, "failed": 0, "missing": 0, "rejected": 0, "truncated": 0, "cached": 0,
-              "scored": 0, "harmful": 0, "ok": 0}
+    counts = {"unparsable": 0, "failed": 0, "missing": 0, "rejected": 0, "truncated": 0,
+              "cached": 0, "scored": 0, "harmful": 0, "ok": 0}
     if cfg.backend == "column":
         verdicts = dict(zip(unique, backend.verdicts(
             unique, harmful_quality_zero=cfg.harmful_quality_zero)))

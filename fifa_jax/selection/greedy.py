@@ -170,8 +170,8 @@ def _build(n_pad: int, u_pad: int, kp: int, k: int, chunk: int, gamma: float, ep
         return jax.jit(run_steps, donate_argnums=(0,))
     ax = tuple(mesh.axis_names)
     sh, rep = NamedSharding(mesh, P(ax)), NamedSharding(mesh, P())
-    st_sh = _State(chosen=sh, own=sh, pen=sh, pen_abs=sh, mem_pair=rep, mem_prompt=rep, mem_list=rep,
-                   mem_gain=rep, count=sh, m=rep)
+    st_sh = _State(chosen=sh, own=sh, pen=sh, pen_abs=sh, mem_pair=rep, mem_prompt=rep,
+                   mem_list=rep, mem_gain=rep, count=sh, m=rep)
     return jax.jit(run_steps, donate_argnums=(0,),
                    in_shardings=(st_sh, rep, sh, sh, NamedSharding(mesh, P(ax, None)), rep, sh, sh,
                                  rep),
