@@ -5,7 +5,8 @@ from `workdir/<upstream stage>/` and writes only into `workdir/<stage>/`. When i
 runner writes `workdir/<stage>/STAGE_DONE.json` holding the stage's fingerprint: a hash of the
 config sections the stage depends on (less its speed-only settings, `NOT_IN_FINGERPRINT`), of
 its upstream stages' fingerprints and, for a stage that reads files outside the work directory
-(ingest), of those files' sizes and times. A later run skips
+(ingest's data, score's models and ratings), of those files' sizes and times. Process 0 plans
+which stages run and every host follows the plan. A later run skips
 a stage whose done file carries the same fingerprint, so rerunning a command resumes it; a
 changed config section changes the fingerprint and reruns the stage and everything downstream of
 it. A stage whose summary reports `retryable_failures` (the score stage's judge requests that
@@ -179,31 +180,15 @@ def _changed_inputs(stage: Stage, done: dict, fps: dict, runs: dict, ran: set) -
 def _start_devices(config) -> None:
     """Join the other hosts (jax.distributed) before anything touches a JAX backend: once
     `jax.process_count()` or a device list has been asked for, it is too late."""
-    from fifa_jax.parallel import initialize_distributed  # imports jax: only when a stage runs
+    # imported here, not at the top: flag and config errors stay fast (no jax import)
+    from fifa_jax.parallel import initialize_distributed
     mesh = config.get("mesh") if hasattr(config, "get") else getattr(config, "mesh", None)
     initialize_distributed(mesh.get("distributed", "auto") if mesh is not None else "auto")
 
 
 def _process_index() -> int:
-    import jax  # only when a stage runs: flag and config errors stay fast
-    return jax.process_index() if jax.process_count() > 1 else 0
-
-
-def _barrier(name: str) -> None:
     import jax
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
-def _leader_failed(failed: bool) -> bool:
-    """Process 0's `failed`, told to every host (all hosts call this together)."""
-    import jax
-    if jax.process_count() == 1:
-        return failed
-    import numpy as np
-    from jax.experimental import multihost_utils
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+    return jax.process_index()
 
 
 def _plan(config, workdir: pathlib.Path, names: list[str], force: set[str]) -> dict:
@@ -273,11 +258,10 @@ def _plan_on_leader(make_plan) -> dict:
     decisions even when their views of the files differ (local checkpoint copies, stale NFS
     attributes). A PipelineError on process 0 is raised on every host."""
     import jax
+    from fifa_jax.parallel import hosts
     if jax.process_count() == 1:
         return make_plan()
-    import numpy as np
-    from jax.experimental import multihost_utils
-    failure = None
+    failure, blob = None, ""
     if jax.process_index() == 0:
         try:
             blob = json.dumps({"plan": make_plan()}, default=str)
@@ -286,12 +270,7 @@ def _plan_on_leader(make_plan) -> dict:
             what = str(e) if isinstance(e, PipelineError) else (
                 f"planning failed on process 0: {type(e).__name__}: {e}")
             blob = json.dumps({"error": what})
-        data = np.frombuffer(blob.encode(), np.uint8)
-    else:
-        data = np.zeros(0, np.uint8)
-    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
-    buf = data if data.size == size else np.zeros(size, np.uint8)
-    got = json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode())
+    got = json.loads(hosts.bytes_from_leader(blob.encode()).decode())
     if failure is not None:
         raise failure
     if "error" in got:
@@ -318,6 +297,7 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
             f"--force names stage(s) {sorted(force - set(names))} that this run does not run "
             f"(config.stages = {','.join(names)}); add them to config.stages")
     _start_devices(config)      # hosts join first: process 0 decides for all of them
+    from fifa_jax.parallel import hosts
     plan = _plan_on_leader(lambda: _plan(config, workdir, names, force))
     fps, runs = plan["fps"], plan["runs"]
     results: dict[str, dict] = {}
@@ -331,7 +311,7 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
             continue
         if step["message"]:
             echo(step["message"])
-        _barrier(f"{stage.name}:start")
+        hosts.barrier(f"{stage.name}:start")
         module = importlib.import_module(stage.module)
         if leader:
             (workdir / stage.name / DONE_FILE).unlink(missing_ok=True)
@@ -340,7 +320,7 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
             if stage.name in force and hasattr(module, "discard_resume_state"):
                 module.discard_resume_state(workdir)
                 echo(f"[{stage.name}] forced: discarded its resumable partial results")
-        _barrier(f"{stage.name}:cleared")
+        hosts.barrier(f"{stage.name}:cleared")
         echo(f"[{stage.name}] running (fingerprint {fp})")
         start = time.time()
         summary, error = {}, None
@@ -351,14 +331,15 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
             error = e
         # A host-side stage runs on process 0 only: the others must learn that it failed, or
         # they would wait at the next barrier until the coordination service times out.
-        if not stage.all_hosts and _leader_failed(error is not None) and error is None:
+        if (not stage.all_hosts and bool(hosts.from_leader([error is not None])[0])
+                and error is None):
             raise PipelineError(f"stage {stage.name!r} failed on process 0 (its log has the "
                                 f"error); stopping process {_process_index()} too")
         if isinstance(error, (InputError, FileNotFoundError)):  # bad input: one line
             raise PipelineError(f"stage {stage.name!r} failed on its input: {error}") from error
         if error is not None:
             raise error
-        _barrier(f"{stage.name}:end")
+        hosts.barrier(f"{stage.name}:end")
         record = {"fingerprint": fp, "stage": stage.name,
                   "seconds": round(time.time() - start, 3),
                   "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -371,7 +352,7 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
         runs[stage.name] = record["run_id"]
         if leader:
             _write_done(workdir, stage.name, record)
-        _barrier(f"{stage.name}:done")
+        hosts.barrier(f"{stage.name}:done")
         echo(f"[{stage.name}] done in {record['seconds']:.1f} s: "
              + json.dumps(summary, sort_keys=True, default=str)[:400])
         results[stage.name] = {"status": "ran", **record}

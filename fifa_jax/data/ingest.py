@@ -37,6 +37,7 @@ from absl import logging
 from tqdm import tqdm
 
 from fifa_jax.data import demo_world, hpdv2, jsonl_csv, pickapic, schema
+from fifa_jax.files import file_stats
 from fifa_jax.data.rows import PairBuilder
 
 FORMATS = ("pickapic", "hpdv2", "jsonl", "csv", "demo")
@@ -77,8 +78,7 @@ def input_signature(config, workdir=None) -> dict:
         return {"unresolved": str(e)}
     out = {}
     for f in files:
-        st = os.stat(f)
-        out[f] = [st.st_size, st.st_mtime_ns]
+        out.update(file_stats(f))
     return out
 
 

@@ -1,4 +1,5 @@
-"""Devices: mesh construction, multi-host start-up, batch and parameter sharding."""
+"""Devices: mesh construction, multi-host start-up, batch and parameter sharding; `hosts`:
+barriers and process 0's decisions told to every host."""
 from fifa_jax.parallel.mesh import (AXES, BATCH_AXES, batch_multiple, batch_sharding,
                                     default_config, initialize_distributed, make_mesh,
                                     mesh_shape, pad_batch, replicated, shard_batch,

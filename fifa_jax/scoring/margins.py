@@ -49,7 +49,9 @@ from absl import logging
 from PIL import Image
 
 from fifa_jax import parallel
+from fifa_jax.parallel import hosts
 from fifa_jax.data import images as image_refs
+from fifa_jax.files import file_stats
 from fifa_jax.scoring import embeddings, input_pipeline
 from fifa_jax.scoring import preprocess as pp
 from fifa_jax.scoring.score_step import cast_matrices, make_score_step  # noqa: F401 (public)
@@ -129,12 +131,8 @@ def fingerprint(pairs: pa.Table, texts: Sequence[str], reward_path: str, image_c
                 path, row, _ = image_refs.parse_ref(v)
                 if row is not None:
                     containers.add(path)
-    for path in sorted(containers):
-        try:
-            st = os.stat(path)
-            h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}\0".encode())
-        except OSError:  # unreadable: its pairs fail to decode and are counted
-            h.update(f"{path}:missing\0".encode())
+    for path in sorted(containers):   # a missing one: its pairs fail to decode, counted
+        h.update(json.dumps(file_stats(path)).encode())
     for t in texts:
         h.update(t.encode())
         h.update(b"\0")
@@ -156,30 +154,6 @@ def _write_atomic_table(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
-
-
-def _sync(name: str) -> None:
-    """Barrier across hosts (no-op on one host): every host must take the same decisions."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
-def _from_leader(values: np.ndarray) -> np.ndarray:
-    """Process 0's `values` (int32, the same shape on every host) on every host."""
-    values = np.asarray(values, np.int32)
-    if jax.process_count() == 1 or values.size == 0:
-        return values
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.broadcast_one_to_all(values), np.int32)
-
-
-def _on_all_hosts(flag: bool) -> bool:
-    """True when `flag` is True on every host."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).min() == 1)
 
 
 def _prepare_chunk_dir(out_dir: Path, fp: str, n_chunks: int) -> list[int]:
@@ -205,8 +179,8 @@ def _prepare_chunk_dir(out_dir: Path, fp: str, n_chunks: int) -> list[int]:
         for p in cdir.glob("*.tmp*"):  # leftovers of a kill during a write
             p.unlink()
         finished[:] = [chunk_path(out_dir, k).exists() for k in range(n_chunks)]
-    _sync("margins:prepare")
-    return np.nonzero(_from_leader(finished))[0].tolist()
+    hosts.barrier("margins:prepare")
+    return np.nonzero(hosts.from_leader(finished))[0].tolist()
 
 
 def _text_features(reward: RewardModel, tok: embeddings.TokenizedText, batch_size: int,
@@ -227,12 +201,12 @@ def _text_features(reward: RewardModel, tok: embeddings.TokenizedText, batch_siz
         return feats, zlib.crc32(np.ascontiguousarray(feats).tobytes())
 
     feats, crc = read() if jax.process_index() == 0 else (None, 0)
-    leader = _from_leader(np.array([feats is not None, np.uint32(crc).view(np.int32)]))
+    leader = hosts.from_leader(np.array([feats is not None, np.uint32(crc).view(np.int32)]))
     if leader[0]:
         if jax.process_index() != 0:
             feats, crc = read()
         same = feats is not None and np.uint32(crc).view(np.int32) == leader[1]
-        if _on_all_hosts(same):
+        if hosts.on_all_hosts(same):
             return feats
     feats = embeddings.clip_text_features(reward.ensure_model(), tok, batch_size, mesh)
     stats["text_features_computed"] += feats.shape[0]

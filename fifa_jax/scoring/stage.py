@@ -34,22 +34,11 @@ import pyarrow.parquet as pq
 from absl import logging
 
 from fifa_jax import parallel
+from fifa_jax.files import file_stats
+from fifa_jax.parallel import hosts
 from fifa_jax.scoring import demo_checkpoints, embeddings, judge, margins
 
 STAGE = "score"
-
-
-def _file_stats(path: str) -> dict:
-    """{file: [size, mtime_ns]} of a file, or of every file under a folder."""
-    if os.path.isfile(path):
-        st = os.stat(path)
-        return {path: [st.st_size, st.st_mtime_ns]}
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in sorted(files):
-            st = os.stat(os.path.join(root, f))
-            out[os.path.join(root, f)] = [st.st_size, st.st_mtime_ns]
-    return out
 
 
 def input_signature(config, workdir) -> dict:
@@ -74,15 +63,11 @@ def input_signature(config, workdir) -> dict:
     for what, path in paths.items():
         if not path or path == "demo":
             continue
-        path = os.path.expanduser(path)
-        if (what == "judge_column" and workdir is not None and not os.path.isabs(path)
-                and not os.path.exists(path)):
-            path = os.path.join(workdir, path)     # as _judge_config reads it, made or not yet
-        path = os.path.abspath(path)
+        path = os.path.abspath(os.path.expanduser(path))
         if workdir is not None and path.startswith(
                 os.path.join(os.path.abspath(workdir), "ingest") + os.sep):
             continue              # made by the ingest stage: its fingerprint covers it
-        out[what] = _file_stats(path) if os.path.exists(path) else "missing"
+        out[what] = file_stats(path)
     return out
 
 
@@ -150,12 +135,13 @@ def embedder_config(cfg, reward_path: str):
 
 
 def _judge_config(cfg, workdir: pathlib.Path):
-    """A copy of score.judge with a relative column path resolved against the work directory
-    when it does not exist relative to the current directory."""
+    """A copy of score.judge with a relative column path that does not exist relative to the
+    current directory read as relative to the work directory (where the demo's ratings are
+    made), whether or not it exists there yet."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     col = cfg.get("column")
     if col is not None and col.get("path") and not os.path.isabs(col.path) \
-            and not os.path.exists(col.path) and (workdir / col.path).exists():
+            and not os.path.exists(col.path):
         col.path = str(workdir / col.path)
     return cfg
 
@@ -216,7 +202,7 @@ def run(config, workdir) -> dict:
     if reward_cfg.path == "demo":  # one writer: hosts racing on the same files can fail
         if leader:
             demo_checkpoints.build_demo_reward(out / "demo_reward")
-        margins._sync("score:demo_reward")
+        hosts.barrier("score:demo_reward")
         reward_cfg.path = str(out / "demo_reward")
         reward_cfg.processor_path = ""
 
