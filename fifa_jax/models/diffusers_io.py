@@ -19,13 +19,18 @@ from fifa_jax.models.torch_names import export_to_torch, fill_from_torch
 WEIGHTS_STEM = "diffusion_pytorch_model"
 
 
+def read_folder_json(path: str, name: str, missing: str) -> dict:
+    """The JSON file `name` of folder `path`; FileNotFoundError(`missing`) when absent."""
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(missing)
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def read_config(path: str) -> dict:
     """The config.json dict of a diffusers model folder."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"no config.json in {path}")
-    with open(cfg_path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_folder_json(path, "config.json", f"no config.json in {path}")
 
 
 def fill_from_folder(model: nnx.Module, path: str, renames, variant: str | None = None):

@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import jax.numpy as jnp
 
 from fifa_jax.models.clip_io import load_text_encoder
+from fifa_jax.models.diffusers_io import read_folder_json
 from fifa_jax.models.tokenizers import load_tokenizer
 from fifa_jax.models.unet_io import load_unet
 from fifa_jax.models.vae_io import load_vae
@@ -50,11 +51,8 @@ class Pipeline:
 
 
 def read_model_index(path: str) -> dict:
-    index_path = os.path.join(path, "model_index.json")
-    if not os.path.exists(index_path):
-        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder: no model_index.json")
-    with open(index_path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_folder_json(path, "model_index.json",
+                            f"{path} is not a diffusers pipeline folder: no model_index.json")
 
 
 def _present(index: dict, name: str) -> bool:
