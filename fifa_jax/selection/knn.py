@@ -14,11 +14,12 @@ Algorithm (no N x N matrix ever exists):
    recursively; the kc best entries lie in the kc groups with the largest maxima, so only
    kc * group entries per level go through `lax.top_k`: exact, and far cheaper than a top_k
    over whole tile rows), and the same over the tile's columns gives
-   the column points' candidates without transposing. Each list goes to its own slot of a
-   candidate buffer (N, N / tile, kc): no merging inside the loop, and the buffer does not
-   depend on which device did which tile pair.
-3. The buffers are exchanged with one `all_to_all` (rows to their owner) and each row keeps
-   the kc best of its N / tile slots (one `top_k`).
+   the column points' candidates without transposing. Each list is merged into its rows'
+   running candidate lists (N, kc) in the order (score descending, index ascending): a strict
+   total order, so the merged lists are the kc best of all tiles whatever the order of the
+   merges, and the same for any device count and visiting order.
+3. Each device's lists are exchanged with one `all_to_all` (rows to their owner), which merges
+   the n_dev lists of each of its rows the same way.
 4. Re-rank: the kc candidates of every row get their exact float32 squared distance
    sum((x_i - x_j)^2); the point itself (by index, so a duplicate is still a neighbour at
    distance 0) and padding are dropped; sort by (distance, index) and keep k.
@@ -26,7 +27,8 @@ Algorithm (no N x N matrix ever exists):
    candidate, so it is at least that far less the matmul's rounding bound; rows whose k-th
    neighbour is not clearly nearer (near-duplicate clusters, where |x|^2 + |y|^2 - 2xy loses
    every digit) are recomputed in float64 on the host.
-Memory: x replicated per device plus the buffer, N * (N / tile) * kc * 8 bytes.
+Memory per device: x replicated, the candidate lists N * kc * 8 bytes, and one tile's scores
+(tile^2 * 4 bytes) with its top-k temporaries.
 The fast mode is exact whenever the true k neighbours are among the kc bf16 candidates (a margin
 of candidates absorbs bf16 rounding); `exact_f32=True` ranks candidates in float32.
 """
@@ -128,18 +130,28 @@ def _col_candidates(s, kc, g):
 
 
 def _pair_table(nt: int, n_dev: int) -> np.ndarray:
-    """(n_dev, ppd, 2) int32 tile pairs (r, c), c >= r, dealt round-robin.
+    """(n_dev, ppd, 3) int32 tile pairs (r, c, valid), c >= r, dealt round-robin.
 
-    A device with fewer pairs repeats its first pair (rewriting identical slots).
+    A device with fewer pairs pads its list with (0, 0, 0): visited, merged as nothing.
     """
     pairs = [(r, c) for r in range(nt) for c in range(r, nt)]
     ppd = -(-len(pairs) // n_dev)
-    table = np.zeros((n_dev, ppd, 2), np.int32)
+    table = np.zeros((n_dev, ppd, 3), np.int32)
     for dev in range(n_dev):
         mine = pairs[dev::n_dev]
-        table[dev, :len(mine)] = mine
-        table[dev, len(mine):] = mine[0]
+        table[dev, :len(mine), :2] = mine
+        table[dev, :len(mine), 2] = 1
     return table
+
+
+def _best(v, i, kc):
+    """The kc best candidates of every row, best first: (R, L) scores and indices -> (R, kc).
+
+    Best = larger score, then smaller index: a strict total order on distinct points, so
+    keeping the kc best of lists merged in any order gives the kc best of their union.
+    """
+    neg, i = lax.sort((-v, i), dimension=1, num_keys=2)
+    return -neg[:, :kc], i[:, :kc]
 
 
 @functools.lru_cache(maxsize=32)
@@ -149,7 +161,6 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
     axes = tuple(mesh.axis_names) if mesh is not None else ()
     n_dev = mesh.size if mesh is not None else 1
     nb = n_pad // n_dev                    # rows owned per device after the exchange
-    nt = n_pad // tile                     # column tiles
     cdtype = jnp.float32 if exact else jnp.bfloat16
     prec = lax.Precision.HIGHEST if exact else lax.Precision.DEFAULT
     # Rounding bound of a float32 matmul score: CERT_SIGMAS standard deviations of a random
@@ -183,36 +194,36 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
         return jnp.dot(a_r, b_c.T, precision=prec, preferred_element_type=jnp.float32)
 
     def local_pass(x, table, n):
-        """Walk this device's tile pairs; returns the candidate buffer (n_pad, nt, kc).
-
-        Slot [i, c] holds row i's kc best candidates within column tile c (written by exactly
-        one tile pair on exactly one device; -inf elsewhere), so the buffer, and everything
-        reduced from it, is the same for any device count and visiting order.
-        """
+        """Walk this device's tile pairs; returns its candidate lists (n_pad, kc) values and
+        indices, best first ((-inf, sentinel) where nothing was seen)."""
         a, b, pad = operands(x, n)
-        table = table.reshape(-1, 2)
-        vdt = jnp.float32
-        v0 = jnp.full((n_pad, nt, kc), -jnp.inf, vdt)
-        i0 = jnp.full((n_pad, nt, kc), _SENTINEL, jnp.int32)
+        table = table.reshape(-1, 3)
+        v0 = jnp.full((n_pad, kc), -jnp.inf, jnp.float32)
+        i0 = jnp.full((n_pad, kc), _SENTINEL, jnp.int32)
 
-        def update(vals, ids, tv, ti, row0, col0):
-            slot = col0 // tile
-            return (lax.dynamic_update_slice(vals, tv.astype(vdt)[:, None, :], (row0, slot, 0)),
-                    lax.dynamic_update_slice(ids, (ti + col0)[:, None, :], (row0, slot, 0)))
+        def merge_into(vals, ids, tv, ti, keep, row0, col0):
+            """Merge tile candidates tv/ti (tile, kc) (ti relative to col0) into rows row0..;
+            keep=False merges nothing (no lax.cond: a host round trip per step on GPU)."""
+            tv = jnp.where(keep, tv.astype(jnp.float32), -jnp.inf)
+            ti = jnp.where(keep, ti + col0, _SENTINEL)
+            mv, mi = _best(jnp.concatenate([lax.dynamic_slice_in_dim(vals, row0, tile), tv], 1),
+                           jnp.concatenate([lax.dynamic_slice_in_dim(ids, row0, tile), ti], 1),
+                           kc)
+            return (lax.dynamic_update_slice_in_dim(vals, mv, row0, 0),
+                    lax.dynamic_update_slice_in_dim(ids, mi, row0, 0))
 
         def body(p, carry):
-            # no lax.cond (a host round trip per step on GPU): a diagonal pair writes its slot
-            # twice (the column pass last) and a padding entry repeats one of this device's
-            # pairs; both give the same buffer on every device count.
             vals, ids = carry
-            r, c = table[p, 0], table[p, 1]
+            r, c, valid = table[p, 0], table[p, 1], table[p, 2] > 0
             r0, c0 = r * tile, c * tile
             s = score_tile(lax.dynamic_slice_in_dim(a, r0, tile),
                            lax.dynamic_slice_in_dim(b, c0, tile),
                            lax.dynamic_slice_in_dim(pad, r0, tile),
                            lax.dynamic_slice_in_dim(pad, c0, tile))
-            vals, ids = update(vals, ids, *_row_candidates(s, kc, group), r0, c0)
-            return update(vals, ids, *_col_candidates(s, kc, group), c0, r0)
+            vals, ids = merge_into(vals, ids, *_row_candidates(s, kc, group), valid, r0, c0)
+            # a diagonal tile's column pass would add the same pairs again
+            return merge_into(vals, ids, *_col_candidates(s, kc, group), valid & (c != r),
+                              c0, r0)
 
         return lax.fori_loop(0, table.shape[0], body, (v0, i0))
 
@@ -255,29 +266,20 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
                 jnp.zeros((nb,), bool))
         return lax.fori_loop(0, nrt, one, init)
 
-    def reduce_buffer(vals, ids):
-        """(rows, nt, kc) buffer -> (rows, kc) best candidate ids (top_k over all slots) and
-        (rows,) the kc-th best score (the worst candidate's)."""
-        rows = vals.shape[0]
-        v, pos = lax.top_k(vals.reshape(rows, nt * kc), kc)
-        return jnp.take_along_axis(ids.reshape(rows, nt * kc), pos, axis=1), v[:, kc - 1]
-
     if mesh is None:
         def run(x, table, n):
             vals, ids = local_pass(x, table, n)
-            return rerank(x, x, *reduce_buffer(vals, ids), 0, n)
+            return rerank(x, x, ids, vals[:, kc - 1], 0, n)
         return jax.jit(run)
 
     def device_fn(x, table, n):
         vals, ids = local_pass(x, table, n)
-        # send rows [j*nb, (j+1)*nb) to device j; receive every device's buffer for my rows
-        vals = lax.all_to_all(vals.reshape(n_dev, nb, nt, kc), axes, 0, 0, tiled=False)
-        ids = lax.all_to_all(ids.reshape(n_dev, nb, nt, kc), axes, 0, 0, tiled=False)
-        # each slot was written on exactly one device (the others hold -inf): pick that one
-        src = jnp.argmax(vals[:, :, :, 0], axis=0)[None, :, :, None]
-        vals = jnp.take_along_axis(vals, src, axis=0)[0]
-        ids = jnp.take_along_axis(ids, src, axis=0)[0]
-        ids, worst = reduce_buffer(vals, ids)
+        # send rows [j*nb, (j+1)*nb) to device j; receive every device's lists for my rows
+        vals = lax.all_to_all(vals.reshape(n_dev, nb, kc), axes, 0, 0, tiled=False)
+        ids = lax.all_to_all(ids.reshape(n_dev, nb, kc), axes, 0, 0, tiled=False)
+        flat = lambda y: jnp.moveaxis(y, 0, 1).reshape(nb, n_dev * kc)
+        vals, ids = _best(flat(vals), flat(ids), kc)
+        worst = vals[:, kc - 1]
         me = lax.axis_index(axes)
         base = (me * nb).astype(jnp.int32)
         rows_x = lax.dynamic_slice_in_dim(x, base, nb)

@@ -151,3 +151,21 @@ def test_exact_rows_f64_equals_reference_with_ties():
     ref_d, ref_i, _ = knn_reference(x, 4)
     np.testing.assert_allclose(d, ref_d[rows], rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(i, ref_i[rows])        # ties by index, exactly
+
+
+def test_memory_is_linear_in_n_not_n_squared_over_tile():
+    """The candidate lists are merged as tiles are scored: per device O(N * kc) plus one tile,
+    never the (N, N / tile, kc) slots of every tile (17 GB at N = 2^20). Compiled, not run."""
+    import jax.numpy as jnp
+    from fifa_jax.selection.knn import _build, _pair_table
+    n, d, k, kc, tile = 65536, 16, 4, 7, 256
+    fn = _build(n, d, k, kc, tile, True, False, 16, None)
+    table = _pair_table(n // tile, 1)
+    mem = fn.lower(jax.ShapeDtypeStruct((n, d), jnp.float32),
+                   jax.ShapeDtypeStruct(table.shape, jnp.int32),
+                   jax.ShapeDtypeStruct((), jnp.int32)).compile().memory_analysis()
+    slots = n * (n // tile) * kc * 8                  # what one slot per tile would take
+    lists = n * kc * 8
+    operands = 2 * n * 32 * 4                         # [x, |x|^2, 1] and [2x, -1, -|x|^2]
+    bound = operands + 4 * lists + 16 * tile * tile * 4
+    assert mem.temp_size_in_bytes < bound < slots / 8, (mem.temp_size_in_bytes, bound)
