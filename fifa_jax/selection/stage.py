@@ -11,7 +11,8 @@ Writes select/:
                        normalised, importance, score (the method's ranking value: the greedy
                        gain, the top-K score; NaN for full/random), method, fingerprint
     report.json        counts, the objective's terms for the chosen set vs R random sets of
-                       the same size (mean, std), the config section
+                       the same size (mean, std) and, for every method but importance and
+                       full, vs the paper's importance top-K of the same size; the config
     hist_terms.png     margin / quality / diversity histograms, chosen vs all candidates
     prompts_pca.png    2-D PCA of the prompt embeddings, chosen prompts marked
 Pairs whose margins row has ok = False (image not decodable) and pairs of a prompt whose
@@ -355,6 +356,12 @@ def run(config, workdir) -> dict:
     rng = np.random.default_rng(seed + 1)
     r_sets = [_set_terms(rng.permutation(cand.size)[:kk], terms, emb, pid, sel, mesh)
               for _ in range(int(sel.report.random_sets))] if kk < cand.size else []
+    # the paper's choice on the same terms, so a greedy (or baseline) run says what it bought:
+    # F is not submodular, and the greedy's final F can fall below the importance top-K's
+    imp_terms = None
+    if sel.method not in ("importance", "full"):
+        imp = top_k_pairs(terms["s"], kk, pid, int(sel.cap_per_prompt))
+        imp_terms = _set_terms(imp, terms, emb, pid, sel, mesh) if imp.size == kk else None
     random_stats = {}
     for key in chosen_terms:
         vals = [r[key] for r in r_sets if r.get(key) is not None]
@@ -362,7 +369,7 @@ def run(config, workdir) -> dict:
             random_stats[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
     report = {"method": sel.method, "fingerprint": fp, "seed": seed, "counts": counts,
               "objective": {"chosen": chosen_terms, "random_sets": len(r_sets),
-                            "random": random_stats},
+                            "random": random_stats, "importance_top_k": imp_terms},
               "config": sel.to_dict(),
               "notes": {"normalize": "terms normalised over the candidate pairs",
                         "entropy_sum": "sum over the set of log max(rho_k^S, eps)",

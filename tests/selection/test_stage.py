@@ -115,6 +115,19 @@ def test_greedy_beats_random_on_its_objective(workdir):
     assert ch["unique_prompts"] == 20
 
 
+@pytest.mark.parametrize("cap", [0, 1])
+def test_report_compares_with_the_papers_importance_top_k(workdir, cap):
+    """Every method but importance/full reports the importance top-K set's terms, equal to
+    what the importance method itself reports for the same config."""
+    def report(method):
+        stage.run(config(method, cap_per_prompt=cap), workdir)
+        return json.loads((workdir / "select" / "report.json").read_text())["objective"]
+    imp = report("importance")
+    assert imp["importance_top_k"] is None
+    for method in ("greedy", "random", "margin"):
+        assert report(method)["importance_top_k"] == imp["chosen"], method
+
+
 def test_byte_identical_manifest_and_plots(tmp_path):
     wd = make_workdir(tmp_path / "a")
     c = config("importance", normalize="rank", cap_per_prompt=2)
