@@ -34,3 +34,4 @@ run greedy 90 python3 benchmarks/greedy.py --gpu-size --out "$out/greedy.json"
 run score 150 python3 benchmarks/score.py --profile --out "$out/score.json"
 run gpu_tests 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -x -p no:cacheprovider tests/models/test_unet_gpu.py \
   tests/models/test_llm_gpu.py
+run decode 40 python3 benchmarks/decode.py --images 512 --out "$out/decode.json"
