@@ -278,11 +278,31 @@ class CLIPVisionEmbeddings(nnx.Module):
         if c != self.num_channels or h != self.image_size or w != self.image_size:
             raise ValueError(f"pixel_values must be (B, {self.num_channels}, {self.image_size}, "
                              f"{self.image_size}) (NCHW), got {pixel_values.shape}")
-        x = self.patch_embedding(jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype))
-        x = x.reshape(b, -1, x.shape[-1])
+        x = patch_embed(jnp.transpose(pixel_values, (0, 2, 3, 1)),
+                        self.patch_embedding.kernel[...], self.dtype)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
         return x + self.position_embedding.embedding[...].astype(x.dtype)
+
+
+def patch_embed(x, kernel, dtype=None):
+    """A stride-p, p x p, bias-free VALID convolution as one matmul over flattened patches.
+
+    x (B, H, W, C) NHWC; kernel (p, p, C, D) (flax's conv layout) -> (B, H/p * W/p, D) in
+    row-major patch order (what the convolution's output reshaped gives). The same sums as the
+    convolution; one GEMM with a 588-long contraction instead of a convolution with 3 input
+    channels, which GPU convolution kernels do not map well onto tensor cores (not yet measured
+    against the convolution on a GPU: benchmarks/RESULTS.md).
+    """
+    p, _, c, d = kernel.shape
+    b, h, w, _ = x.shape
+    gh, gw = h // p, w // p
+    x = x[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, gh * gw, p * p * c)
+    k = kernel.reshape(p * p * c, d)
+    if dtype is not None:
+        x, k = x.astype(dtype), k.astype(dtype)
+    return jnp.dot(x, k)
 
 
 class CLIPVisionModel(nnx.Module):

@@ -348,3 +348,20 @@ def test_legacy_pytorch_bin_is_read(ckpts, tmp_path):
     for x, y in zip(jax.tree.leaves(nnx.state(from_bin, nnx.Param)),
                     jax.tree.leaves(nnx.state(from_st, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("hw,p", [((28, 28), 14), ((30, 33), 7)])
+def test_patch_embed_equals_the_strided_convolution(hw, p):
+    """The vision tower's patch matmul equals a stride-p VALID convolution (remainder rows and
+    columns dropped as the convolution drops them)."""
+    from fifa_jax.models.clip import patch_embed
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2,) + hw + (3,)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(p, p, 3, 16)), jnp.float32)
+    conv = jax.lax.conv_general_dilated(x, kernel, (p, p), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=jax.lax.Precision.HIGHEST)
+    got = patch_embed(x, kernel)
+    assert got.shape == (2, (hw[0] // p) * (hw[1] // p), 16)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(conv).reshape(got.shape),
+                               rtol=1e-5, atol=1e-4)
