@@ -20,15 +20,18 @@ Algorithm (no N x N matrix ever exists):
    merges, and the same for any device count and visiting order.
 3. Each device's lists are exchanged with one `all_to_all` (rows to their owner), which merges
    the n_dev lists of each of its rows the same way.
-4. Re-rank: the kc candidates of every row get their exact float32 squared distance
-   sum((x_i - x_j)^2); the point itself (by index, so a duplicate is still a neighbour at
+4. Re-rank: the kc candidates of every row get their float32 squared distance
+   sum((x_i - x_j)^2) from the points as given (the matmuls see centred points, and centring
+   rounds: points a few ulps apart far from the mean can merge); the point itself (by index, so a duplicate is still a neighbour at
    distance 0) and padding are dropped; sort by (distance, index) and keep k.
 5. Certificate (float32 mode): a point outside the candidates scored no better than the worst
-   candidate, so it is at least that far less the matmul's rounding bound; rows whose k-th
+   candidate, so it is at least that far less the matmul's rounding bound and the centring's
+   (2^-23 of the centred norms); rows whose k-th
    neighbour is not clearly nearer (near-duplicate clusters, where |x|^2 + |y|^2 - 2xy loses
    every digit) are recomputed in float64 on the host.
-Memory per device: x replicated, the candidate lists N * kc * 8 bytes, and one tile's scores
-(tile^2 * 4 bytes) with its top-k temporaries.
+Memory per device: x replicated, the two matmul operands (N, d + 2 rounded up to 16) (bf16 in
+the fast mode), the candidate lists N * kc * 8 bytes (twice while the all_to_all exchanges
+them), and one tile's scores (tile^2 * 4 bytes) with its top-k temporaries.
 The fast mode is exact whenever the true k neighbours are among the kc bf16 candidates (a margin
 of candidates absorbs bf16 rounding); `exact_f32=True` ranks candidates in float32.
 """
@@ -52,7 +55,8 @@ log = logging.getLogger(__name__)
 _BIG = 1e30          # pushes padded points out of every candidate list
 # Width of the float32 matmul rounding bound (see _build), in units of sqrt(D) 2^-24 (|x_i| +
 # |x_j|)^2: the largest error seen over 64M pairs (d = 64, 768; Gaussian and unit vectors) was
-# 0.28 units, so 4 leaves a factor of 14.
+# 0.28 units, and 0.94 on adversarial structured data (constant vectors, all-ones mantissas,
+# far clusters; d = 9 to 768), so 4 leaves a factor of 4.
 CERT_SIGMAS = 4.0
 _SENTINEL = np.iinfo(np.int32).max
 
@@ -91,18 +95,22 @@ def _topk_rows(v, kc, g):
 
     Hierarchical: the kc best entries lie in the kc groups (of g entries) with the largest
     maxima, so the group maxima are reduced the same way (recursively) and only those kc * g
-    entries go through `top_k`: far fewer elements than a top_k over the whole row.
+    entries go through `top_k`: far fewer elements than a top_k over the whole row. Ties go to
+    the smaller position, as in `lax.top_k` over the whole row.
     """
     r, n = v.shape
     if g <= 1 or n % g or n // g < kc:
         return lax.top_k(v, kc)
     vg = v.reshape(r, n // g, g)
     _, gid = _topk_rows(jnp.max(vg, axis=2), kc, g)               # (R, kc) group ids
+    gid = jnp.sort(gid, axis=1)     # members in index order: top_k's ties go to the smaller
     return _expand(jnp.take_along_axis(vg, gid[:, :, None], axis=1), gid, kc, g)
 
 
 def _expand(cand, gid, kc, g):
-    """Top-kc of the gathered members cand (M, kc, g) of groups gid (M, kc)."""
+    """Top-kc of the gathered members cand (M, kc, g) of groups gid (M, kc), gid ascending
+    (so the members are in index order and `top_k`, which breaks ties by position, breaks them
+    by index: the result is the kc best by (value descending, index ascending))."""
     m = cand.shape[0]
     v, pos = lax.top_k(cand.reshape(m, kc * g), kc)
     members = (gid[:, :, None] * g + jnp.arange(g, dtype=gid.dtype)).reshape(m, kc * g)
@@ -125,6 +133,7 @@ def _col_candidates(s, kc, g):
         return lax.top_k(s.T, kc)
     gmax = jnp.max(s.reshape(r // g, g, c), axis=1).T              # (C, R/g)
     _, gid = _topk_rows(gmax, kc, g)                                # (C, kc)
+    gid = jnp.sort(gid, axis=1)
     rows = gid[:, :, None] * g + jnp.arange(g, dtype=gid.dtype)     # (C, kc, g)
     return _expand(s[rows, jnp.arange(c)[:, None, None]], gid, kc, g)
 
@@ -157,7 +166,8 @@ def _best(v, i, kc):
 @functools.lru_cache(maxsize=32)
 def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: bool,
            group: int, mesh: Optional[Mesh]):
-    """Compile-once k-NN for fixed shapes: f(x_pad (n_pad, d) f32, table, n) -> (dist, idx)."""
+    """Compile-once k-NN for fixed shapes: f(x_pad (n_pad, d) f32, mean (d,) f32, table, n)
+    -> (dist, idx, certified)."""
     axes = tuple(mesh.axis_names) if mesh is not None else ()
     n_dev = mesh.size if mesh is not None else 1
     nb = n_pad // n_dev                    # rows owned per device after the exchange
@@ -169,11 +179,13 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
     certify = exact and not direct
     cert_c = CERT_SIGMAS * math.sqrt(_round_up(d + 2, 16)) * 2.0 ** -24
 
-    def operands(x, n):
-        """Row and column operands (n_pad, D) whose product is -||x_i - x_j||^2."""
+    def operands(x, mean, n):
+        """Row and column operands (n_pad, D) whose product is -||x_i - x_j||^2, from the
+        centred points (the matmul form cancels catastrophically far from the origin)."""
         pad = (jnp.arange(n_pad) >= n)
         if direct:
             return x, x, pad
+        x = x - mean
         sq = jnp.sum(x * x, axis=1)
         big = jnp.where(pad, _BIG, 0.0)
         one = jnp.ones_like(sq)
@@ -193,10 +205,10 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
         # vectors) to 2^-8 and blur neighbours; bf16 inputs alone err by about 1e-4.
         return jnp.dot(a_r, b_c.T, precision=prec, preferred_element_type=jnp.float32)
 
-    def local_pass(x, table, n):
+    def local_pass(x, mean, table, n):
         """Walk this device's tile pairs; returns its candidate lists (n_pad, kc) values and
         indices, best first ((-inf, sentinel) where nothing was seen)."""
-        a, b, pad = operands(x, n)
+        a, b, pad = operands(x, mean, n)
         table = table.reshape(-1, 3)
         v0 = jnp.full((n_pad, kc), -jnp.inf, jnp.float32)
         i0 = jnp.full((n_pad, kc), _SENTINEL, jnp.int32)
@@ -227,14 +239,16 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
 
         return lax.fori_loop(0, table.shape[0], body, (v0, i0))
 
-    def rerank(x, rows_x, cand, worst, row_base, n):
-        """Exact float32 distances of the candidates; (nb, kc) -> (nb, k) dist, idx, and
-        (nb,) `certified`: whether no point outside the candidates can be nearer than the
-        k-th (the worst candidate's matmul score, less its rounding bound, says so)."""
+    def rerank(x, mean, rows_x, cand, worst, row_base, n):
+        """Float32 distances of the candidates from differences of the input points (not the
+        centred ones: centring rounds, and can merge points a few ulps apart);
+        (nb, kc) -> (nb, k) dist, idx, and (nb,) `certified`: whether no point outside the
+        candidates can be nearer than the k-th (the worst candidate's matmul score, less its
+        rounding bound and the centring's, says so)."""
         rt = tile
         nrt = nb // rt
         real = jnp.arange(n_pad) < n
-        norms = jnp.sqrt(jnp.sum(x * x, axis=1))
+        norms = jnp.sqrt(jnp.sum(jnp.square(x - mean), axis=1))     # centred norms
         rmax = jnp.max(jnp.where(real, norms, 0.0))
 
         def one(t, out):
@@ -251,12 +265,17 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
             ci = jnp.where(bad, _SENTINEL, ci)
             d2, ci = lax.sort((d2, ci), dimension=1, num_keys=2)
             # any point j outside the candidates has matmul score <= the worst candidate's,
-            # so d2_j >= -worst - bound; the k found are exact when the k-th is nearer than that
-            bound = cert_c * (jnp.sqrt(jnp.sum(xr * xr, axis=1)) + rmax) ** 2
+            # so its centred squared distance is >= -worst - bound; centring moved each point by
+            # at most 2^-24 of its centred norm (float32 rounding; 2^-23 taken), so the true
+            # distance is >= sqrt(that) - cen. The k found are exact when the k-th is nearer.
+            nr = lax.dynamic_slice_in_dim(norms, row_base + r0, rt)
+            bound = cert_c * (nr + rmax) ** 2
+            cen = 2.0 ** -23 * (nr + rmax)
             wr = lax.dynamic_slice_in_dim(worst, r0, rt)
+            lo = jnp.square(jnp.maximum(jnp.sqrt(jnp.maximum(-wr - bound, 0.0)) - cen, 0.0))
             # k exact duplicates found: no distance can be smaller (which k of a larger group
             # of identical points are returned is then not by index)
-            ok = (d2[:, k - 1] * (1.0 + 1e-6) < -wr - bound) | (d2[:, k - 1] == 0.0)
+            ok = (d2[:, k - 1] * (1.0 + 1e-6) < lo) | (d2[:, k - 1] == 0.0)
             od = lax.dynamic_update_slice_in_dim(od, jnp.sqrt(d2[:, :k]), r0, 0)
             oi = lax.dynamic_update_slice_in_dim(oi, ci[:, :k], r0, 0)
             oc = lax.dynamic_update_slice_in_dim(oc, ok | (not certify), r0, 0)
@@ -267,13 +286,13 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
         return lax.fori_loop(0, nrt, one, init)
 
     if mesh is None:
-        def run(x, table, n):
-            vals, ids = local_pass(x, table, n)
-            return rerank(x, x, ids, vals[:, kc - 1], 0, n)
+        def run(x, mean, table, n):
+            vals, ids = local_pass(x, mean, table, n)
+            return rerank(x, mean, x, ids, vals[:, kc - 1], 0, n)
         return jax.jit(run)
 
-    def device_fn(x, table, n):
-        vals, ids = local_pass(x, table, n)
+    def device_fn(x, mean, table, n):
+        vals, ids = local_pass(x, mean, table, n)
         # send rows [j*nb, (j+1)*nb) to device j; receive every device's lists for my rows
         vals = lax.all_to_all(vals.reshape(n_dev, nb, kc), axes, 0, 0, tiled=False)
         ids = lax.all_to_all(ids.reshape(n_dev, nb, kc), axes, 0, 0, tiled=False)
@@ -283,9 +302,9 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
         me = lax.axis_index(axes)
         base = (me * nb).astype(jnp.int32)
         rows_x = lax.dynamic_slice_in_dim(x, base, nb)
-        return rerank(x, rows_x, ids, worst, base, n)
+        return rerank(x, mean, rows_x, ids, worst, base, n)
 
-    sm = jax.shard_map(device_fn, mesh=mesh, in_specs=(P(), P(axes), P()),
+    sm = jax.shard_map(device_fn, mesh=mesh, in_specs=(P(), P(), P(axes), P()),
                        out_specs=(P(axes), P(axes), P(axes)), check_vma=False)
     return jax.jit(sm)
 
@@ -308,8 +327,8 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
         rounding bound (near-duplicate clusters) is recomputed in float64 on the host
         (`exact_rows_f64`), so the distances are exact on any input, ties by index (except
         among more exact duplicates of a point than the candidate list holds: any k of them).
-      margin: extra candidates kept per row before the exact re-rank (default: 3 exact, which
-        leaves about no row to recompute on random data, 5 fast).
+      margin: extra candidates kept per row before the exact re-rank (default: 2 exact, which
+        leaves few rows to recompute on random data, 5 fast).
       direct_max_dim: for d <= this, distances are formed from differences (no cancellation).
       group: entries per group at each level of the hierarchical per-tile top-k (1: plain
         `lax.top_k` over whole tile rows).
@@ -325,11 +344,12 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
     _check_finite(x)
     # Distances do not change under translation, but the matmul form -||a-b||^2 =
     # 2ab - |a|^2 - |b|^2 cancels catastrophically for points far from the origin (a common
-    # offset of 1000 in d = 64 gives wrong neighbours): centre first.
+    # offset of 1000 in d = 64 gives wrong neighbours): the candidates come from centred
+    # points; the distances from the points as given.
     if isinstance(x, jax.Array):
-        x = x - jnp.mean(x, axis=0, keepdims=True)
+        mean = jnp.mean(x, axis=0)
     else:
-        x = (x - x.mean(axis=0, dtype=np.float64)).astype(np.float32)
+        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
     if exact_f32 is None:
         exact_f32 = jax.default_backend() == "cpu"
     if margin is None:
@@ -358,8 +378,9 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
         xp = np.pad(x, ((0, n_pad - n), (0, 0)))
     if mesh is not None:
         xp = jax.device_put(xp, NamedSharding(mesh, P()))
+        mean = jax.device_put(mean, NamedSharding(mesh, P()))
         table = jax.device_put(table, NamedSharding(mesh, P(tuple(mesh.axis_names))))
-    dist, idx, cert = fn(xp, table, np.int32(n))
+    dist, idx, cert = fn(xp, mean, table, np.int32(n))
     if not dist.is_fully_addressable:     # several hosts: every process gets the whole result
         from jax.experimental import multihost_utils
         dist, idx, cert = (np.asarray(v) for v in
@@ -380,12 +401,13 @@ def exact_rows_f64(x: np.ndarray, rows: np.ndarray, k: int) -> Tuple[np.ndarray,
     every point within rounding of the k-th, then their distances from differences (exact
     duplicates at exactly 0) sorted by (distance, index). x (N, d); -> (R, k) dist, idx."""
     n, d = x.shape
-    cols = min(n, 8192)
+    mu = x.mean(axis=0, dtype=np.float64)   # the filter's matmul on centred points; the
+    cols = min(n, 8192)                     # distances from differences of x itself
     buf = np.empty((cols, d))          # one reused float64 buffer: converting all of x at once
     sq = np.empty(n)                   # costs more in fresh memory pages than in arithmetic
     for c0 in range(0, n, cols):
         m = min(cols, n - c0)
-        np.copyto(buf[:m], x[c0:c0 + m])
+        np.subtract(x[c0:c0 + m], mu, out=buf[:m])
         sq[c0:c0 + m] = np.einsum("ij,ij->i", buf[:m], buf[:m])
     rmax = float(np.sqrt(sq.max()))
     out_d = np.empty((rows.size, k), np.float32)
@@ -394,11 +416,12 @@ def exact_rows_f64(x: np.ndarray, rows: np.ndarray, k: int) -> Tuple[np.ndarray,
     for r0 in range(0, rows.size, step):
         r = rows[r0:r0 + step]
         xr = x[r].astype(np.float64)
+        xrc = xr - mu
         g = np.empty((r.size, n))
         for c0 in range(0, n, cols):
             m = min(cols, n - c0)
-            np.copyto(buf[:m], x[c0:c0 + m])
-            g[:, c0:c0 + m] = sq[r][:, None] + sq[None, c0:c0 + m] - 2.0 * (xr @ buf[:m].T)
+            np.subtract(x[c0:c0 + m], mu, out=buf[:m])
+            g[:, c0:c0 + m] = sq[r][:, None] + sq[None, c0:c0 + m] - 2.0 * (xrc @ buf[:m].T)
         g[np.arange(r.size), r] = np.inf
         kth = np.partition(g, k - 1, axis=1)[:, k - 1]
         tol = 2 * CERT_SIGMAS * math.sqrt(d + 2) * 2.0 ** -53 * (np.sqrt(sq[r]) + rmax) ** 2

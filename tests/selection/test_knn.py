@@ -162,6 +162,7 @@ def test_memory_is_linear_in_n_not_n_squared_over_tile():
     fn = _build(n, d, k, kc, tile, True, False, 16, None)
     table = _pair_table(n // tile, 1)
     mem = fn.lower(jax.ShapeDtypeStruct((n, d), jnp.float32),
+                   jax.ShapeDtypeStruct((d,), jnp.float32),
                    jax.ShapeDtypeStruct(table.shape, jnp.int32),
                    jax.ShapeDtypeStruct((), jnp.int32)).compile().memory_analysis()
     slots = n * (n // tile) * kc * 8                  # what one slot per tile would take
@@ -169,3 +170,36 @@ def test_memory_is_linear_in_n_not_n_squared_over_tile():
     operands = 2 * n * 32 * 4                         # [x, |x|^2, 1] and [2x, -1, -|x|^2]
     bound = operands + 4 * lists + 16 * tile * tile * 4
     assert mem.temp_size_in_bytes < bound < slots / 8, (mem.temp_size_in_bytes, bound)
+
+
+@pytest.mark.parametrize("d,exact,group", [(2, True, 16), (2, False, 16), (16, True, 8),
+                                           (16, True, 1)])
+def test_exact_ties_go_to_the_smaller_index(d, exact, group):
+    """Points 2 and 17 tie at distance 1 from point 24 as its 2nd neighbour: the smaller index
+    wins (the hierarchical top-k once kept 17: it gathered groups by maximum). No candidate
+    margin, so the tie sits at the candidate-list boundary; d = 2 is the direct path (exact
+    in both modes); bf16 candidates without a margin are not exact, so d = 16 runs float32."""
+    n = 32
+    x = np.zeros((n, d), np.float32)
+    x[:, :2] = [(10 * (i % 6) - 25, 10 * (i // 6) + 20) for i in range(n)]
+    x[24, :2], x[16, :2], x[2, :2], x[17, :2] = (0, 0), (0.5, 0), (0, 1), (0, -1)
+    ref_d, ref_i, _ = knn_reference(x, 2)
+    assert ref_i[24].tolist() == [16, 2]
+    for mesh in (None, Mesh(np.array(jax.devices()), ("d",))):
+        dist, idx = knn(x, 2, margin=0, exact_f32=exact, group=group, mesh=mesh)
+        np.testing.assert_array_equal(np.asarray(idx), ref_i)
+        np.testing.assert_allclose(np.asarray(dist), ref_d, rtol=1e-6)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_points_a_few_ulps_apart_far_from_the_mean_stay_apart(exact):
+    """Centring rounds: 100 + j ulp(100) minus a mean of about -40 lands on a grid twice as
+    coarse and merges neighbours. Distances come from the points as given, so they stay exact."""
+    u = np.spacing(np.float32(100.0))
+    x = np.zeros((6, 2), np.float32)
+    x[:5, 0] = np.float32(100.0) + np.arange(5, dtype=np.float32) * u
+    x[5] = [-740.0, 7.0]
+    ref_d, ref_i, _ = knn_reference(x, 2)
+    dist, idx = knn(x, 2, exact_f32=exact)
+    np.testing.assert_array_equal(np.asarray(dist), ref_d.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(idx)[:5], ref_i[:5])
