@@ -95,6 +95,8 @@ def main():
     ap.add_argument("--gpu-size", type=int, default=0,
                     help="accelerator run at this N: adds the bf16 matmul floor")
     ap.add_argument("--sweep", default="", help="extra tile:group configs, e.g. 4096:16,8192:32")
+    ap.add_argument("--floor-size", type=int, default=8192,
+                    help="edge of the square bf16 matmul that measures the floor's rate")
     ap.add_argument("--naive", action="store_true", help="also time the naive matmul+top_k")
     ap.add_argument("--no-faiss", action="store_true")
     ap.add_argument("--no-sklearn", action="store_true")
@@ -161,10 +163,10 @@ def main():
 
     floor = None
     if args.gpu_size:
-        peak = bf16_peak()
+        peak = bf16_peak(args.floor_size)
         floor = flops_full / peak
         results.append({"method": f"bf16 matmul floor 2N^2d at {peak / 1e12:.3g} TFLOP/s "
-                                  f"(8192^3 measured)", "median_s": floor})
+                                  f"({args.floor_size}^3 measured)", "median_s": floor})
     ref = next((r for r in results if r["method"].startswith("faiss")), None)
     for r in results:
         r["vs_faiss"] = r["median_s"] / ref["median_s"] if ref else None
