@@ -203,3 +203,18 @@ def test_points_a_few_ulps_apart_far_from_the_mean_stay_apart(exact):
     dist, idx = knn(x, 2, exact_f32=exact)
     np.testing.assert_array_equal(np.asarray(dist), ref_d.astype(np.float32))
     np.testing.assert_array_equal(np.asarray(idx)[:5], ref_i[:5])
+
+
+def test_exact_rows_f64_far_from_the_origin():
+    """The host fallback centres in float64 for its filter and measures from the points as
+    given: clusters 1e4 from the origin with neighbours a few ulps apart come out exact."""
+    from fifa_jax.selection.knn import exact_rows_f64
+    rng = np.random.default_rng(5)
+    x = (1e4 + rng.normal(size=(200, 24))).astype(np.float32)
+    u = np.spacing(np.float32(1e4))
+    x[10:14] = x[9] + (np.arange(1, 5, dtype=np.float32) * u)[:, None]
+    rows = np.arange(8, 16)
+    d, i = exact_rows_f64(x, rows, 3)
+    ref_d, ref_i, _ = knn_reference(x, 3)
+    np.testing.assert_array_equal(d, ref_d[rows].astype(np.float32))
+    np.testing.assert_array_equal(i, ref_i[rows])
