@@ -184,20 +184,21 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
 
     def operands(x, mean, n):
         """Row and column operands (n_pad, D) whose product is -||x_i - x_j||^2, from the
-        centred points (the matmul form cancels catastrophically far from the origin)."""
+        centred points (the matmul form cancels catastrophically far from the origin); the
+        padding mask (n_pad,); the centred squared norms (n_pad,) (the certificate's scale)."""
         pad = (jnp.arange(n_pad) >= n)
+        xc = x - mean
+        sq = jnp.sum(xc * xc, axis=1)
         if direct:
-            return x, x, pad
-        x = x - mean
-        sq = jnp.sum(x * x, axis=1)
+            return x, x, pad, sq
         big = jnp.where(pad, _BIG, 0.0)
         one = jnp.ones_like(sq)
-        a = jnp.concatenate([x, (sq + big)[:, None], one[:, None]], axis=1)
-        b = jnp.concatenate([2.0 * x, -one[:, None], -(sq + big)[:, None]], axis=1)
+        a = jnp.concatenate([xc, (sq + big)[:, None], one[:, None]], axis=1)
+        b = jnp.concatenate([2.0 * xc, -one[:, None], -(sq + big)[:, None]], axis=1)
         dd = _round_up(a.shape[1], 16)
         a = jnp.pad(a, ((0, 0), (0, dd - a.shape[1])))
         b = jnp.pad(b, ((0, 0), (0, dd - b.shape[1])))
-        return a.astype(cdtype), b.astype(cdtype), pad
+        return a.astype(cdtype), b.astype(cdtype), pad, sq
 
     def score_tile(a_r, b_c, pad_r, pad_c):
         if direct:
@@ -208,17 +209,16 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
         # vectors) to 2^-8 and blur neighbours; bf16 inputs alone err by about 1e-4.
         return jnp.dot(a_r, b_c.T, precision=prec, preferred_element_type=jnp.float32)
 
-    def local_pass(x, mean, table, n):
+    def local_pass(a, b, pad, table):
         """Walk this device's tile pairs; returns its candidate lists (n_pad, kc) values and
         indices, best first ((-inf, sentinel) where nothing was seen)."""
-        a, b, pad = operands(x, mean, n)
         table = table.reshape(-1, 3)
         v0 = jnp.full((n_pad, kc), -jnp.inf, jnp.float32)
         i0 = jnp.full((n_pad, kc), _SENTINEL, jnp.int32)
 
         def merge_into(vals, ids, tv, ti, keep, row0, col0):
             """Merge tile candidates tv/ti (tile, kc) (ti relative to col0) into rows row0..;
-            keep=False merges nothing (no lax.cond: a host round trip per step on GPU)."""
+            keep=False merges nothing (masked, so no conditional is needed)."""
             tv = jnp.where(keep, tv.astype(jnp.float32), -jnp.inf)
             ti = jnp.where(keep, ti + col0, _SENTINEL)
             mv, mi = _best(jnp.concatenate([lax.dynamic_slice_in_dim(vals, row0, tile), tv], 1),
@@ -245,16 +245,16 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
 
         return lax.fori_loop(0, table.shape[0], body, (v0, i0))
 
-    def rerank(x, mean, rows_x, cand, worst, row_base, n):
+    def rerank(x, rows_x, cand, worst, sq, row_base, n):
         """Float32 distances of the candidates from differences of the input points (not the
         centred ones: centring rounds, and can merge points a few ulps apart);
         (nb, kc) -> (nb, k) dist, idx, and (nb,) `certified`: whether no point outside the
         candidates can be nearer than the k-th (the worst candidate's matmul score, less its
-        rounding bound and the centring's, says so)."""
+        rounding bound and the centring's, says so). sq: (n_pad,) centred squared norms."""
         rt = tile
         nrt = nb // rt
         real = jnp.arange(n_pad) < n
-        norms = jnp.sqrt(jnp.sum(jnp.square(x - mean), axis=1))     # centred norms
+        norms = jnp.sqrt(sq)
         rmax = jnp.max(jnp.where(real, norms, 0.0))
 
         def one(t, out):
@@ -293,12 +293,14 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
 
     if mesh is None:
         def run(x, mean, table, n):
-            vals, ids = local_pass(x, mean, table, n)
-            return rerank(x, mean, x, ids, vals[:, kc - 1], 0, n)
+            a, b, pad, sq = operands(x, mean, n)
+            vals, ids = local_pass(a, b, pad, table)
+            return rerank(x, x, ids, vals[:, kc - 1], sq, 0, n)
         return jax.jit(run)
 
     def device_fn(x, mean, table, n):
-        vals, ids = local_pass(x, mean, table, n)
+        a, b, pad, sq = operands(x, mean, n)
+        vals, ids = local_pass(a, b, pad, table)
         # send rows [j*nb, (j+1)*nb) to device j; receive every device's lists for my rows
         vals = lax.all_to_all(vals.reshape(n_dev, nb, kc), axes, 0, 0, tiled=False)
         ids = lax.all_to_all(ids.reshape(n_dev, nb, kc), axes, 0, 0, tiled=False)
@@ -308,7 +310,7 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
         me = lax.axis_index(axes)
         base = (me * nb).astype(jnp.int32)
         rows_x = lax.dynamic_slice_in_dim(x, base, nb)
-        return rerank(x, mean, rows_x, ids, worst, base, n)
+        return rerank(x, rows_x, ids, worst, sq, base, n)
 
     sm = jax.shard_map(device_fn, mesh=mesh, in_specs=(P(), P(), P(axes), P()),
                        out_specs=(P(axes), P(axes), P(axes)), check_vma=False)
