@@ -66,3 +66,21 @@ def write_json(path, payload):
         with open(path, "w") as f:
             json.dump(payload, f, indent=2, sort_keys=True, default=str)
         print(f"wrote {path}")
+
+
+def clustered_prompts(rng, pairs: int, prompts: int, d: int, duplicates: int = 0):
+    """Pick-a-Pic-like prompts: (pid (pairs,) int64, emb (prompts, d) float32 unit rows).
+
+    64 Gaussian clusters (uneven neighbourhoods); rows 1..duplicates copy row 0 (prompts that
+    embed identically); every prompt has at least one pair, the rest drawn uniformly, shuffled.
+    Draws from `rng`, so callers continue with their own per-pair values.
+    """
+    import numpy as np
+    centres = rng.standard_normal((64, d), dtype=np.float32)
+    emb = centres[rng.integers(0, 64, prompts)] + \
+        0.8 * rng.standard_normal((prompts, d), dtype=np.float32)
+    emb[1:1 + duplicates] = emb[0]
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    pid = np.concatenate([np.arange(prompts), rng.integers(0, prompts, pairs - prompts)])
+    rng.shuffle(pid)
+    return pid, emb

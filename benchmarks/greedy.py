@@ -23,7 +23,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import environment, print_table, timeit, write_json  # noqa: E402
+from _common import (clustered_prompts, environment, print_table, timeit,  # noqa: E402
+                     write_json)
 
 import numpy as np  # noqa: E402
 
@@ -34,12 +35,7 @@ from fifa_jax.selection.importance import normalize, top_k_pairs  # noqa: E402
 
 def make_data(pairs, prompts, d, seed=0):
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((64, d), dtype=np.float32)
-    emb = centres[rng.integers(0, 64, prompts)] + 0.8 * rng.standard_normal((prompts, d),
-                                                                           dtype=np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    pid = np.concatenate([np.arange(prompts), rng.integers(0, prompts, pairs - prompts)])
-    rng.shuffle(pid)
+    pid, emb = clustered_prompts(rng, pairs, prompts, d)
     a = rng.standard_normal(pairs).astype(np.float32)
     return a, pid, emb
 

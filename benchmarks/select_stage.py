@@ -25,7 +25,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import environment, print_table, write_json  # noqa: E402
+from _common import clustered_prompts, environment, print_table, write_json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -39,14 +39,7 @@ def write_inputs(wd: pathlib.Path, pairs: int, prompts: int, d: int, seed: int =
     rng = np.random.default_rng(seed)
     (wd / "ingest").mkdir(parents=True, exist_ok=True)
     (wd / "score").mkdir(exist_ok=True)
-    centres = rng.standard_normal((64, d), dtype=np.float32)
-    emb = centres[rng.integers(0, 64, prompts)] + \
-        0.8 * rng.standard_normal((prompts, d), dtype=np.float32)
-    dup = min(50, prompts // 4)
-    emb[1:1 + dup] = emb[0]
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    pid = np.concatenate([np.arange(prompts), rng.integers(0, prompts, pairs - prompts)])
-    rng.shuffle(pid)
+    pid, emb = clustered_prompts(rng, pairs, prompts, d, duplicates=min(50, prompts // 4))
     pq.write_table(pa.table({"pair_id": np.arange(pairs), "prompt_id": pid}),
                    wd / "ingest" / "pairs.parquet")
     pq.write_table(pa.table({"prompt_id": np.arange(prompts)}), wd / "ingest" / "prompts.parquet")
