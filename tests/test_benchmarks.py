@@ -9,25 +9,29 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CASES = {
-    "knn": ["--n", "3000", "--d", "32", "--repeats", "1", "--no-sklearn", "--check-rows", "64"],
-    "knn_gpu_branch": ["--gpu-size", "2048", "--d", "32", "--repeats", "1", "--no-faiss",
-                       "--no-sklearn", "--naive", "--check-rows", "32", "--floor-size", "512"],
-    "greedy": ["--pairs", "3000", "--prompts", "300", "--k-pairs", "60", "--d", "32",
-               "--repeats", "1"],
-    "select_stage": ["--pairs", "3000", "--prompts", "300", "--k-pairs", "60", "--d", "32"],
-    "decode": ["--images", "16", "--size", "96", "--batch", "8"],
-    "score": ["--tiny", "--rounds", "1", "--iters", "1", "--warmup", "1"],
+CASES = {   # case: (script, arguments)
+    "knn": ("knn", ["--n", "3000", "--d", "32", "--repeats", "1", "--no-sklearn",
+                    "--check-rows", "64"]),
+    "knn_gpu_branch": ("knn", ["--gpu-size", "2048", "--d", "32", "--repeats", "1",
+                               "--no-faiss", "--no-sklearn", "--naive", "--check-rows", "32",
+                               "--floor-size", "512"]),
+    "greedy": ("greedy", ["--pairs", "3000", "--prompts", "300", "--k-pairs", "60", "--d", "32",
+                          "--repeats", "1"]),
+    "select_stage": ("select_stage", ["--pairs", "3000", "--prompts", "300", "--k-pairs", "60",
+                                      "--d", "32"]),
+    "decode": ("decode", ["--images", "16", "--size", "96", "--batch", "8"]),
+    "score": ("score", ["--tiny", "--rounds", "1", "--iters", "1", "--warmup", "1"]),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_benchmark_runs(name, tmp_path):
-    script = ROOT / "benchmarks" / (name.split("_gpu")[0] + ".py")
+    script, args = CASES[name]
     out = tmp_path / "out.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.run([sys.executable, str(script), *CASES[name], "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args,
+                           "--out", str(out)],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())
