@@ -268,6 +268,7 @@ class CLIPVisionEmbeddings(nnx.Module):
         self.dtype = dtype
         init = _shape_only if _ABSTRACT.get() else jax.nn.initializers.normal(d ** -0.5)
         self.class_embedding = nnx.Param(init(rngs.params(), (d,), jnp.float32))
+        # holds the kernel in the layout clip_io maps; __call__ applies it with patch_embed
         self.patch_embedding = nnx.Conv(cfg.num_channels, d, kernel_size=(p, p), strides=(p, p),
                                         padding="VALID", use_bias=False, dtype=dtype, rngs=rngs,
                                         **_inits("kernel_init"))
