@@ -7,6 +7,7 @@ the remaining absl errors.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import re
@@ -88,8 +89,21 @@ def explain_flag_error(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _stage_modules(stages):
+    """(section, module) of each requested stage that is built, in pipeline order."""
+    from fifa_jax import pipeline
+    out = []
+    for name, module_name in pipeline.PIPELINE:
+        if name in stages and module_name is not None:
+            module = importlib.import_module(module_name)
+            out.append((module.SECTION, module))
+    return out
+
+
 def validate(config) -> None:
-    """Checks that need the whole config (called before any stage runs)."""
+    """Checks that need the whole config (called before any stage runs): each requested
+    stage's section against the `RULES` and `check_config` its module declares, and the mesh
+    section (parallel/mesh.py) for every stage that uses devices."""
     for key in ("seed", "stages"):
         if key not in config:
             raise ConfigError(f"config is missing the top-level key {key!r}")
@@ -97,40 +111,16 @@ def validate(config) -> None:
         raise ConfigError(f"config key 'seed' must be an int, got {config.seed!r}")
     stages = config.stages.split(",") if isinstance(config.stages, str) else config.stages
     stages = [str(s).strip() for s in stages]
-    for section, stage in (("data", "ingest"), ("score", "score"), ("mesh", "score"),
-                           ("mesh", "select")):
-        if stage in stages and section in config:
-            _check_rules(section, config[section], _RULES[section])
-    if "mesh" in config and ("score" in stages or "select" in stages):
-        m = config.mesh
-        if m.get("data") == -1 and m.get("fsdp") == -1:
-            raise ConfigError("config keys 'mesh.data' and 'mesh.fsdp' cannot both be -1")
-    if "select" in stages and "select" in config:
-        _check_select(config.select)
-
-
-# Value rules of the data, score and mesh sections, checked before any stage runs (a typo in
-# score.* must not surface after hours of ingest). ("choice", values) | ("min", lower bound) |
-# ("size", None): -1 (the rest of the devices) or >= 1.
-_RULES = {
-    "data": {"format": ("choice", ("pickapic", "hpdv2", "jsonl", "csv", "demo")),
-             "check_images": ("choice", ("decode", "header", "none")),
-             "num_workers": ("min", 0), "batch_rows": ("min", 1), "max_rows": ("min", 0)},
-    "score": {"reward.dtype": ("choice", ("float32", "bfloat16")),
-              "reward.attention_impl": ("choice", ("auto", "xla", "cudnn")),
-              "reward.batch_size": ("min", 1), "reward.chunk_size": ("min", 1),
-              "reward.num_workers": ("min", 0),
-              "embedder.kind": ("choice", ("bert", "clip")), "embedder.batch_size": ("min", 1),
-              "judge.backend": ("choice", ("jax", "http", "column")),
-              "judge.dtype": ("choice", ("float32", "bfloat16")),
-              "judge.attn_impl": ("choice", ("auto", "xla", "cudnn")),
-              "judge.batch_size": ("min", 1), "judge.max_length": ("min", 1),
-              "judge.http.endpoint": ("choice", ("chat", "completions")),
-              "judge.http.concurrency": ("min", 1), "judge.http.retries": ("min", 0),
-              "judge.column.missing": ("choice", ("error", "fail"))},
-    "mesh": {"distributed": ("choice", ("auto", "on", "off")), "data": ("size", None),
-             "fsdp": ("size", None)},
-}
+    checks = _stage_modules(stages)
+    if any(getattr(m, "ALL_HOSTS", True) for _, m in checks):   # a stage that uses devices
+        from fifa_jax.parallel import mesh
+        checks.insert(0, ("mesh", mesh))
+    for section, module in checks:
+        if section not in config:
+            continue
+        _check_rules(section, config[section], getattr(module, "RULES", {}))
+        if hasattr(module, "check_config"):
+            module.check_config(config[section])
 
 
 def _check_rules(section: str, node, rules: dict) -> None:
@@ -149,25 +139,3 @@ def _check_rules(section: str, node, rules: dict) -> None:
         if kind == "size" and not (value == -1 or value >= 1):
             raise ConfigError(f"config key '{key}' must be -1 (the remaining devices) or >= 1; "
                               f"got {value!r}")
-
-
-def _check_select(sel) -> None:
-    """The select section's values, checked before any stage runs: a typo here must not be
-    found only after hours of ingest and scoring."""
-    from fifa_jax.selection import importance
-    from fifa_jax.selection import stage as select_stage   # imports jax: only when selecting
-    for key, allowed in (("method", select_stage.METHODS),
-                         ("normalize", importance.NORMALIZATIONS),
-                         ("margin", ("absolute", "signed"))):
-        if key in sel and sel[key] not in allowed:
-            raise ConfigError(f"config key 'select.{key}' must be one of {', '.join(allowed)}; "
-                              f"got {sel[key]!r}")
-    if "eps" in sel and not sel.eps > 0:
-        raise ConfigError(f"config key 'select.eps' (duplicate floor) must be > 0; got {sel.eps}")
-    if "knn_k" in sel and sel.knn_k < 1:
-        raise ConfigError(f"config key 'select.knn_k' must be >= 1; got {sel.knn_k}")
-    if "knn_tile" in sel and sel.knn_tile < 0:
-        raise ConfigError(f"config key 'select.knn_tile' must be >= 0 (0: the backend's "
-                          f"default); got {sel.knn_tile}")
-    if "k_pairs" in sel and sel.get("method") != "full" and sel.k_pairs < 1:
-        raise ConfigError(f"config key 'select.k_pairs' must be >= 1; got {sel.k_pairs}")

@@ -3,7 +3,7 @@
 Each stage is a function `run(config, workdir) -> dict` in its own module. It reads its inputs
 from `workdir/<upstream stage>/` and writes only into `workdir/<stage>/`. When it returns, the
 runner writes `workdir/<stage>/STAGE_DONE.json` holding the stage's fingerprint: a hash of the
-config sections the stage depends on (less its speed-only settings, `NOT_IN_FINGERPRINT`), of
+config sections the stage depends on (less its speed-only settings, `SPEED_ONLY`), of
 its upstream stages' fingerprints and, for a stage that reads files outside the work directory
 (ingest's data, score's models and ratings), of those files' sizes and times. Process 0 plans
 which stages run and every host follows the plan. A later run skips
@@ -43,19 +43,67 @@ class Stage:
     upstream: tuple[str, ...]   # stages whose outputs this one reads
     issue: str = ""             # where unbuilt work is tracked
     all_hosts: bool = True      # False: host-side work that only process 0 runs
+    speed_only: tuple[str, ...] = ()  # "section.dotted.key" settings left out of fingerprints
 
 
-STAGES: tuple[Stage, ...] = (
-    # ingest and score do not use config.seed: a new seed must not redo hours of decoding/scoring
-    Stage("ingest", "fifa_jax.data.ingest", ("data",), (), all_hosts=False),
-    Stage("score", "fifa_jax.scoring.stage", ("score",), ("ingest",)),
-    Stage("select", "fifa_jax.selection.stage", ("seed", "select"), ("ingest", "score")),
-    Stage("encode", None, ("seed", "encode"), ("select",), "precomputed latents / text states"),
-    Stage("train", None, ("seed", "train"), ("encode",), "Diffusion-DPO trainer"),
-    Stage("export", None, ("export",), ("train",), "diffusers export of the tuned UNet"),
-    Stage("evaluate", None, ("seed", "evaluate"), ("export",), "sampling and win rates"),
+# The pipeline's order: (stage name, module). Everything else about a stage is declared by its
+# module (see `stage_from_module`), so adding a stage is one line here plus its module. The
+# names are repeated here so that flag and config errors need no stage import (no jax).
+PIPELINE: tuple[tuple[str, str | None], ...] = (
+    ("ingest", "fifa_jax.data.ingest"),
+    ("score", "fifa_jax.scoring.stage"),
+    ("select", "fifa_jax.selection.stage"),
+    ("encode", None),
+    ("train", None),
+    ("export", None),
+    ("evaluate", None),
 )
-STAGE_BY_NAME = {s.name: s for s in STAGES}
+UNBUILT = {"encode": "precomputed latents / text states", "train": "Diffusion-DPO trainer",
+           "export": "diffusers export of the tuned UNet", "evaluate": "sampling and win rates"}
+STAGE_NAMES = tuple(n for n, _ in PIPELINE)
+
+
+def stage_from_module(name: str, module_name: str) -> Stage:
+    """A stage as its module declares it. Required module attributes: `STAGE` (the name),
+    `SECTION` (its config section, made by `default_config()`), `CONFIG_KEYS` (the sections its
+    outputs depend on), `UPSTREAM` (stages it reads), `run(config, workdir)`. Optional:
+    `SPEED_ONLY` (dotted keys inside SECTION that only change speed), `ALL_HOSTS` (False:
+    process 0 alone runs it), `RULES` (value rules, see config_check), `check_config(section)`,
+    `input_signature(config, workdir)`, `discard_resume_state(workdir)`."""
+    module = importlib.import_module(module_name)
+    declared = getattr(module, "STAGE", None)
+    if declared != name:
+        raise PipelineError(f"{module_name} declares STAGE = {declared!r}, expected {name!r}")
+    section = module.SECTION
+    return Stage(name, module_name, tuple(module.CONFIG_KEYS), tuple(module.UPSTREAM),
+                 all_hosts=bool(getattr(module, "ALL_HOSTS", True)),
+                 speed_only=tuple(f"{section}.{k}" for k in getattr(module, "SPEED_ONLY", ())))
+
+
+def _build_stages() -> tuple[Stage, ...]:
+    return tuple(stage_from_module(n, m) if m is not None
+                 else Stage(n, None, (), (), UNBUILT.get(n, "")) for n, m in PIPELINE)
+
+
+def __getattr__(attr):
+    """`STAGES` and `STAGE_BY_NAME` are built on first use (they import the stage modules)."""
+    if attr in ("STAGES", "STAGE_BY_NAME"):
+        _stages()
+        return globals()[attr]
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+def _stages() -> tuple[Stage, ...]:
+    if "STAGES" not in globals():
+        stages = _build_stages()
+        globals()["STAGES"] = stages
+        globals()["STAGE_BY_NAME"] = {s.name: s for s in stages}
+    return globals()["STAGES"]
+
+
+def _by_name() -> dict[str, Stage]:
+    _stages()
+    return globals()["STAGE_BY_NAME"]
 
 
 class PipelineError(RuntimeError):
@@ -63,31 +111,26 @@ class PipelineError(RuntimeError):
 
 
 def parse_stages(spec: str | Sequence[str]) -> list[str]:
-    """'ingest,score' -> ['ingest', 'score'] in pipeline order; unknown or unbuilt -> error."""
+    """'ingest,score' -> ['ingest', 'score'] in pipeline order; unknown or unbuilt -> error.
+    Imports no stage module (flag errors stay fast)."""
+    known = [s.name for s in globals()["STAGES"]] if "STAGES" in globals() else STAGE_NAMES
+    unbuilt_of = ({s.name: s.issue for s in globals()["STAGES"] if s.module is None}
+                  if "STAGES" in globals() else UNBUILT)
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
     names = [n for n in names if n]
     if not names:
-        raise PipelineError("config.stages is empty; choose from " + ",".join(STAGE_BY_NAME))
-    unknown = [n for n in names if n not in STAGE_BY_NAME]
+        raise PipelineError("config.stages is empty; choose from " + ",".join(known))
+    unknown = [n for n in names if n not in known]
     if unknown:
         raise PipelineError(f"unknown stage(s) {unknown} in config.stages; known stages: "
-                            + ",".join(STAGE_BY_NAME))
-    unbuilt = [n for n in names if STAGE_BY_NAME[n].module is None]
+                            + ",".join(known))
+    unbuilt = [n for n in names if n in unbuilt_of]
     if unbuilt:
-        what = "; ".join(f"{n} ({STAGE_BY_NAME[n].issue})" for n in unbuilt)
+        what = "; ".join(f"{n} ({unbuilt_of[n]})" for n in unbuilt)
         raise PipelineError(f"stage(s) not built yet in this version of fifa_jax: {what}. "
                             f"Remove them from config.stages.")
-    order = {s.name: i for i, s in enumerate(STAGES)}
+    order = {n: i for i, n in enumerate(known)}
     return sorted(dict.fromkeys(names), key=order.__getitem__)
-
-
-# Settings that change how fast a stage runs, never what it writes: left out of fingerprints,
-# so that more threads or another chunk size do not redo hours of decoding and scoring.
-NOT_IN_FINGERPRINT = {
-    "data": ("num_workers", "batch_rows"),
-    "score": ("reward.num_workers", "reward.chunk_size", "judge.cache_dir",
-              "judge.http.concurrency"),
-}
 
 
 def _section(config, key):
@@ -95,11 +138,15 @@ def _section(config, key):
     return value.to_dict() if hasattr(value, "to_dict") else value
 
 
-def _semantic(key: str, section):
-    """`section` (a plain dict) without its NOT_IN_FINGERPRINT settings, JSON-normalised."""
+def _semantic(stage: Stage, key: str, section):
+    """`section` (a plain dict) without the stage's speed-only settings, JSON-normalised.
+    Settings that change how fast a stage runs, never what it writes, are left out, so that
+    more threads or another chunk size do not redo hours of decoding and scoring."""
     section = json.loads(json.dumps(section, sort_keys=True, default=str))
-    for dotted in NOT_IN_FINGERPRINT.get(key, ()) if isinstance(section, dict) else ():
-        *parents, leaf = dotted.split(".")
+    for dotted in stage.speed_only if isinstance(section, dict) else ():
+        first, *parents, leaf = dotted.split(".")
+        if first != key:
+            continue
         node = section
         for p in parents:
             node = node.get(p) if isinstance(node, dict) else None
@@ -112,7 +159,7 @@ def _config_changes(stage: Stage, done: dict, config) -> list[str]:
     """Config sections of `stage` whose settings differ from those its finished run used."""
     old = done.get("config") or {}
     return [k for k in stage.config_keys
-            if _semantic(k, old.get(k)) != _semantic(k, _section(config, k))]
+            if _semantic(stage, k, old.get(k)) != _semantic(stage, k, _section(config, k))]
 
 
 def input_signature(config, stage: Stage, workdir=None) -> dict:
@@ -129,7 +176,7 @@ def fingerprint(config, stage: Stage, upstream_fps: dict[str, str], workdir=None
     """sha256 over the stage's config sections, its upstream fingerprints and (when the stage
     reads files outside the work directory) its `input_signature`."""
     payload = {"stage": stage.name,
-               "config": {k: _semantic(k, _section(config, k)) for k in stage.config_keys},
+               "config": {k: _semantic(stage, k, _section(config, k)) for k in stage.config_keys},
                "upstream": {u: upstream_fps[u] for u in stage.upstream}}
     inputs = input_signature(config, stage, workdir)
     if inputs:
@@ -161,7 +208,7 @@ def _ancestors(names: Sequence[str]) -> set[str]:
     """Every stage that the stages `names` read from, directly or through other stages."""
     out, todo = set(), list(names)
     while todo:
-        for u in STAGE_BY_NAME[todo.pop()].upstream:
+        for u in _by_name()[todo.pop()].upstream:
             if u not in out:
                 out.add(u)
                 todo.append(u)
@@ -201,12 +248,13 @@ def _plan(config, workdir: pathlib.Path, names: list[str], force: set[str]) -> d
     planned: set[str] = set()           # stages this call will run
     steps = []
     needed = _ancestors(names)
-    for stage in STAGES:
+    by_name = _by_name()
+    for stage in _stages():
         if stage.name not in names:
             if stage.name in needed:
                 done = read_done(workdir, stage.name)
                 if done is None:
-                    if not any(stage.name in STAGE_BY_NAME[n].upstream for n in names):
+                    if not any(stage.name in by_name[n].upstream for n in names):
                         continue        # only read through another stage: nothing to check
                     raise PipelineError(
                         f"stage {names[0]!r} needs the output of stage {stage.name!r}, which is "
@@ -303,7 +351,7 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
     results: dict[str, dict] = {}
     leader = _process_index() == 0
     for step in plan["steps"]:
-        stage = STAGE_BY_NAME[step["stage"]]
+        stage = _by_name()[step["stage"]]
         fp = step["fp"]
         if step["action"] == "skip":
             echo(step["message"])

@@ -42,6 +42,14 @@ from fifa_jax.data.rows import PairBuilder
 
 FORMATS = ("pickapic", "hpdv2", "jsonl", "csv", "demo")
 STAGE = "ingest"
+SECTION = "data"
+CONFIG_KEYS = ("data",)         # not config.seed: a new seed must not redo hours of decoding
+UPSTREAM = ()
+ALL_HOSTS = False               # host-side work: process 0 alone runs it
+SPEED_ONLY = ("num_workers", "batch_rows")
+RULES = {"format": ("choice", FORMATS),
+         "check_images": ("choice", ("decode", "header", "none")),
+         "num_workers": ("min", 0), "batch_rows": ("min", 1), "max_rows": ("min", 0)}
 DEMO_DIR = "demo_data"
 _WRITE_ROWS = 65536
 

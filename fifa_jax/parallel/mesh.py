@@ -43,6 +43,19 @@ def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "distributed": "auto"})
 
 
+# Value rules of the mesh section (config_check's format), checked before any stage that uses
+# devices runs; ("size", None): -1 (the rest of the devices) or >= 1.
+RULES = {"distributed": ("choice", ("auto", "on", "off")), "data": ("size", None),
+         "fsdp": ("size", None)}
+
+
+def check_config(mesh) -> None:
+    """The mesh checks beyond RULES."""
+    if mesh.get("data") == -1 and mesh.get("fsdp") == -1:
+        from fifa_jax.config_check import ConfigError
+        raise ConfigError("config keys 'mesh.data' and 'mesh.fsdp' cannot both be -1")
+
+
 def _wants_distributed(mode: str) -> bool:
     if mode == "on":
         return True

@@ -39,6 +39,23 @@ from fifa_jax.parallel import hosts
 from fifa_jax.scoring import demo_checkpoints, embeddings, judge, margins
 
 STAGE = "score"
+SECTION = "score"
+CONFIG_KEYS = ("score",)        # not config.seed: a new seed must not redo hours of scoring
+UPSTREAM = ("ingest",)
+SPEED_ONLY = ("reward.num_workers", "reward.chunk_size", "judge.cache_dir",
+              "judge.http.concurrency")
+RULES = {"reward.dtype": ("choice", ("float32", "bfloat16")),
+         "reward.attention_impl": ("choice", ("auto", "xla", "cudnn")),
+         "reward.batch_size": ("min", 1), "reward.chunk_size": ("min", 1),
+         "reward.num_workers": ("min", 0),
+         "embedder.kind": ("choice", ("bert", "clip")), "embedder.batch_size": ("min", 1),
+         "judge.backend": ("choice", ("jax", "http", "column")),
+         "judge.dtype": ("choice", ("float32", "bfloat16")),
+         "judge.attn_impl": ("choice", ("auto", "xla", "cudnn")),
+         "judge.batch_size": ("min", 1), "judge.max_length": ("min", 1),
+         "judge.http.endpoint": ("choice", ("chat", "completions")),
+         "judge.http.concurrency": ("min", 1), "judge.http.retries": ("min", 0),
+         "judge.column.missing": ("choice", ("error", "fail"))}
 
 
 def input_signature(config, workdir) -> dict:

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from absl import logging
 
+from fifa_jax.config_check import ConfigError
 from fifa_jax.errors import InputError
 from fifa_jax.selection.entropy import kl_entropy, log_rho_k
 from fifa_jax.selection.greedy import exact_gains, greedy_select
@@ -41,8 +42,23 @@ from fifa_jax.selection.importance import (NORMALIZATIONS, combined_score, margi
 from fifa_jax.selection.knn import knn
 
 STAGE = "select"
+SECTION = "select"
+CONFIG_KEYS = ("seed", "select")
+UPSTREAM = ("ingest", "score")
 METHODS = ("importance", "greedy", "full", "random", "margin", "margin_quality",
            "margin_diversity")
+RULES = {"method": ("choice", METHODS), "normalize": ("choice", NORMALIZATIONS),
+         "margin": ("choice", ("absolute", "signed")), "knn_k": ("min", 1),
+         "knn_tile": ("min", 0)}
+
+
+def check_config(sel) -> None:
+    """The select section's checks beyond RULES (run before any stage runs: a typo here must
+    not be found only after hours of ingest and scoring)."""
+    if "eps" in sel and not sel.eps > 0:
+        raise ConfigError(f"config key 'select.eps' (duplicate floor) must be > 0; got {sel.eps}")
+    if "k_pairs" in sel and sel.get("method") != "full" and sel.k_pairs < 1:
+        raise ConfigError(f"config key 'select.k_pairs' must be >= 1; got {sel.k_pairs}")
 
 
 def default_config() -> ml_collections.ConfigDict:
