@@ -1,0 +1,1 @@
+"""Diffusion-DPO training: encode, train, checkpoints, export."""

@@ -1,0 +1,172 @@
+"""One Diffusion-DPO optimiser step: accumulated micro-batches, one update (method.md §3).
+
+Batch layout (global arrays; axis 1 split over the mesh's batch axes):
+    moments_w, moments_l    (A, B, 2C, h, w)  VAE posterior [mean; logvar] of winner / loser
+    moments_w_flip, ...     (A, B, 2C, h, w)  the horizontally flipped images' (optional)
+    prompt_embeds           (A, B, L, D)      text states of each pair's prompt
+    pooled                  (A, B, P)         SDXL: pooled text embedding (optional)
+    weights                 (A, B)            1 = a pair, 0 = padding (validation)
+A micro-batches of B pairs make one update; gradients are averaged over them, so A x B is
+one batch of A*B pairs (up to float rounding). Constants: `empty_embeds` (L, D) and, for SDXL,
+`empty_pooled` (P,) and `time_ids` (6,).
+
+Per pair (its key: fold_in(fold_in(state.key, step), index in the step), so a draw never
+depends on the micro-batch split, the sharding or an interruption):
+  flip each image with probability 1/2 (when flipped moments exist), draw latents
+  z = mean + exp(logvar / 2) * n (a fresh posterior sample, never the mean) times the VAE's
+  scaling factor; one timestep t ~ U{0..T-1} and one noise draw, shared by winner and loser;
+  replace the prompt by the empty prompt with probability `caption_dropout`.
+The policy predicts with gradients, the reference without; `dpo_loss` compares them.
+A non-finite loss or gradient leaves the state unchanged and reports `finite = 0`; the loop
+stops on it (no non-finite parameters are ever kept or saved).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fifa_jax.training import noise_schedule as ns
+from fifa_jax.training.dpo_loss import dpo_loss
+from fifa_jax.training.train_state import TrainState
+
+MOMENT_KEYS = ("moments_w", "moments_l")
+FLIP_KEYS = ("moments_w_flip", "moments_l_flip")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    beta: float
+    caption_dropout: float
+    scaling_factor: float
+    random_flip: bool
+    logvar_clip: tuple[float, float] = (-30.0, 20.0)   # diffusers DiagonalGaussianDistribution
+
+
+def pair_keys(key_data, step, n: int):
+    """(n,) typed keys of the pairs of one step: fold_in(fold_in(key, step), j)."""
+    base = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
+    return jax.vmap(lambda j: jax.random.fold_in(base, j))(jnp.arange(n, dtype=jnp.uint32))
+
+
+def _sample(moments, noise, cfg: StepConfig):
+    """z (C, h, w) = (mean + std * noise) * scaling factor, moments (2C, h, w)."""
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=0)
+    logvar = jnp.clip(logvar, *cfg.logvar_clip)
+    return (mean + jnp.exp(0.5 * logvar) * noise) * cfg.scaling_factor
+
+
+def prepare_pair(key, pair: dict, consts: dict, schedule: ns.NoiseSchedule, cfg: StepConfig,
+                 train: bool):
+    """One pair's model inputs: (x_t of winner and loser (2, C, h, w), t (), context pytree,
+    target (2, C, h, w)). `pair` holds one pair's slices of the batch arrays."""
+    k = jax.random.split(key, 7)
+    moments = []
+    for i, name in enumerate(MOMENT_KEYS):
+        m = pair[name]
+        if cfg.random_flip and train and FLIP_KEYS[i] in pair:
+            m = jnp.where(jax.random.bernoulli(k[5 + i]), pair[FLIP_KEYS[i]], m)
+        moments.append(m)
+    c = moments[0].shape[0] // 2
+    shape = (c,) + moments[0].shape[1:]
+    x0 = jnp.stack([_sample(moments[0], jax.random.normal(k[0], shape), cfg),
+                    _sample(moments[1], jax.random.normal(k[1], shape), cfg)])
+    noise = jax.random.normal(k[2], shape)
+    t = jax.random.randint(k[3], (), 0, schedule.num_train_timesteps)
+    noise2 = jnp.stack([noise, noise])
+    tt = jnp.stack([t, t])
+    xt = ns.add_noise(schedule, x0, noise2, tt)
+    tgt = ns.target(schedule, x0, noise2, tt)
+    drop = jax.random.uniform(k[4]) < (cfg.caption_dropout if train else 0.0)
+    ctx = {"encoder_hidden_states": jnp.where(drop, consts["empty_embeds"],
+                                              pair["prompt_embeds"])}
+    if "pooled" in pair:
+        ctx["text_embeds"] = jnp.where(drop, consts["empty_pooled"], pair["pooled"])
+        ctx["time_ids"] = consts["time_ids"]
+    return xt, t, ctx, tgt
+
+
+def micro_batch_inputs(keys, micro: dict, consts, schedule, cfg, train: bool):
+    """(2B, ...) model inputs, winners first, from B pairs and their (B,) keys."""
+    pairs = {k: v for k, v in micro.items() if k != "weights"}
+    xt, t, ctx, tgt = jax.vmap(
+        lambda kk, p: prepare_pair(kk, p, consts, schedule, cfg, train))(keys, pairs)
+
+    def stack(a):                         # (B, 2, ...) -> (2B, ...) winners first
+        return jnp.concatenate([a[:, 0], a[:, 1]], axis=0)
+
+    ctx2 = jax.tree.map(lambda a: jnp.concatenate([a, a], axis=0), ctx)
+    return stack(xt), jnp.concatenate([t, t]).astype(jnp.float32), ctx2, stack(tgt)
+
+
+def call_unet(unet_fn: Callable, params, xt, t, ctx):
+    added = ({"text_embeds": ctx["text_embeds"], "time_ids": ctx["time_ids"]}
+             if "text_embeds" in ctx else None)
+    return unet_fn(params, xt, t, ctx["encoder_hidden_states"], added)
+
+
+def micro_loss(params, ref_params, keys, micro, consts, unet_fn, schedule, cfg, train=True):
+    """DPO loss of one micro-batch (B pairs) and its aux."""
+    xt, t, ctx, tgt = micro_batch_inputs(keys, micro, consts, schedule, cfg, train)
+    pol = call_unet(unet_fn, params, xt, t, ctx)
+    ref = jax.lax.stop_gradient(call_unet(unet_fn, ref_params, xt, t, ctx))
+    return dpo_loss(pol, ref, tgt, cfg.beta, weights=micro.get("weights"))
+
+
+AUX_METRICS = ("implicit_acc", "implicit_acc_strict", "se_pol_w", "se_pol_l", "se_ref_w",
+               "se_ref_l", "error_gap")
+
+
+def train_step(state: TrainState, ref_params, batch: dict, consts: dict, *,
+               unet_fn: Callable, optimizer: optax.GradientTransformation,
+               schedule: ns.NoiseSchedule, cfg: StepConfig, lr_fn: Callable
+               ) -> tuple[TrainState, dict[str, Any]]:
+    """Accumulate gradients over the A micro-batches of `batch`, apply one update."""
+    a, b = batch["moments_w"].shape[:2]
+    keys = pair_keys(state.key, state.step, a * b).reshape(a, b)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def body(carry, xs):
+        grads, sums = carry
+        k, micro = xs
+        (loss, aux), g = grad_fn(state.params, ref_params, k, micro, consts, unet_fn,
+                                 schedule, cfg)
+        grads = jax.tree.map(jnp.add, grads, g)
+        sums = {n: sums[n] + v for n, v in
+                [("loss", loss)] + [(m, aux[m]) for m in AUX_METRICS]}
+        return (grads, sums), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    sums0 = {n: jnp.zeros((), jnp.float32) for n in ("loss",) + AUX_METRICS}
+    (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), (keys, batch))
+    grads = jax.tree.map(lambda g: g / a, grads)
+    metrics = {n: v / a for n, v in sums.items()}
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, key=state.key)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics.update(grad_norm=grad_norm, learning_rate=lr_fn(state.step),
+                   param_norm=optax.global_norm(new.params),
+                   finite=finite.astype(jnp.float32))
+    return new, metrics
+
+
+def eval_step(params, ref_params, batch: dict, consts: dict, key_data, index, *,
+              unet_fn: Callable, schedule: ns.NoiseSchedule, cfg: StepConfig) -> dict:
+    """Sums over one validation batch (A=1 layout, weights mark real pairs): `n`, and the
+    weighted sums of the per-pair loss and implicit accuracy. No dropout, no flips; draws
+    from fold_in(key, index) so every evaluation sees the same noise."""
+    micro = jax.tree.map(lambda x: x[0], batch)
+    b = micro["moments_w"].shape[0]
+    keys = pair_keys(key_data, index, b)
+    loss, aux = micro_loss(params, ref_params, keys, micro, consts, unet_fn, schedule, cfg,
+                           train=False)
+    n = jnp.sum(micro["weights"])
+    return {"n": n, "loss": loss * n, "implicit_acc": aux["implicit_acc"] * n,
+            "implicit_acc_strict": aux["implicit_acc_strict"] * n,
+            "error_gap": aux["error_gap"] * n}
