@@ -115,7 +115,8 @@ def validate(config) -> None:
 _RULES = {
     "data": {"format": ("choice", ("pickapic", "hpdv2", "jsonl", "csv", "demo")),
              "check_images": ("choice", ("decode", "header", "none")),
-             "num_workers": ("min", 0), "batch_rows": ("min", 1), "max_rows": ("min", 0)},
+             "num_workers": ("min", 0), "batch_rows": ("min", 1), "max_rows": ("min", 0),
+             "max_image_bytes": ("min", 1), "max_image_pixels": ("min", 1)},
     "score": {"reward.dtype": ("choice", ("float32", "bfloat16")),
               "reward.attention_impl": ("choice", ("auto", "xla", "cudnn")),
               "reward.batch_size": ("min", 1), "reward.chunk_size": ("min", 1),
