@@ -103,6 +103,8 @@ def _inspect(src: ImageSource, mode: str, max_bytes: int, max_pixels: int
         except OSError as e:  # includes NotRegularFileError (device, FIFO, socket, folder)
             return "missing_image", (str(e) if isinstance(e, images.NotRegularFileError)
                                      else f"cannot read {src.ref}: {e.strerror or e}"), None, None
+        except ValueError as e:   # a NUL byte or an unencodable character in the path
+            return "missing_image", f"invalid image path {src.ref!r}: {e}", None, None
         if data is None:   # mode "none": the checks above only
             return "ok", "", src.ref, None
         identity = src.ref

@@ -99,7 +99,7 @@ def parse_label(value) -> float | None:
         return None
     try:
         x = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):   # OverflowError: a 400-digit integer
         return None
     if math.isnan(x) or x not in VALID_LABELS:
         return None
