@@ -129,8 +129,7 @@ def _text_list(col: pa.Array) -> tuple[list, list[str]]:
             values = col.to_pylist()
             return values, [""] * len(values)
         except UnicodeDecodeError:
-            col = col.cast(pa.large_binary(), safe=False) if not pa.types.is_null(col.type) \
-                else col
+            col = col.cast(pa.large_binary(), safe=False)   # same bytes, no validation
     values, bad = [], []
     for v in col.to_pylist():
         if v is None or isinstance(v, str):
