@@ -13,7 +13,8 @@ a record with k images gives k(k-1)/2 candidates. `source_row` is the record ind
 are not in the annotation: winner_model / loser_model are "".
 
 Image paths are relative to `image_root` when set, else to the JSON file's folder (HPDv2's
-images sit in `train/` and `test/` folders next to the JSON: set image_root accordingly).
+images sit in `train/` and `test/` folders next to the JSON: set image_root accordingly); one
+resolving outside that folder is not read (skipped as outside_root) unless allow_outside_root.
 The first record must hold prompt, an image list and a preference list (else IngestError naming
 file and key); a later record that lacks them, has lists of different lengths, fewer than two
 images or non-numeric or non-finite (NaN, Infinity) preferences counts as one row skipped as
@@ -37,11 +38,11 @@ def load_records(path: str) -> list:
     try:
         with open(path, encoding="utf-8-sig") as f:   # -sig: drop a leading BOM
             data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise schema.IngestError(path, f"not valid JSON: {e}") from e
     except UnicodeDecodeError as e:
         raise schema.IngestError(path, f"not UTF-8: byte 0x{e.object[e.start]:02x} at byte "
                                  f"offset {e.start}") from e
+    except (ValueError, RecursionError) as e:   # bad JSON, a 5000-digit number, deep nesting
+        raise schema.IngestError(path, f"not valid JSON: {type(e).__name__}: {e}") from e
     if isinstance(data, dict):  # tolerate {"data": [...]} style wrappers with one list
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -72,7 +73,8 @@ def _check_first(path: str, rec) -> None:
                                  f"{list(schema.HPDV2_PREFERENCE_KEYS)})", column="rank")
 
 
-def record_candidates(path: str, idx: int, rec, root: str) -> list[Candidate]:
+def record_candidates(path: str, idx: int, rec, root: str, allow_outside_root: bool = False
+                      ) -> list[Candidate]:
     """One annotation record -> its pairwise candidates (or one bad_record candidate)."""
     def bad(msg):
         return [Candidate(source=path, source_row=idx, bad=msg)]
@@ -91,21 +93,23 @@ def record_candidates(path: str, idx: int, rec, root: str) -> list[Candidate]:
     # json.load accepts NaN and Infinity; neither orders anything
     if not all(isinstance(p, numbers.Integral) or math.isfinite(p) for p in prefs):
         return bad(f"'{pref_key}' holds non-finite values: {prefs!r}")
-    # d > 0: image i is better (rank: lower wins; human_preference: higher wins)
-    sign = -1.0 if pref_key == "rank" else 1.0
-    imgs = [file_image(p, root) for p in paths]
+    # rank: lower wins; human_preference: higher wins (compared, never subtracted: a huge
+    # integer minus a float overflows)
+    lower_wins = pref_key == "rank"
+    imgs = [file_image(p, root, allow_outside_root) for p in paths]
     out = []
     for i in range(len(paths)):
         for j in range(i + 1, len(paths)):
-            d = sign * (prefs[i] - prefs[j])
-            label = 1.0 if d > 0 else (0.0 if d < 0 else 0.5)
+            a, b = (prefs[j], prefs[i]) if lower_wins else (prefs[i], prefs[j])
+            label = 1.0 if a > b else (0.0 if a < b else 0.5)
             out.append(Candidate(source=path, source_row=idx, prompt=rec["prompt"],
                                  label_0=label, image_0=imgs[i], image_1=imgs[j]))
     return out
 
 
 def iter_batches(path: str, *, image_root: str = "", batch_rows: int = 256,
-                 records: list | None = None) -> Iterator[list[Candidate]]:
+                 records: list | None = None, allow_outside_root: bool = False
+                 ) -> Iterator[list[Candidate]]:
     """Stream the candidates of one annotation file, whole records per batch."""
     path = os.path.abspath(path)
     root = image_root_for(path, image_root)
@@ -114,7 +118,7 @@ def iter_batches(path: str, *, image_root: str = "", batch_rows: int = 256,
         _check_first(path, records[0])
     batch: list[Candidate] = []
     for idx, rec in enumerate(records):
-        batch += record_candidates(path, idx, rec, root)
+        batch += record_candidates(path, idx, rec, root, allow_outside_root)
         if len(batch) >= batch_rows:
             yield batch
             batch = []

@@ -11,14 +11,23 @@ group of one column), bounded in bytes (`set_cache_limit`, default 256 MiB). Rea
 file/row order, as the ingest tables list them, touches each row group once. The cache is safe
 to use from many threads: a row group wanted by several threads at once is read once.
 A parquet file rewritten in place (new mtime or size) is re-read, never served stale.
+
+Image files are read with `read_image_file`: only regular files are opened (devices, FIFOs,
+sockets and folders are refused from their `stat`, never opened, so none can block or stream
+forever), never more than `max_bytes`, and, given a `root`, only when the path resolves (after
+`..` and symbolic links) inside it. `verify_image_bytes` bounds the decoded size in pixels.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import functools
 import io
 import os
+import stat
 import threading
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +36,20 @@ from PIL import Image
 
 SEP = "::"
 DEFAULT_CACHE_BYTES = 256 << 20
+DEFAULT_MAX_IMAGE_BYTES = 64 << 20     # encoded bytes of one image (file or parquet cell)
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # width x height; Pillow's own MAX_IMAGE_PIXELS default
+
+
+class OutsideRootError(ValueError):
+    """An image path resolves outside the folder it must stay in (nothing was opened)."""
+
+
+class ImageTooLargeError(ValueError):
+    """An image over the byte cap (file or cell) or the pixel cap (decoded size)."""
+
+
+class NotRegularFileError(OSError):
+    """The path names a device, FIFO, socket or folder (it was not opened)."""
 
 
 def make_ref(path, row: int, column: str) -> str:
@@ -155,13 +178,75 @@ def cache_reads() -> int:
     return _CACHE.reads
 
 
+@functools.lru_cache(maxsize=256)
+def _real_root(root: str) -> str:
+    return os.path.realpath(root)
+
+
+def is_inside(path: str, root: str) -> bool:
+    """Whether `path` resolves (after `..` and symbolic links) to `root` or below it."""
+    real, base = os.path.realpath(path), _real_root(root)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _require_regular(path: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
+        raise NotRegularFileError(f"{path}: {kind}, not an image file (not opened)")
+
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def read_image_file(path: str, *, root: str | None = None, max_bytes: int | None = None,
+                    read: bool = True) -> bytes | None:
+    """The bytes of the image file at `path` (None when `read` is False: checks only).
+
+    root: when set, `path` must resolve inside it, else OutsideRootError (nothing is opened,
+          only the path is resolved).
+    Raises FileNotFoundError (absent), NotRegularFileError (device, FIFO, socket, folder: refused
+    from `stat`, never opened), ImageTooLargeError (over `max_bytes`; at most max_bytes + 1 bytes
+    are ever read, whatever the file claims), OSError (unreadable). The file is opened
+    non-blocking and checked again once open, so a path swapped for a FIFO after the check
+    still cannot block; with `root`, the resolved path is opened without following a final
+    symbolic link, so one swapped in after the check cannot escape the root either.
+    """
+    if root is not None:
+        if not is_inside(path, root):
+            raise OutsideRootError(f"{path}: outside the image root {root} (not read; set "
+                                   "data.allow_outside_root=True to allow)")
+        path = os.path.realpath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image file not found") from None
+    _require_regular(path, st.st_mode)
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise ImageTooLargeError(f"{path}: {st.st_size} bytes, over the cap of {max_bytes} "
+                                 "(data.max_image_bytes)")
+    if not read:
+        return None
+    fd = os.open(path, _OPEN_FLAGS | (_NOFOLLOW if root is not None else 0))
+    with os.fdopen(fd, "rb") as f:
+        _require_regular(path, os.fstat(fd).st_mode)
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageTooLargeError(f"{path}: over the cap of {max_bytes} bytes "
+                                 "(data.max_image_bytes)")
+    return data
+
+
 def load_image_bytes(ref: str) -> bytes:
-    """The encoded image bytes behind `ref` (parquet cell or file). Thread-safe."""
+    """The encoded image bytes behind `ref` (parquet cell or regular file). Thread-safe."""
     path, row, column = parse_ref(ref)
     if row is None:
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            return read_image_file(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"{ref}: image file not found") from None
     return _CACHE.cell(path, row, column)
@@ -185,8 +270,28 @@ def load_image(ref: str) -> Image.Image:
 CHECK_MODES = ("decode", "header", "none")
 
 
-def verify_image_bytes(data: bytes, mode: str = "decode") -> None:
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int):
+    """Set Pillow's decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`, process-wide) to
+    `max_pixels` inside the block, its warning silenced there (verify_image_bytes applies the
+    exact cap itself); restored on exit. Pillow refuses more than twice the limit in
+    `Image.open` already, before decoding anything."""
+    old = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = int(max_pixels)
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
+def verify_image_bytes(data: bytes, mode: str = "decode", max_pixels: int | None = None) -> None:
     """Raise if `data` is not a usable image; cost depends on `mode`.
+
+    max_pixels: width x height above this raises ImageTooLargeError before decoding (so does
+    Pillow's own guard, DecompressionBombError turned into ImageTooLargeError; its limit is
+    set by `pixel_limit`).
 
     decode: decode every byte of the compressed stream. JPEGs are decoded in draft mode (DCT
             scaling to 1/8 size: all entropy-coded data is still read, so truncated streams
@@ -200,11 +305,18 @@ def verify_image_bytes(data: bytes, mode: str = "decode") -> None:
         return
     if mode not in CHECK_MODES:
         raise ValueError(f"check_images must be one of {CHECK_MODES}, got {mode!r}")
-    with Image.open(io.BytesIO(data)) as im:
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{e} (data.max_image_pixels)") from None
+    with im:
+        w, h = im.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageTooLargeError(f"{w}x{h} = {w * h} pixels, over the cap of {max_pixels} "
+                                     "(data.max_image_pixels)")
         if mode == "header":
             im.verify()
             return
-        w, h = im.size
         if w <= 0 or h <= 0:
             raise ValueError(f"image has empty size {im.size}")
         if im.format == "JPEG":

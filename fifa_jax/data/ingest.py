@@ -16,7 +16,10 @@ Outputs (workdir/ingest/):
 The rules (ties, winner first, skips, duplicates, unique prompts) are in rows.py. Outputs are
 written to temporary names and renamed at the end, so a rerun after a crash starts clean.
 A run that keeps no pair at all writes its report and then raises IngestError.
-Images are checked in a thread pool (`num_workers`, 0 = all cores) per `check_images`.
+Images are checked in a thread pool (`num_workers`, 0 = all cores) per `check_images`. Image
+files (hpdv2/jsonl/csv) must resolve inside the image root (`allow_outside_root` lifts this)
+and be regular files; no image over `max_image_bytes` is read, none over `max_image_pixels`
+decoded (skips "outside_root", "missing_image", "image_too_large"; see rows.py).
 `input_signature` (sizes and modification times of the data files) is part of the stage's
 fingerprint: changed shards rerun ingest. Image files named by path (hpdv2/jsonl/csv) are not
 stat'ed (hundreds of thousands of files, often on network storage): after replacing images in
@@ -36,7 +39,7 @@ import pyarrow.parquet as pq
 from absl import logging
 from tqdm import tqdm
 
-from fifa_jax.data import demo_world, hpdv2, jsonl_csv, pickapic, schema
+from fifa_jax.data import demo_world, hpdv2, images, jsonl_csv, pickapic, schema
 from fifa_jax.files import file_stats
 from fifa_jax.data.rows import PairBuilder
 
@@ -49,7 +52,8 @@ ALL_HOSTS = False               # host-side work: process 0 alone runs it
 SPEED_ONLY = ("num_workers", "batch_rows")
 RULES = {"format": ("choice", FORMATS),
          "check_images": ("choice", ("decode", "header", "none")),
-         "num_workers": ("min", 0), "batch_rows": ("min", 1), "max_rows": ("min", 0)}
+         "num_workers": ("min", 0), "batch_rows": ("min", 1), "max_rows": ("min", 0),
+         "max_image_bytes": ("min", 1), "max_image_pixels": ("min", 1)}
 DEMO_DIR = "demo_data"
 _WRITE_ROWS = 65536
 
@@ -60,6 +64,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.format = "demo"            # pickapic | hpdv2 | jsonl | csv | demo
     c.path = ""                  # data location (unused by demo)
     c.image_root = ""            # hpdv2/jsonl/csv: base of relative image paths ("" = file's dir)
+    c.allow_outside_root = False  # hpdv2/jsonl/csv: read image paths resolving (after .. and
+    #                               symlinks; absolute ones too) outside image_root; else
+    #                               such rows are skipped as outside_root, the file never opened
+    c.max_image_bytes = images.DEFAULT_MAX_IMAGE_BYTES   # larger image files / cells: skipped
+    #                               as image_too_large, the file never read (64 MiB)
+    c.max_image_pixels = images.DEFAULT_MAX_IMAGE_PIXELS  # width x height above this:
+    #                               image_too_large, not decoded (Pillow's bomb guard, ~89.5 M)
     c.keep_ties = False          # keep label_0 == 0.5 pairs (is_tie=True, order unchanged)
     c.keep_same_image = False    # keep pairs whose two sides are the same image (no preference)
     c.max_rows = 0               # stop after this many candidate rows (0 = all)
@@ -98,6 +109,10 @@ def _open_source(data, out_dir: pathlib.Path):
     batch_rows = int(data.batch_rows)
     if batch_rows < 1:
         raise schema.IngestError("config.data.batch_rows", f"must be >= 1, got {batch_rows}")
+    for key in ("max_image_bytes", "max_image_pixels"):
+        if not data[key] >= 1:
+            raise schema.IngestError(f"config.data.{key}", f"must be >= 1, got {data[key]!r}")
+    outside = bool(data.allow_outside_root)
     if fmt in ("pickapic", "demo"):
         if fmt == "demo":
             info = demo_world.write_demo_world(out_dir / DEMO_DIR, **data.demo.to_dict())
@@ -116,7 +131,8 @@ def _open_source(data, out_dir: pathlib.Path):
         def gen():
             for f in files:
                 yield from hpdv2.iter_batches(f, image_root=data.image_root,
-                                              batch_rows=batch_rows, records=recs.pop(f))
+                                              batch_rows=batch_rows, records=recs.pop(f),
+                                              allow_outside_root=outside)
         return files, total, gen
     reader = jsonl_csv.iter_jsonl if fmt == "jsonl" else jsonl_csv.iter_csv
     files = pickapic.resolve_files(data.path, suffix="." + fmt)
@@ -124,7 +140,8 @@ def _open_source(data, out_dir: pathlib.Path):
 
     def gen():
         for f in files:
-            yield from reader(f, image_root=data.image_root, batch_rows=batch_rows)
+            yield from reader(f, image_root=data.image_root, batch_rows=batch_rows,
+                              allow_outside_root=outside)
     return files, max(total, 0), gen
 
 
@@ -132,10 +149,13 @@ def _build_pairs(data, batches, tmp_pairs, total, max_rows: int, workers: int) -
     """Stream every batch through a PairBuilder, writing the kept pairs to `tmp_pairs`."""
     with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
             pq.ParquetWriter(tmp_pairs, schema.PAIRS_SCHEMA) as writer, \
+            images.pixel_limit(int(data.max_image_pixels)), \
             tqdm(total=total, unit="row", desc="ingest", mininterval=2.0) as bar:
         builder = PairBuilder(keep_ties=data.keep_ties, keep_same_image=data.keep_same_image,
                               check_images=data.check_images,
-                              executor=pool if workers > 1 else None)
+                              executor=pool if workers > 1 else None,
+                              max_image_bytes=int(data.max_image_bytes),
+                              max_image_pixels=int(data.max_image_pixels))
         pending: list[pa.Table] = []
         n_pending = 0
         for batch in batches():
@@ -191,6 +211,8 @@ def run(config, workdir) -> dict:
         format=data.format, sources=files, keep_ties=bool(data.keep_ties),
         keep_same_image=bool(data.keep_same_image),
         check_images=data.check_images, max_rows=max_rows,
+        allow_outside_root=bool(data.allow_outside_root),
+        max_image_bytes=int(data.max_image_bytes), max_image_pixels=int(data.max_image_pixels),
         stopped_at_max_rows=bool(max_rows) and builder.rows_read >= max_rows,
         seconds=round(time.time() - t0, 3))
     tmp_report = out_dir / "ingest_report.json.tmp"

@@ -4,14 +4,21 @@ Readers (pickapic, hpdv2, jsonl_csv) yield batches of `Candidate`s; `PairBuilder
 applies the rules below in this order, and each skipped row is counted under the first rule it
 fails (the counts and a few examples per reason end up in ingest_report.json):
 
- 1. reader-level failure (unparsable record)                  -> skipped "bad_record"
-    (a JSONL line / CSV record that is not UTF-8                -> skipped "bad_encoding")
- 2. prompt null / empty after stripping whitespace             -> skipped "empty_prompt"
+ 1. reader-level failure (unparsable record, CSV quoting error) -> skipped "bad_record"
+    (a JSONL line / CSV record / parquet text cell not UTF-8    -> skipped "bad_encoding")
+ 2. prompt null / empty after removing whitespace and control or format characters (NUL,
+    ESC, zero-width space, ...)                                 -> skipped "empty_prompt"
  3. label_0 not in {0, 0.5, 1}, or label_0 + label_1 != 1      -> skipped "bad_label"
  4. tie (label_0 == 0.5): dropped (counted "ties_dropped") unless keep_ties; kept ties have
     is_tie=True and keep their order
- 5. either image missing (null bytes, absent file, remote URL) -> skipped "missing_image"
+ 5. either image file resolving (after `..` and symbolic links) outside its image root, unless
+    allowed: never opened                                       -> skipped "outside_root"
+    either image missing (null bytes, absent file, remote URL, a path naming a device, FIFO,
+    socket or folder: never opened)                             -> skipped "missing_image"
+    either image over max_image_bytes (a file's size, from stat, before reading; a cell's
+    length) or over max_image_pixels (width x height, before decoding) -> "image_too_large"
     either image not decodable (see images.verify_image_bytes)  -> skipped "undecodable_image"
+    (one reason per row, in this order of precedence)
  6. same image on both sides (identical bytes, or the same file path; with
     check_images="none" files are compared by path only): such a pair carries no preference
     -> skipped "same_image" unless keep_same_image; every such pair seen is also counted in
@@ -33,6 +40,7 @@ import collections
 import dataclasses
 import hashlib
 import os
+import unicodedata
 
 import pyarrow as pa
 
@@ -47,11 +55,13 @@ class ImageSource:
     data: bytes in hand (parquet cell); None for files (read when checked) or null cells.
     is_file: the image is the file at `ref`.
     missing: non-empty = why there is no image at all (null cell, remote URL, empty path).
+    root: files only: the folder the file must resolve inside (None = anywhere).
     """
     ref: str
     data: bytes | None = None
     is_file: bool = False
     missing: str = ""
+    root: str | None = None
 
 
 @dataclasses.dataclass
@@ -70,31 +80,48 @@ class Candidate:
     bad_reason: str = "bad_record"  # the skip reason used when `bad` is set
 
 
-def _inspect(src: ImageSource, mode: str) -> tuple[str, str, bytes | str | None, bytes | None]:
+# image statuses that skip a row, by precedence (the first one found names the skip)
+_IMAGE_SKIPS = ("outside_root", "missing_image", "image_too_large", "undecodable_image")
+
+
+def _inspect(src: ImageSource, mode: str, max_bytes: int, max_pixels: int
+             ) -> tuple[str, str, bytes | str | None, bytes | None]:
     """-> (status, message, identity, content digest or None when the bytes were not read);
-    status "ok" | "missing_image" | "undecodable_image"."""
+    status "ok" or one of _IMAGE_SKIPS."""
     if src.missing:
         return "missing_image", src.missing, None, None
     if src.is_file:
-        if mode == "none":
-            if os.path.isfile(src.ref):
-                return "ok", "", src.ref, None
-            return "missing_image", f"file not found: {src.ref}", None, None
         try:
-            with open(src.ref, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            return "missing_image", f"cannot read {src.ref}: {e.strerror or e}", None, None
+            data = images.read_image_file(src.ref, root=src.root, max_bytes=max_bytes,
+                                          read=mode != "none")
+        except images.OutsideRootError as e:
+            return "outside_root", str(e), None, None
+        except images.ImageTooLargeError as e:
+            return "image_too_large", str(e), None, None
+        except FileNotFoundError:
+            return "missing_image", f"file not found: {src.ref}", None, None
+        except OSError as e:  # includes NotRegularFileError (device, FIFO, socket, folder)
+            return "missing_image", (str(e) if isinstance(e, images.NotRegularFileError)
+                                     else f"cannot read {src.ref}: {e.strerror or e}"), None, None
+        except ValueError as e:   # a NUL byte or an unencodable character in the path
+            return "missing_image", f"invalid image path {src.ref!r}: {e}", None, None
+        if data is None:   # mode "none": the checks above only
+            return "ok", "", src.ref, None
         identity = src.ref
     else:
         data = src.data
         if data is None:
             return "missing_image", f"{src.ref}: null image bytes", None, None
         identity = None
+        if len(data) > max_bytes:
+            return "image_too_large", (f"{src.ref}: {len(data)} bytes, over the cap of "
+                                       f"{max_bytes} (data.max_image_bytes)"), None, None
     if len(data) == 0:
         return "missing_image", f"{src.ref}: 0 bytes", None, None
     try:
-        images.verify_image_bytes(data, mode)
+        images.verify_image_bytes(data, mode, max_pixels=max_pixels)
+    except images.ImageTooLargeError as e:
+        return "image_too_large", f"{src.ref}: {e}", None, None
     except Exception as e:  # PIL raises many exception types for bad data
         return "undecodable_image", f"{src.ref}: {type(e).__name__}: {e}", None, None
     digest = hashlib.blake2b(data, digest_size=16).digest()
@@ -105,10 +132,18 @@ class PairBuilder:
     """Stateful filter: add_batch(candidates) -> pyarrow table of new pairs (PAIRS_SCHEMA)."""
 
     def __init__(self, *, keep_ties: bool = False, keep_same_image: bool = False,
-                 check_images: str = "decode", executor=None, max_examples: int = 5):
+                 check_images: str = "decode", executor=None, max_examples: int = 5,
+                 max_image_bytes: int = images.DEFAULT_MAX_IMAGE_BYTES,
+                 max_image_pixels: int = images.DEFAULT_MAX_IMAGE_PIXELS):
         if check_images not in images.CHECK_MODES:
             raise ValueError(f"config.data.check_images must be one of {images.CHECK_MODES}, "
                              f"got {check_images!r}")
+        for key, value in (("max_image_bytes", max_image_bytes),
+                           ("max_image_pixels", max_image_pixels)):
+            if not value >= 1:
+                raise ValueError(f"config.data.{key} must be >= 1, got {value!r}")
+        self.max_image_bytes = int(max_image_bytes)
+        self.max_image_pixels = int(max_image_pixels)
         self.keep_ties = bool(keep_ties)
         self.keep_same_image = bool(keep_same_image)
         self.check_images = check_images
@@ -140,11 +175,11 @@ class PairBuilder:
 
     def _inspect_all(self, sources: list[ImageSource]) -> dict[str, tuple]:
         unique = list({s.ref: s for s in sources}.values())
-        mode = self.check_images
+        args = (self.check_images, self.max_image_bytes, self.max_image_pixels)
         if self.executor is None or len(unique) < 2:
-            results = [_inspect(s, mode) for s in unique]
+            results = [_inspect(s, *args) for s in unique]
         else:
-            results = list(self.executor.map(lambda s: _inspect(s, mode), unique))
+            results = list(self.executor.map(lambda s: _inspect(s, *args), unique))
         return {s.ref: r for s, r in zip(unique, results)}
 
     # -- the rules ---------------------------------------------------------------------------
@@ -157,7 +192,7 @@ class PairBuilder:
                 self._skip(c, c.bad_reason, c.bad)
                 continue
             text = c.prompt.strip() if isinstance(c.prompt, str) else ""
-            if not text:
+            if not is_visible(text):
                 self._skip(c, "empty_prompt", f"prompt {c.prompt!r} is empty")
                 continue
             label, why = schema.check_labels(c.label_0, c.label_1, c.has_label_1)
@@ -180,8 +215,7 @@ class PairBuilder:
                                                     checked[c.image_1.ref])
             if s0 != "ok" or s1 != "ok":
                 bad = [(s, m) for s, m in ((s0, m0), (s1, m1)) if s != "ok"]
-                missing = [x for x in bad if x[0] == "missing_image"]
-                reason, msg = (missing or bad)[0]  # missing wins over undecodable
+                reason, msg = min(bad, key=lambda x: _IMAGE_SKIPS.index(x[0]))
                 self._skip(c, reason, msg)
                 continue
             if id0 == id1 or (d0 is not None and d0 == d1):
@@ -262,6 +296,15 @@ def _key(identity) -> bytes:
     return identity if isinstance(identity, bytes) else identity.encode("utf-8")
 
 
+_INVISIBLE = frozenset(("Cc", "Cf", "Cs", "Zs", "Zl", "Zp"))
+
+
+def is_visible(text: str) -> bool:
+    """Whether `text` holds a character other than whitespace and control / format characters
+    (Unicode categories Cc, Cf, Cs: NUL, ESC, zero-width space, BOM, lone surrogates)."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in _INVISIBLE for ch in text)
+
+
 def image_root_for(path: str, image_root: str) -> str:
     """Base folder of relative image paths: `image_root` if given, else the file's folder."""
     return os.path.abspath(os.path.expanduser(image_root)) if image_root else os.path.dirname(path)
@@ -279,8 +322,9 @@ def batched(candidates, batch_rows: int):
         yield batch
 
 
-def file_image(value, root: str) -> ImageSource:
-    """An image path from an annotation (relative to `root`, or absolute, or file:// URL)."""
+def file_image(value, root: str, allow_outside_root: bool = False) -> ImageSource:
+    """An image path from an annotation (relative to `root`, or absolute, or file:// URL).
+    The file must resolve inside `root` (checked when read) unless `allow_outside_root`."""
     if not isinstance(value, str) or not value.strip():
         return ImageSource(ref=f"<empty path in {root}>:{value!r}", is_file=True,
                            missing=f"image path {value!r} is empty")
@@ -291,4 +335,4 @@ def file_image(value, root: str) -> ImageSource:
     if value.startswith("file://"):
         value = value[len("file://"):]
     path = os.path.abspath(os.path.join(root, os.path.expanduser(value)))
-    return ImageSource(ref=path, is_file=True)
+    return ImageSource(ref=path, is_file=True, root=None if allow_outside_root else root)

@@ -30,14 +30,17 @@ USER_OPTIONAL = ("label_1", "model_0", "model_1")
 
 # Why a candidate row was skipped (keys of ingest_report.json["skipped"]).
 SKIP_REASONS = (
-    "empty_prompt",       # caption null, empty or whitespace only
+    "empty_prompt",       # caption null, empty, or only whitespace / control characters
     "bad_label",          # label_0 not in {0, 0.5, 1}, or label_0 + label_1 != 1
-    "missing_image",      # image bytes null / file absent / remote URL
+    "missing_image",      # image bytes null / file absent / remote URL / not a regular file
     "undecodable_image",  # bytes present but PIL cannot decode them
     "same_image",         # winner and loser are the same image (skipped unless keep_same_image)
     "duplicate",          # same prompt and same two images as an earlier kept pair
-    "bad_record",         # a record the reader could not parse at all (bad JSON line, ...)
-    "bad_encoding",       # a JSONL line / CSV record that is not valid UTF-8
+    "bad_record",         # a record the reader could not parse at all (bad JSON line, CSV
+                          # quoting error, ...)
+    "bad_encoding",       # a JSONL line / CSV record / parquet text cell that is not UTF-8
+    "outside_root",       # an image path resolving outside the image root (never opened)
+    "image_too_large",    # over data.max_image_bytes or data.max_image_pixels
 )
 
 VALID_LABELS = (0.0, 0.5, 1.0)
@@ -96,7 +99,7 @@ def parse_label(value) -> float | None:
         return None
     try:
         x = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):   # OverflowError: a 400-digit integer
         return None
     if math.isnan(x) or x not in VALID_LABELS:
         return None

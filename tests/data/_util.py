@@ -61,3 +61,74 @@ def outputs(workdir: pathlib.Path):
     prompts = pq.read_table(d / "prompts.parquet").to_pylist()
     report = json.loads((d / "ingest_report.json").read_text())
     return pairs, prompts, report
+
+
+class OpenRecorder:
+    """Records the resolved path of every file opened through `open` or `os.open` (the ways
+    the readers open image files) while installed with `install(monkeypatch)`."""
+
+    def __init__(self):
+        self.paths: list[str] = []
+
+    def install(self, monkeypatch):
+        import builtins
+        import os
+        real_open, real_os_open = builtins.open, os.open
+
+        def rec(file):
+            if isinstance(file, (str, bytes, os.PathLike)):
+                self.paths.append(os.path.realpath(os.fsdecode(file)))
+
+        def open_(file, *a, **k):
+            rec(file)
+            return real_open(file, *a, **k)
+
+        def os_open(path, *a, **k):
+            rec(path)
+            return real_os_open(path, *a, **k)
+
+        monkeypatch.setattr(builtins, "open", open_)
+        monkeypatch.setattr(os, "open", os_open)
+        return self
+
+    def opened(self, path) -> bool:
+        import os
+        return os.path.realpath(str(path)) in self.paths
+
+
+class FifoWatch:
+    """A FIFO that tells whether anyone opened it for reading: a thread keeps trying a
+    non-blocking open for writing (which fails with ENXIO while there is no reader); when one
+    succeeds, a reader had it open: `opened` is set and the write end closed at once, so the
+    reader sees end-of-file instead of blocking forever. Use as a context manager."""
+
+    def __init__(self, path):
+        import os
+        import threading
+        self.path = str(path)
+        os.mkfifo(self.path)
+        self.opened = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self):
+        import errno
+        import os
+        import posix   # os.open itself may be wrapped by an OpenRecorder
+        while not self._stop.wait(0.02):
+            try:
+                fd = posix.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                continue
+            self.opened = True
+            os.close(fd)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()

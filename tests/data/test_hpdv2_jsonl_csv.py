@@ -113,7 +113,8 @@ def test_jsonl(image_dir, tmp_path):
     assert report["rows_read"] == len(USER_ROWS) + 3  # the blank line is not a row
     assert report["skipped"] == {"empty_prompt": 1, "bad_label": 1, "missing_image": 2,
                                  "undecodable_image": 0, "same_image": 0, "duplicate": 1,
-                                 "bad_record": 3, "bad_encoding": 0}
+                                 "bad_record": 3, "bad_encoding": 0, "outside_root": 0,
+                                 "image_too_large": 0}
     assert report["ties_dropped"] == 1 and report["accounted"]
     assert any("not fetched" in e for e in report["skip_examples"]["missing_image"])
     assert any("row 4" in e and "invalid JSON" in e for e in report["skip_examples"]["bad_record"])
@@ -242,7 +243,7 @@ def test_csv_header_not_utf8_and_unparsable_record(image_dir, tmp_path):
 
 def test_same_image_files(image_dir, tmp_path):
     """The same path twice, or two files with identical bytes: skipped as same_image."""
-    copy = tmp_path / "a_copy.jpg"
+    copy = tmp_path / "a_copy.jpg"   # outside the image root: allow_outside_root below
     copy.write_bytes((image_dir / "sub" / "a.jpg").read_bytes())
     a = str(image_dir / "sub" / "a.jpg")
     rows = [dict(USER_ROWS[0], image_0=a, image_1=a),                 # same path twice
@@ -251,7 +252,8 @@ def test_same_image_files(image_dir, tmp_path):
             USER_ROWS[1]]
     path = tmp_path / "same.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ingest.run(_util.config("jsonl", path, image_root=str(image_dir)), tmp_path / "w")
+    ingest.run(_util.config("jsonl", path, image_root=str(image_dir), allow_outside_root=True),
+               tmp_path / "w")
     pairs, _, report = _util.outputs(tmp_path / "w")
     assert [p["source_row"] for p in pairs] == [1, 3]
     assert report["skipped"]["same_image"] == 2 and report["same_image_pairs"] == 2

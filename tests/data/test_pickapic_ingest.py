@@ -74,7 +74,8 @@ def test_counts_by_reason(default_run):
     assert report["pairs_kept"] == 4
     assert report["skipped"] == {"empty_prompt": 2, "bad_label": 2, "missing_image": 1,
                                  "undecodable_image": 2, "same_image": 0, "duplicate": 3,
-                                 "bad_record": 0, "bad_encoding": 0}
+                                 "bad_record": 0, "bad_encoding": 0, "outside_root": 0,
+                                 "image_too_large": 0}
     assert report["ties_seen"] == report["ties_dropped"] == 1 and report["ties_kept"] == 0
     assert report["swapped"] == 2  # "a dog" and "A cat"
     assert report["duplicates_conflicting"] == 1
