@@ -144,14 +144,14 @@ def train_step(state: TrainState, ref_params, batch: dict, consts: dict, *,
     (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), (keys, batch))
     grads = jax.tree.map(lambda g: g / a, grads)
     metrics = {n: v / a for n, v in sums.items()}
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, key=state.key)
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
     metrics.update(grad_norm=grad_norm, learning_rate=lr_fn(state.step),
-                   param_norm=optax.global_norm(new.params),
+                   param_norm=optax.tree.norm(new.params),
                    finite=finite.astype(jnp.float32))
     return new, metrics
 

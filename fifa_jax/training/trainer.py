@@ -1,0 +1,118 @@
+"""The DPO trainer's compiled pieces on a mesh: state placement, the jitted step, evaluation.
+
+    trainer = Trainer(unet, schedule, step_cfg, optimizer, mesh, seed=0)
+    trainer.step(host_batch)       # host_batch: this host's rows, (A, B / hosts, ...) numpy
+    trainer.evaluate(batches)      # held-out loss and implicit accuracy
+
+`unet` is a loaded Flax UNet (its parameters may already be sharded by the loader); the
+reference is its parameters as loaded (cast to `ref_dtype`), the policy a float32 copy in new
+buffers. Parameters and optimiser state follow `param_shardings` (replicated, or FSDP over the
+mesh's "fsdp" axis by the rules of `parallel/param_sharding.py`); batches are split over every
+device along the pair axis. The step donates the state. Every host calls every method (SPMD).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fifa_jax.parallel import mesh as mesh_lib
+from fifa_jax.parallel import param_sharding
+from fifa_jax.training import train_state as ts
+from fifa_jax.training.train_step import StepConfig, eval_step, train_step
+
+
+def unet_apply(graphdef) -> Callable:
+    """(params, x, t, ctx, added) -> prediction, merging the model inside the trace (needed
+    with remat: a jit must not close over a live nnx model)."""
+    def fn(params, x, t, ctx, added):
+        return nnx.merge(graphdef, params)(x, t, ctx, added_cond_kwargs=added)
+    return fn
+
+
+def step_batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """(A, B, ...) batch arrays: the pair axis (1) split over every device."""
+    return NamedSharding(mesh, P(None, mesh_lib.BATCH_AXES, *([None] * (ndim - 2))))
+
+
+def to_global(host_batch: dict, mesh: Mesh) -> dict:
+    """This host's rows (A, B_local, ...) -> global (A, B, ...) arrays; on one host the local
+    rows are the whole batch."""
+    out = {}
+    for k, v in host_batch.items():
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_process_local_data(step_batch_sharding(mesh, v.ndim), v)
+    return out
+
+
+class Trainer:
+    def __init__(self, unet, schedule, step_cfg: StepConfig,
+                 optimizer: optax.GradientTransformation, mesh: Mesh, *, seed: int,
+                 lr_fn: Callable, consts: dict, tactic: str | None = None,
+                 rules=param_sharding.DEFAULT_RULES, min_size: int = 2 ** 14,
+                 ref_dtype=jnp.float32):
+        self.mesh, self.optimizer, self.schedule, self.step_cfg = mesh, optimizer, schedule, \
+            step_cfg
+        graphdef, state = nnx.split(unet)
+        base = nnx.to_pure_dict(state)
+        self.unet_fn = unet_apply(graphdef)
+        if tactic is None:
+            tactic = "fsdp" if mesh.shape[param_sharding.FSDP_AXIS] > 1 else "replicate"
+        shard_fn = functools.partial(param_sharding.param_shardings, mesh=mesh, tactic=tactic,
+                                     rules=rules, min_size=min_size)
+        self.replicated = mesh_lib.replicated(mesh)
+        abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                                       base)
+        self.abstract_state, self.state_shardings = ts.state_shardings(
+            abstract_params, optimizer, lambda t: shard_fn(t), self.replicated)
+        self.param_shardings = self.state_shardings.params
+        base = jax.device_put(base, self.param_shardings)
+        self.seed = int(seed)
+        self.state = ts.init_state(base, optimizer, self.seed, self.state_shardings)
+        self.ref_params = jax.jit(
+            lambda p: jax.tree.map(lambda x: jnp.array(x, ref_dtype, copy=True), p),
+            out_shardings=self.param_shardings)(base)
+        del base
+        self.consts = jax.device_put({k: jnp.asarray(v) for k, v in consts.items()},
+                                     self.replicated)
+        self._step = jax.jit(
+            functools.partial(train_step, unet_fn=self.unet_fn, optimizer=optimizer,
+                              schedule=schedule, cfg=step_cfg, lr_fn=lr_fn),
+            donate_argnums=(0,), out_shardings=(self.state_shardings, self.replicated))
+        self._eval = jax.jit(functools.partial(eval_step, unet_fn=self.unet_fn,
+                                               schedule=schedule, cfg=step_cfg),
+                             out_shardings=self.replicated)
+
+    def restore(self, state: ts.TrainState) -> None:
+        self.state = state
+
+    def compiled_step(self, host_batch: dict):
+        """The compiled step for this batch shape (cost analysis, memory analysis)."""
+        return self._step.lower(self.state, self.ref_params, to_global(host_batch, self.mesh),
+                                self.consts).compile()
+
+    def step(self, host_batch: dict) -> dict:
+        """One optimiser update; returns the step's metrics as device scalars."""
+        self.state, metrics = self._step(self.state, self.ref_params,
+                                         to_global(host_batch, self.mesh), self.consts)
+        return metrics
+
+    def evaluate(self, host_batches: Iterable[dict], key_seed: int) -> dict:
+        """Weighted held-out means over `host_batches` ((1, B_local, ...) with `weights`)."""
+        key_data = jax.random.key_data(jax.random.key(key_seed)).astype(jnp.uint32)
+        sums = None
+        for i, hb in enumerate(host_batches):
+            out = self._eval(self.state.params, self.ref_params, to_global(hb, self.mesh),
+                             self.consts, key_data, jnp.uint32(i))
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        if sums is None:
+            return {}
+        sums = jax.device_get(sums)
+        n = max(float(sums.pop("n")), 1.0)
+        return {k: float(v) / n for k, v in sums.items()} | {"pairs": n}

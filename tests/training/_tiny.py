@@ -1,0 +1,64 @@
+"""Shared tiny pieces for the trainer tests: a one-level UNet and synthetic pair batches."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fifa_jax.models.unet import UNet2DConditionModel
+from fifa_jax.parallel import mesh as mesh_lib
+from fifa_jax.training import noise_schedule as ns
+from fifa_jax.training.optimizer import learning_rate_schedule
+from fifa_jax.training.train_step import StepConfig
+from fifa_jax.training.trainer import Trainer
+
+TINY = dict(block_out_channels=[8], layers_per_block=1, cross_attention_dim=6,
+            down_block_types=["CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D"],
+            attention_head_dim=2, norm_num_groups=4, sample_size=4)
+SCHED = ns.from_scheduler_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                  "beta_end": 0.012})
+L, D, C, H = 3, 6, 4, 4
+
+
+def unet(seed=0):
+    return UNet2DConditionModel(TINY, rngs=nnx.Rngs(seed), attention_impl="xla")
+
+
+def pairs(n, seed=0, separable=False):
+    """n pairs as flat (n, ...) arrays; `separable`: winners' means near +1, losers' near -1."""
+    rng = np.random.default_rng(seed)
+    mean_w = rng.standard_normal((n, C, H, H)).astype(np.float32) * 0.3
+    mean_l = rng.standard_normal((n, C, H, H)).astype(np.float32) * 0.3
+    if separable:
+        mean_w += 1.0
+        mean_l -= 1.0
+    logvar = np.full((n, C, H, H), -6.0, np.float32)
+    out = {"moments_w": np.concatenate([mean_w, logvar], 1),
+           "moments_l": np.concatenate([mean_l, logvar], 1),
+           "prompt_embeds": rng.standard_normal((n, L, D)).astype(np.float32),
+           "weights": np.ones((n,), np.float32)}
+    out["moments_w_flip"] = out["moments_w"][..., ::-1].copy()
+    out["moments_l_flip"] = out["moments_l"][..., ::-1].copy()
+    return out
+
+
+def as_steps(flat, a):
+    """(n, ...) -> (a, n / a, ...)."""
+    return {k: v.reshape((a, v.shape[0] // a) + v.shape[1:]) for k, v in flat.items()}
+
+
+CONSTS = {"empty_embeds": np.zeros((L, D), np.float32)}
+
+
+def trainer(mesh_shape=(1, 1), optimizer=None, lr=1e-3, seed=0, beta=50.0, dropout=0.2,
+            ref_dtype=jnp.float32, model_seed=0):
+    devices = jax.devices()[: mesh_shape[0] * mesh_shape[1]]
+    cfg = mesh_lib.default_config()
+    cfg.data, cfg.fsdp = mesh_shape
+    mesh = mesh_lib.make_mesh(cfg, devices=devices)
+    optimizer = optimizer or optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr))
+    step_cfg = StepConfig(beta=beta, caption_dropout=dropout, scaling_factor=0.5,
+                          random_flip=True)
+    return Trainer(unet(model_seed), SCHED, step_cfg, optimizer, mesh, seed=seed,
+                   lr_fn=learning_rate_schedule(lr, 0), consts=CONSTS, ref_dtype=ref_dtype,
+                   min_size=64)
