@@ -94,8 +94,6 @@ def test_loads_with_our_pipeline(base):
     ids = pipe.tokenizer(["two red circles on the left"], padding="max_length",
                          max_length=77).input_ids
     assert len(ids[0]) == 77 and max(ids[0]) < pipe.text_encoder.config.vocab_size
-    names = unet_name_map(pipe.unet)
-    assert len(names) > 100
 
 
 def test_vae_latents_of_demo_images_are_unit_scale(base):
