@@ -215,3 +215,20 @@ def test_pipeline_folder_refuses_missing_component(base, exported, tmp_path):
     assert not os.path.exists(tmp_path / "pipe")
     with pytest.raises(ExportError, match="not a diffusers UNet folder"):
         write_pipeline_folder(base, str(tmp_path), str(tmp_path / "pipe"))
+
+
+def test_unet_tensors_of_a_sharded_model(trained):
+    """Params sharded over the 8 test devices (as the trainer holds them) export the same."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    model, _, tensors = trained
+    mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
+    graphdef, params = nnx.split(model)
+    spec = lambda a: P(*([None] * (a.ndim - 1) + ["fsdp"])) if a.ndim and a.shape[-1] % 8 == 0 \
+        else P()  # noqa: E731
+    sharded = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, spec(a))), params)
+    assert any(len(a.sharding.device_set) == 8 and not a.sharding.is_fully_replicated
+               for a in jax.tree.leaves(sharded))
+    got = unet_tensors(nnx.merge(graphdef, sharded))
+    assert got.keys() == tensors.keys()
+    for k in tensors:
+        np.testing.assert_array_equal(got[k], tensors[k], err_msg=k)
