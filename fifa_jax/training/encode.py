@@ -192,6 +192,8 @@ def read_inputs(workdir) -> dict:
     prompts = _need(workdir / "ingest" / "prompts.parquet", ("prompt_id", "text"),
                     "ingest").sort_by("prompt_id")
     texts = prompts.column("text").to_pylist()
+    if any(t is None for t in texts):
+        raise InputError(f"{workdir / 'ingest' / 'prompts.parquet'}: null prompt text")
     ids = prompts.column("prompt_id").to_numpy()
     if not np.array_equal(ids, np.arange(len(ids))):
         raise InputError(f"{workdir / 'ingest' / 'prompts.parquet'}: prompt_id must be "

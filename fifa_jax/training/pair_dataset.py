@@ -17,6 +17,8 @@ Record order is generation order (train: the manifest's rank order less skipped 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pathlib
@@ -96,8 +98,10 @@ def write_datasets(encode_dir, *, pairs_spec: Mapping, prompts_spec: Mapping,
                               (FifaDpoPrompts, prompts_spec,
                                {PROMPTS_SPLIT: prompt_examples})):
         builder = cls(data_dir=str(tmp), spec=spec, splits=splits)
-        builder.download_and_prepare(file_format="array_record",
-                                     download_dir=str(tmp / "_downloads"))
+        # tfds prints "Downloading and preparing ... downloaded" (about a temporary folder)
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(file_format="array_record",
+                                         download_dir=str(tmp / "_downloads"))
     shutil.rmtree(tmp / "_downloads", ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -10,8 +10,8 @@
                       prompt_id int64, prompt_embeds (L, D) [, pooled (P,) for SDXL]
 
 Big arrays are `Tensor(encoding="bytes")` (raw bytes, float16 or float32 kept as stored).
-Examples are written in generation order (`disable_shuffling`), so record i is the i-th
-example the writer produced. The feature shapes depend on the model, so the builders take a
+Examples are written in generation order (`disable_shuffling`, keyed by a running index), so
+record i is the i-th example the writer produced. The feature shapes depend on the model, so the builders take a
 `spec` dict; a finished dataset is read back without it by `tfds.builder_from_directory`.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, spec: Mapping, splits: Mapping[str, Callable[[], Iterable[dict]]]
                  | None = None, **kwargs):
         """spec: feature shapes/dtypes (see the subclasses); splits: {split: () -> examples}
-        (only to write; each example a dict of the features, keyed by its pair/prompt id)."""
+        (only to write; each example a dict of the features)."""
         self._spec = dict(spec)
         self._splits = dict(splits or {})
         super().__init__(**kwargs)
@@ -57,14 +57,14 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
         return {name: self._generate_examples(name) for name in self._splits}
 
     def _generate_examples(self, split):
-        key_field = self.KEY
-        for ex in self._splits[split]():
-            yield int(ex[key_field]), ex
+        # with disable_shuffling tfds orders records by key: the running index keeps the
+        # generation order
+        for i, ex in enumerate(self._splits[split]()):
+            yield i, ex
 
 
 class FifaDpoPairs(_Builder):
     """spec: moments_shape (2C, h, w), dtype ("float32" | "float16"), flip (bool)."""
-    KEY = "pair_id"
 
     def _info(self):
         s = self._spec
@@ -83,7 +83,6 @@ class FifaDpoPairs(_Builder):
 
 class FifaDpoPrompts(_Builder):
     """spec: embeds_shape (L, D), pooled_dim (P or None), dtype."""
-    KEY = "prompt_id"
 
     def _info(self):
         s = self._spec
