@@ -53,7 +53,6 @@ has written its N-th chunk.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import pathlib

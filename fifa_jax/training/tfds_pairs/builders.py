@@ -11,8 +11,9 @@
 
 Big arrays are `Tensor(encoding="bytes")` (raw bytes, float16 or float32 kept as stored).
 Examples are written in generation order (`disable_shuffling`, keyed by a running index), so
-record i is the i-th example the writer produced. The feature shapes depend on the model, so the builders take a
-`spec` dict; a finished dataset is read back without it by `tfds.builder_from_directory`.
+record i is the i-th example the writer produced. The feature shapes depend on the model, so
+the builders take a `spec` dict; a finished dataset is read back without it, by
+`tfds.builder_from_directory`.
 """
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
-
-PROMPTS_SPLIT = "prompts"
 
 
 def _tensor(shape, dtype: str, doc: str):
