@@ -28,9 +28,10 @@ WC = (_rng.standard_normal((D, C)) * 0.5).astype(np.float32)
 VT = (_rng.standard_normal((P, C)) * 0.5).astype(np.float32)
 
 
-def make_inputs(seed: int = 0, pytree: bool = False):
+def make_inputs(seed: int = 0, pytree: bool = False, batch: int = B):
     """(noise (B,C,H,W), cond, uncond) as NumPy; pytree=True gives SDXL-like dicts."""
     rng = np.random.default_rng(seed)
+    B = batch  # noqa: N806
     noise = rng.standard_normal((B, C, H, W)).astype(np.float32)
     cond = rng.standard_normal((B, L, D)).astype(np.float32)
     uncond = rng.standard_normal((B, L, D)).astype(np.float32) * 0.3
