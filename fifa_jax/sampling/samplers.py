@@ -1,16 +1,19 @@
 """The four samplers as (host plan, traced step) pairs, matching diffusers 0.42.1's schedulers.
 
-`make_plan(cfg, sampler, N, eta)` computes every per-step number in NumPy (float32 as torch
-computes it, see schedules.py) and returns a `Plan`: `tables` {name: (N,)} plus static facts.
-`STEPS[sampler](row, x, out, hist, z) -> (x_next, hist)` is the traced update for one step,
+`make_plan(cfg, sampler, N, eta)` computes every per-step number in NumPy (float32 with
+diffusers' torch op order, see schedules.py) and returns a `Plan`: `tables` {name: (N,)} plus
+static facts. `STEPS[sampler](plan, row, x, out, hist, z) -> (x_next, hist)` is the traced
+update for one step,
 with `row` = {name: scalar} of step i, x (B, C, H, W) float32 the current sample, `out` the
 guided model prediction, `hist` the previous x̂₀ (DPM-Solver only), `z` N(0, 1) noise (Euler-A,
 DDIM with eta > 0) or None.
 
 Formulas (σ-space samplers keep x = x̂₀ + σ·ε; VP samplers keep x = √ᾱ·x̂₀ + √(1−ᾱ)·ε):
   ddim     x̂₀ = (x − √(1−ᾱ_t)·ε)/√ᾱ_t  [ε]  or √ᾱ_t·x − √(1−ᾱ_t)·v, ε̂ = √ᾱ_t·v + √(1−ᾱ_t)·x  [v]
+           or x̂₀ = out, ε̂ = (x − √ᾱ_t·x̂₀)/√(1−ᾱ_t)  [sample]
            (clip x̂₀ to ±clip_sample_range if clip_sample), then
-           x' = √ᾱ_prev·x̂₀ + √(1 − ᾱ_prev − s²)·ε̂ + s·z, s = η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev)),
+           x' = √ᾱ_prev·x̂₀ + √(1 − ᾱ_prev − s²)·ε̂ + s·z,
+           s = η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev)),
            prev = t − T//N (the integer ratio, whatever the spacing), ᾱ_prev = final_alpha_cumprod
            when prev < 0.
   euler    x̂₀ = x − σ·ε [ε] or −σ/√(σ²+1)·v + x/(σ²+1) [v];  x' = x + (x − x̂₀)/σ·(σ_next − σ)

@@ -49,7 +49,8 @@ def jax_model(x, t, ctx):
         ctx = ctx["encoder_hidden_states"]
     else:
         extra = 0.0
-    h = (jnp.einsum("ck,bkhw->bchw", A, x) + BT[None, :, None, None] * (t / 1000.0)[:, None, None, None]
+    h = (jnp.einsum("ck,bkhw->bchw", A, x)
+         + BT[None, :, None, None] * (t / 1000.0)[:, None, None, None]
          + (jnp.mean(ctx, axis=1) @ WC + extra)[:, :, None, None])
     return x + 0.5 * jnp.tanh(h)
 
