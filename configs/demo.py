@@ -19,12 +19,13 @@ from fifa_jax import parallel
 from fifa_jax.data import ingest
 from fifa_jax.scoring import stage as score_stage
 from fifa_jax.selection import stage as select_stage
+from fifa_jax.training import encode, train
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.stages = "ingest,score,select"
+    config.stages = "ingest,score,select,encode,train"
     config.mesh = parallel.default_config()
 
     config.data = ingest.default_config()
@@ -39,4 +40,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.select = select_stage.default_config()
     config.select.method = arg or "greedy"
     config.select.k_pairs = 100
+
+    config.encode = encode.default_config()
+    config.encode.base_model = "demo"      # a tiny SD1.5-layout pipeline built in the work dir
+    config.encode.resolution = 32
+    config.encode.num_val_pairs = 64
+    config.encode.batch_size = 32
+
+    config.train = train.default_config()
+    config.train.num_steps = 100
+    config.train.batch_size = 8
+    config.train.grad_accum = 2
+    config.train.learning_rate = 1e-4
+    config.train.warmup_steps = 10
+    config.train.beta = 2000.0
+    config.train.dtype = "float32"          # CPU: bfloat16 is emulated (slower)
+    config.train.eval_every = 50
+    config.train.checkpoint_every = 50
+    config.train.log_every = 10
     return config

@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fifa_jax import config_check, pipeline
-from fifa_jax.errors import InputError
+from fifa_jax.errors import InputError, Interrupted
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py (optionally :arg).",
@@ -37,11 +37,20 @@ def _run(argv) -> int:
     except (pipeline.PipelineError, config_check.ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:            # progress saved: the same command resumes
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 128 + int(e.signum)
     ran = [k for k, v in results.items() if v["status"] == "ran"]
     skipped = [k for k, v in results.items() if v["status"] == "skipped"]
     print(f"finished: ran {ran or 'nothing'}, skipped {skipped or 'nothing'}; "
           f"outputs in {_WORKDIR.value}")
     return 0
+
+
+def _quiet_libraries(record) -> bool:
+    """Drop the INFO chatter of Orbax's asynchronous saves (it would bury the progress
+    bar); its warnings and errors stay."""
+    return record.levelno >= 30 or "/orbax/" not in record.pathname
 
 
 def main() -> None:
@@ -57,6 +66,7 @@ def main() -> None:
         sys.exit(2)
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_quiet_libraries)
     sys.exit(_run(argv))
 
 

@@ -53,13 +53,12 @@ PIPELINE: tuple[tuple[str, str | None], ...] = (
     ("ingest", "fifa_jax.data.ingest"),
     ("score", "fifa_jax.scoring.stage"),
     ("select", "fifa_jax.selection.stage"),
-    ("encode", None),
-    ("train", None),
+    ("encode", "fifa_jax.training.encode"),
+    ("train", "fifa_jax.training.train"),
     ("export", None),
     ("evaluate", None),
 )
-UNBUILT = {"encode": "precomputed latents / text states", "train": "Diffusion-DPO trainer",
-           "export": "diffusers export of the tuned UNet", "evaluate": "sampling and win rates"}
+UNBUILT = {"export": "diffusers export of the tuned UNet", "evaluate": "sampling and win rates"}
 STAGE_NAMES = tuple(n for n, _ in PIPELINE)
 
 

@@ -43,3 +43,11 @@ def on_all_hosts(flag: bool) -> bool:
         return bool(flag)
     from jax.experimental import multihost_utils
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).min() == 1)
+
+
+def on_any_host(flag: bool) -> bool:
+    """True when `flag` is True on at least one process (e.g. a signal that reached one)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).max() == 1)

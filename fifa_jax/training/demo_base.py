@@ -180,3 +180,21 @@ def build_demo_base(folder, *, seed: int = 0) -> str:
                       _json_bytes(SCHEDULER_CONFIG))
     _write_if_changed(os.path.join(folder, "model_index.json"), _json_bytes(MODEL_INDEX))
     return folder
+
+
+DEMO = "demo"            # the value of encode.base_model / train.base_model that means this
+DEMO_DIR = ("encode", "demo_base")
+
+
+def resolve_base_model(path: str, workdir) -> str:
+    """`path`, or for "demo" the demo base folder in the work directory (built there by process
+    0 when missing or different; the others wait)."""
+    if path != DEMO:
+        return path
+    from fifa_jax.parallel import hosts
+    import jax
+    folder = os.path.join(os.fspath(workdir), *DEMO_DIR)
+    if jax.process_index() == 0:
+        build_demo_base(folder)
+    hosts.barrier("demo_base:built")
+    return folder

@@ -75,7 +75,7 @@ from fifa_jax.parallel import hosts
 from fifa_jax.scoring import embeddings, input_pipeline
 from fifa_jax.scoring.margins import failure_counts
 from fifa_jax.scoring.preprocess import resize_output_hw
-from fifa_jax.training import pair_dataset
+from fifa_jax.training import demo_base, pair_dataset
 
 SECTION = "encode"
 STAGE = "encode"
@@ -156,8 +156,8 @@ def input_signature(config, workdir) -> dict:
     """Sizes and modification times of the base model files this stage reads (VAE, text
     encoders, tokenizers, model_index.json): replacing a checkpoint in place reruns it."""
     ec = config.get(SECTION)
-    if ec is None or not ec.get("base_model"):
-        return {}
+    if ec is None or not ec.get("base_model") or ec.base_model == demo_base.DEMO:
+        return {}                 # demo: made from the code (the config covers it)
     paths = [_vae_dir(ec), os.path.join(ec.base_model, "model_index.json")]
     paths += _text_dirs(ec.base_model)
     return _stats(paths, workdir)
@@ -559,6 +559,9 @@ def run(config, workdir) -> dict:
     ec = config.encode
     _check_config(ec)
     workdir = pathlib.Path(workdir)
+    if ec.base_model == demo_base.DEMO:       # the demo's tiny base, built in the work dir
+        ec = ml_collections.ConfigDict(ec.to_dict())
+        ec.base_model = demo_base.resolve_base_model(demo_base.DEMO, workdir)
     out = workdir / STAGE
     cdir = out / CHUNK_DIR
     leader = jax.process_index() == 0

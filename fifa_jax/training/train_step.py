@@ -13,8 +13,8 @@ one batch of A*B pairs (up to float rounding). Constants: `empty_embeds` (L, D) 
 Per pair (its key: fold_in(fold_in(state.key, step), index in the step), so a draw never
 depends on the micro-batch split, the sharding or an interruption):
   flip each image with probability 1/2 (when flipped moments exist), draw latents
-  z = mean + exp(logvar / 2) * n (a fresh posterior sample, never the mean) times the VAE's
-  scaling factor; one timestep t ~ U{0..T-1} and one noise draw, shared by winner and loser;
+  z = mean + exp(logvar / 2) * n (a fresh posterior sample, never the mean), shifted and
+  scaled by the VAE's factors; one timestep t ~ U{0..T-1} and one noise draw, shared by winner and loser;
   replace the prompt by the empty prompt with probability `caption_dropout`.
 The policy predicts with gradients, the reference without; `dpo_loss` compares them.
 A non-finite loss or gradient leaves the state unchanged and reports `finite = 0`; the loop
@@ -43,6 +43,7 @@ class StepConfig:
     caption_dropout: float
     scaling_factor: float
     random_flip: bool
+    shift_factor: float = 0.0                           # SD3-style VAEs; 0 for SD 1/2/XL
     logvar_clip: tuple[float, float] = (-30.0, 20.0)   # diffusers DiagonalGaussianDistribution
 
 
@@ -53,10 +54,10 @@ def pair_keys(key_data, step, n: int):
 
 
 def _sample(moments, noise, cfg: StepConfig):
-    """z (C, h, w) = (mean + std * noise) * scaling factor, moments (2C, h, w)."""
+    """z (C, h, w) = (mean + std * noise - shift) * scaling factor, moments (2C, h, w)."""
     mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=0)
     logvar = jnp.clip(logvar, *cfg.logvar_clip)
-    return (mean + jnp.exp(0.5 * logvar) * noise) * cfg.scaling_factor
+    return (mean + jnp.exp(0.5 * logvar) * noise - cfg.shift_factor) * cfg.scaling_factor
 
 
 def prepare_pair(key, pair: dict, consts: dict, schedule: ns.NoiseSchedule, cfg: StepConfig,

@@ -85,6 +85,7 @@ class Trainer:
             functools.partial(train_step, unet_fn=self.unet_fn, optimizer=optimizer,
                               schedule=schedule, cfg=step_cfg, lr_fn=lr_fn),
             donate_argnums=(0,), out_shardings=(self.state_shardings, self.replicated))
+        self._compiled, self.step_flops = {}, None
         self._eval = jax.jit(functools.partial(eval_step, unet_fn=self.unet_fn,
                                                schedule=schedule, cfg=step_cfg),
                              out_shardings=self.replicated)
@@ -93,14 +94,22 @@ class Trainer:
         self.state = state
 
     def compiled_step(self, host_batch: dict):
-        """The compiled step for this batch shape (cost analysis, memory analysis)."""
-        return self._step.lower(self.state, self.ref_params, to_global(host_batch, self.mesh),
-                                self.consts).compile()
+        """The compiled step for this batch's shapes (compiled once; its cost analysis gives
+        `step_flops`, its memory analysis the device memory)."""
+        batch = to_global(host_batch, self.mesh)
+        sig = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+        if sig not in self._compiled:
+            self._compiled[sig] = self._step.lower(self.state, self.ref_params, batch,
+                                                   self.consts).compile()
+            if self.step_flops is None:
+                from fifa_jax.training.metrics import step_flops
+                self.step_flops = step_flops(self._compiled[sig])
+        return self._compiled[sig], batch
 
     def step(self, host_batch: dict) -> dict:
         """One optimiser update; returns the step's metrics as device scalars."""
-        self.state, metrics = self._step(self.state, self.ref_params,
-                                         to_global(host_batch, self.mesh), self.consts)
+        compiled, batch = self.compiled_step(host_batch)
+        self.state, metrics = compiled(self.state, self.ref_params, batch, self.consts)
         return metrics
 
     def evaluate(self, host_batches: Iterable[dict], key_seed: int) -> dict:

@@ -1,0 +1,496 @@
+"""The train stage: Diffusion-DPO fine-tuning of the base model's UNet on the encoded pairs.
+
+Reads:  encode/ (tfds pairs and prompts, empty_prompt.npz, dataset_spec.json), the base
+        model's unet/ and scheduler/ (train.base_model, "" = encode.base_model).
+Writes (workdir/train/):
+  checkpoints/<step>/   Orbax: params, opt_state, meta (checkpoints.py); the last
+                        `keep_checkpoints` are kept, and always the final step
+  metrics.jsonl         one record per logged step (kind "train") and evaluation ("eval")
+  tensorboard/          the same scalars as TensorBoard event files
+  train_report.json     the settings, the final metrics, throughput, MFU
+
+Each update draws `grad_accum` micro-batches of `batch_size` pairs (global, over all devices
+and hosts) from the loader: effective batch = batch_size * grad_accum (the paper: 2048).
+Every random draw comes from fold_in(seed, step, pair), the loader's order and flips from
+(seed, position), so a resumed run draws what an uninterrupted one would.
+
+Resume: rerunning the same command continues from the last checkpoint (`compat`, the hash of
+every setting that changes the trajectory, must match; checkpoints of other settings are
+removed with a message). Raising `num_steps` continues a finished run. SIGTERM / SIGINT: the
+current step ends, a checkpoint is saved, the stage raises `Interrupted` (exit code 128 +
+signal) and the runner does not mark the stage done.
+Faults: a non-finite loss or gradient stops the run naming the step and the metric (that step
+is not applied and nothing non-finite is saved); a step that does not fit in device memory
+names the settings to change.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from fifa_jax import errors, parallel
+from fifa_jax.errors import InputError
+from fifa_jax.files import file_stats
+from fifa_jax.models.diffusers_io import read_config
+from fifa_jax.parallel import hosts
+from fifa_jax.training import (checkpoints, demo_base, metrics as metrics_lib,
+                               noise_schedule, pair_dataset)
+from fifa_jax.training.loader import PairLoader
+from fifa_jax.training.optimizer import OPTIMIZERS, learning_rate_schedule, make_optimizer
+from fifa_jax.training.train_step import StepConfig
+from fifa_jax.training.trainer import Trainer
+
+STAGE = "train"
+SECTION = "train"
+CONFIG_KEYS = ("seed", "train")
+UPSTREAM = ("encode",)
+SPEED_ONLY = ("log_every", "progress", "async_checkpoints", "checkpoint_every",
+              "keep_checkpoints", "loader_threads")
+# settings that only say how far to go: a changed num_steps continues the same trajectory
+NOT_IN_TRAJECTORY = SPEED_ONLY + ("num_steps", "eval_every")
+CKPT_DIR = "checkpoints"
+REPORT = "train_report.json"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+RULES = {"num_steps": ("min", 1), "batch_size": ("min", 1), "grad_accum": ("min", 1),
+         "learning_rate": ("min", 0.0), "warmup_steps": ("min", 0),
+         "optimizer": ("choice", OPTIMIZERS), "grad_clip": ("min", 0.0),
+         "beta": ("min", 0.0), "weight_decay": ("min", 0.0),
+         "dtype": ("choice", tuple(DTYPES)), "ref_dtype": ("choice", tuple(DTYPES)),
+         "prediction_type": ("choice", ("", "epsilon", "v_prediction")),
+         "remat": ("choice", ("none", "nothing_saveable", "everything_saveable",
+                              "dots_saveable", "dots_with_no_batch_dims_saveable")),
+         "attention_impl": ("choice", ("auto", "xla", "cudnn")),
+         "param_sharding": ("choice", ("auto", "replicate", "fsdp")),
+         "checkpoint_every": ("min", 0), "keep_checkpoints": ("min", 1),
+         "eval_every": ("min", 0), "eval_pairs": ("min", 0), "log_every": ("min", 1)}
+
+
+class Interrupted(errors.Interrupted):
+    """SIGTERM / SIGINT arrived: a checkpoint was saved; rerun the command to resume."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"train: stopped by signal {signum} after step {step}; checkpoint "
+                         f"saved; rerun the same command to resume", signum)
+        self.step = step
+
+
+class NonFiniteError(InputError):
+    """The loss or the gradient became non-finite (the message names step and metric)."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `train` section of the experiment config (defaults: the SD1.5 recipe, method.md
+    section 3.6)."""
+    c = ml_collections.ConfigDict()
+    c.base_model = ""          # diffusers pipeline folder for unet/ + scheduler/ ("" = encode's)
+    c.num_steps = 2000         # optimiser updates
+    c.batch_size = 8           # pairs per micro-batch, global (all devices and hosts)
+    c.grad_accum = 256         # micro-batches per update: effective batch = batch * accum
+    c.learning_rate = 2.048e-5  # 1e-8 per pair x 2048 (the official SD1.5 setting)
+    c.warmup_steps = 500       # linear warm-up from 0, then constant
+    c.optimizer = "adamw"      # adamw | adafactor (the SDXL recipe)
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
+    c.weight_decay = 1e-2
+    c.grad_clip = 1.0          # global-norm clipping (0 = off)
+    c.beta = 5000.0            # official convention (diffusers' beta_dpo = beta / 2)
+    c.caption_dropout = 0.2    # P(prompt replaced by "")
+    c.random_flip = True       # use the encode stage's mirrored posteriors (if stored)
+    c.prediction_type = ""     # "" = the base scheduler's; epsilon | v_prediction
+    c.dtype = "bfloat16"       # compute dtype (parameters and optimiser state stay float32)
+    c.ref_dtype = "float32"    # reference parameters: float32 | bfloat16 (half the memory)
+    c.remat = "none"           # none | a jax.checkpoint_policies name (per UNet block)
+    c.attention_impl = "auto"  # auto | xla | cudnn
+    c.param_sharding = "auto"  # auto (fsdp when mesh.fsdp > 1) | replicate | fsdp
+    c.eval_every = 100         # held-out loss / implicit accuracy every N steps (0 = end only)
+    c.eval_pairs = 0           # held-out pairs used (0 = all the encode stage holds)
+    c.checkpoint_every = 250   # steps between checkpoints (0 = only the last)
+    c.keep_checkpoints = 3     # keep the last M
+    c.async_checkpoints = True
+    c.log_every = 10
+    c.loader_threads = 4
+    c.progress = True
+    return c
+
+
+def check_config(tc) -> None:
+    from fifa_jax.config_check import ConfigError
+    if not 0.0 <= tc.caption_dropout <= 1.0:
+        raise ConfigError(f"config key 'train.caption_dropout' must be in [0, 1]; got "
+                          f"{tc.caption_dropout}")
+
+
+def _base_model(config, workdir=None) -> str:
+    """train.base_model, or encode's when empty ("demo": the demo base in the work dir)."""
+    base = config.train.base_model or (config.get("encode") or {}).get("base_model", "")
+    if not base:
+        raise InputError("config key 'train.base_model' is empty and so is "
+                         "'encode.base_model': name the base diffusers pipeline folder")
+    if base == demo_base.DEMO:
+        return (demo_base.resolve_base_model(base, workdir) if workdir is not None
+                else base)
+    return base
+
+
+def input_signature(config, workdir) -> dict:
+    """Sizes and times of the base UNet and scheduler files (the VAE and text encoders are
+    the encode stage's)."""
+    try:
+        base = _base_model(config)
+    except InputError:
+        return {}
+    if base == demo_base.DEMO:
+        return {}                 # made from the code: the fingerprint's config covers it
+    out = {}
+    for sub in ("unet", "scheduler"):
+        path = os.path.join(base, sub)
+        if os.path.isdir(path) and not _inside(path, workdir):
+            out.update(file_stats(path))
+    return out
+
+
+def _inside(path, workdir) -> bool:
+    return workdir is not None and os.path.abspath(path).startswith(
+        os.path.abspath(workdir) + os.sep)
+
+
+def discard_resume_state(workdir) -> None:
+    """--force=train: forget every checkpoint and metric."""
+    out = pathlib.Path(workdir) / STAGE
+    shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
+    for name in ("metrics.jsonl", "tensorboard"):
+        p = out / name
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def trajectory_hash(config, workdir) -> str:
+    """Hash of what decides the parameters at every step: the train section (less
+    NOT_IN_TRAJECTORY), the seed and the encode stage's fingerprint."""
+    tc = json.loads(json.dumps(config.train.to_dict(), sort_keys=True, default=str))
+    for k in NOT_IN_TRAJECTORY:
+        tc.pop(k, None)
+    done = pathlib.Path(workdir) / "encode" / "STAGE_DONE.json"
+    enc = json.loads(done.read_text()).get("fingerprint") if done.exists() else None
+    blob = json.dumps({"train": tc, "seed": int(config.seed), "encode": enc}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------ set-up
+def _check_base(unet_cfg, spec: dict, path: str) -> None:
+    """The base UNet must fit the encoded data (one line naming the mismatch)."""
+    c_lat = spec["latent_shape"][0]
+    if unet_cfg.in_channels != c_lat:
+        raise InputError(f"{path}/config.json: in_channels={unet_cfg.in_channels}, but the "
+                         f"encoded latents have {c_lat} channels (encode.base_model's VAE)")
+    d = spec["embeds_shape"][-1]
+    dims = unet_cfg.cross_attention_dim
+    if any(x != d for x in (dims if isinstance(dims, (tuple, list)) else (dims,))):
+        raise InputError(f"{path}/config.json: cross_attention_dim="
+                         f"{unet_cfg.cross_attention_dim}, but the encoded text states have "
+                         f"{d} features (encode.base_model's text encoder(s))")
+    f = 2 ** (len(unet_cfg.block_out_channels) - 1)
+    h = spec["latent_shape"][1]
+    if h % f:
+        raise InputError(f"{path}: latents of {h}x{h} are not a multiple of the UNet's "
+                         f"downsampling factor {f}; change encode.resolution")
+    sdxl = unet_cfg.addition_embed_type == "text_time"
+    if sdxl != bool(spec.get("is_sdxl")):
+        raise InputError(f"{path}/config.json: addition_embed_type="
+                         f"{unet_cfg.addition_embed_type!r} but the encoded text states are "
+                         f"{'SDXL' if spec.get('is_sdxl') else 'SD1/2'}-style")
+
+
+def _micro_batch(tc, mesh) -> int:
+    b = int(tc.batch_size)
+    multiple = parallel.batch_multiple(mesh)
+    if b % multiple:
+        raise InputError(f"config key 'train.batch_size' = {b} must be a multiple of the "
+                         f"{multiple} devices of the mesh (the pairs are split over them)")
+    return b
+
+
+def _consts(encode_dir, spec) -> dict:
+    empty = pair_dataset.load_empty_prompt(encode_dir)
+    out = {"empty_embeds": empty["prompt_embeds"].astype(np.float32)}
+    if spec.get("is_sdxl"):
+        res = float(spec["resolution"])
+        out["empty_pooled"] = empty["pooled"].astype(np.float32)
+        out["time_ids"] = np.array([res, res, 0.0, 0.0, res, res], np.float32)
+    return out
+
+
+_MODEL_KEYS = ("moments_w", "moments_l", "prompt_embeds", "pooled")
+
+
+def _host_batch(batches: list[dict], weights_key: str | None = None) -> dict:
+    """Stack A loader batches into the step's (A, B_local, ...) layout (float32)."""
+    out = {k: np.stack([b[k] for b in batches]).astype(np.float32)
+           for k in _MODEL_KEYS if k in batches[0]}
+    if weights_key:
+        out["weights"] = np.stack([b[weights_key] for b in batches]).astype(np.float32)
+    else:
+        out["weights"] = np.ones(out["moments_w"].shape[:2], np.float32)
+    return out
+
+
+@contextlib.contextmanager
+def _signals():
+    """Record SIGTERM / SIGINT instead of dying mid-step; restore the old handlers after."""
+    got = []
+    old = {}
+
+    def handler(signum, frame):
+        got.append(signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old[s] = signal.signal(s, handler)
+        except ValueError:       # not the main thread: leave signals alone
+            pass
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _memory_error(e: Exception) -> bool:
+    text = str(e)
+    return any(m in text for m in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
+                                   "Allocator", "OOM"))
+
+
+def _too_large(tc, mesh, e) -> InputError:
+    return InputError(
+        f"train: the step does not fit in device memory (batch_size={tc.batch_size} pairs over "
+        f"{mesh.size} devices, remat={tc.remat}, mesh.fsdp={mesh.shape['fsdp']}, "
+        f"ref_dtype={tc.ref_dtype}); lower train.batch_size and raise train.grad_accum to keep "
+        f"the effective batch, set train.remat=nothing_saveable, raise mesh.fsdp, or set "
+        f"train.ref_dtype=bfloat16 ({str(e).splitlines()[0][:200]})")
+
+
+# ------------------------------------------------------------------------------ the loop
+def run(config, workdir) -> dict:
+    tc = config.train
+    workdir = pathlib.Path(workdir)
+    out = workdir / STAGE
+    encode_dir = workdir / "encode"
+    spec = pair_dataset.read_spec(encode_dir)
+    base = _base_model(config, workdir)
+    mesh = parallel.make_mesh(config.get("mesh"))
+    leader = jax.process_index() == 0
+    if leader:
+        out.mkdir(parents=True, exist_ok=True)
+    hosts.barrier("train:mkdir")
+
+    from fifa_jax.models.unet_config import parse_unet_config
+    from fifa_jax.models.unet_io import load_unet
+    unet_dir = os.path.join(base, "unet")
+    unet_cfg = parse_unet_config(read_config(unet_dir))
+    _check_base(unet_cfg, spec, unet_dir)
+    sched_path = os.path.join(base, "scheduler", "scheduler_config.json")
+    if not os.path.exists(sched_path):
+        raise InputError(f"{base}: no scheduler/scheduler_config.json (the base model's noise "
+                         f"schedule)")
+    with open(sched_path, encoding="utf-8") as f:
+        schedule = noise_schedule.from_scheduler_config(json.load(f), sched_path,
+                                                        tc.prediction_type or None)
+    unet = load_unet(unet_dir, dtype=DTYPES[tc.dtype], attention_impl=tc.attention_impl,
+                     remat_policy=None if tc.remat == "none" else tc.remat)
+    micro = _micro_batch(tc, mesh)
+    accum = int(tc.grad_accum)
+    optimizer = make_optimizer(tc)
+    step_cfg = StepConfig(beta=float(tc.beta), caption_dropout=float(tc.caption_dropout),
+                          scaling_factor=float(spec["scaling_factor"]),
+                          shift_factor=float(spec.get("shift_factor") or 0.0),
+                          random_flip=False)    # the loader mirrors (see loader.py)
+    tactic = None if tc.param_sharding == "auto" else tc.param_sharding
+    trainer = Trainer(unet, schedule, step_cfg, optimizer, mesh, seed=int(config.seed),
+                      lr_fn=learning_rate_schedule(float(tc.learning_rate),
+                                                   int(tc.warmup_steps)),
+                      consts=_consts(encode_dir, spec), tactic=tactic,
+                      ref_dtype=DTYPES[tc.ref_dtype])
+    del unet
+    loader = PairLoader(encode_dir, "train", global_batch=micro, seed=int(config.seed),
+                        flip="random" if tc.random_flip else "none",
+                        num_threads=int(tc.loader_threads))
+    val = _validation(encode_dir, spec, tc, micro)
+
+    compat = trajectory_hash(config, workdir)
+    mgr = checkpoints.manager(out / CKPT_DIR, max_to_keep=int(tc.keep_checkpoints),
+                              async_save=bool(tc.async_checkpoints))
+    start = _resume(mgr, trainer, loader, compat, int(tc.num_steps), out)
+    writer = metrics_lib.MetricWriter(out, resume_step=start)
+    summary = {"start_step": start, "resumed": start > 0,
+               "effective_batch": micro * accum, "micro_batch": micro, "grad_accum": accum,
+               "devices": int(mesh.size), "mesh": dict(mesh.shape)}
+    try:
+        summary.update(_loop(config, trainer, loader, val, mgr, writer, compat, start, out))
+    finally:
+        mgr.wait_until_finished()
+        mgr.close()
+        writer.close()
+    if leader:
+        tmp = out / (REPORT + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+        tmp.replace(out / REPORT)
+    return summary
+
+
+def _validation(encode_dir, spec, tc, micro):
+    if not spec.get("splits", {}).get("validation"):
+        logging.warning("train: the encode stage holds no validation pairs; no held-out "
+                        "metrics")
+        return None
+    return PairLoader(encode_dir, "validation", global_batch=micro, seed=0, shuffle=False,
+                      flip="none", num_threads=int(tc.loader_threads))
+
+
+def _resume(mgr, trainer: Trainer, loader: PairLoader, compat: str, num_steps: int,
+            out: pathlib.Path) -> int:
+    """Restore the latest compatible checkpoint at or below num_steps; returns its step."""
+    steps = sorted(mgr.all_steps())
+    if not steps:
+        return 0
+    meta = checkpoints.read_meta(mgr, steps[-1])
+    if meta.get("compat") != compat:
+        logging.warning("train: the checkpoints in %s were made with other settings (%s, now "
+                        "%s); starting from the base model", out / CKPT_DIR,
+                        meta.get("compat"), compat)
+        hosts.barrier("train:stale")
+        if jax.process_index() == 0:
+            for s in steps:
+                mgr.delete(s)
+        hosts.barrier("train:stale-removed")
+        return 0
+    usable = [s for s in steps if s <= num_steps]
+    if not usable:
+        raise InputError(f"train: every checkpoint in {out / CKPT_DIR} is past "
+                         f"train.num_steps={num_steps} (steps {steps}); raise num_steps or use "
+                         f"--force=train")
+    step = usable[-1]
+    state, meta = checkpoints.restore(mgr, step, trainer.abstract_state,
+                                      trainer.state_shardings)
+    trainer.restore(state)
+    loader.set_state(meta["loader"])
+    logging.info("train: resumed from step %d (%s)", step, out / CKPT_DIR / str(step))
+    return step
+
+
+def _fetch(m: dict) -> dict:
+    return {k: float(v) for k, v in jax.device_get(m).items()}
+
+
+def _check_finite(step: int, values: dict) -> None:
+    if values.get("finite", 1.0) != 1.0:
+        bad = [k for k in ("loss", "grad_norm") if not np.isfinite(values.get(k, 0.0))]
+        raise NonFiniteError(f"train: non-finite {' and '.join(bad) or 'values'} at step "
+                             f"{step} ({', '.join(f'{k}={values[k]}' for k in bad)}); the "
+                             f"update was not applied and nothing after step {step - 1} is "
+                             f"saved; lower train.learning_rate or train.beta")
+
+
+def _loop(config, trainer: Trainer, loader, val, mgr, writer, compat, start, out) -> dict:
+    tc = config.train
+    num_steps, accum = int(tc.num_steps), int(tc.grad_accum)
+    every_ckpt = int(tc.checkpoint_every)
+    leader = jax.process_index() == 0
+    n_dev = trainer.mesh.size
+    pairs_per_step = int(tc.batch_size) * accum
+    bar = tqdm(total=num_steps, initial=start, desc="train", unit="step",
+               disable=not (leader and tc.progress), dynamic_ncols=True)
+    last, pending, final_eval = {}, None, {}
+    t_window, n_window, rate = time.perf_counter(), 0, None
+
+    def save(step, force=False):
+        meta = {"compat": compat, "loader": loader.get_state(),
+                "metrics": {k: last.get(k) for k in ("loss", "implicit_acc")}}
+        checkpoints.save(mgr, trainer.state, meta, force=force)
+
+    def evaluate(step):
+        if val is None:
+            return {}
+        batches = _eval_batches(val, int(tc.eval_pairs))
+        res = trainer.evaluate(batches, key_seed=int(config.seed) + 1)
+        writer.write(step, res, kind="eval")
+        return res
+
+    if start == 0 and val is not None:
+        final_eval = evaluate(0)
+    step = start
+    with _signals() as got:
+        while step < num_steps:
+            batch = _host_batch([next(loader) for _ in range(accum)])
+            try:
+                metrics = trainer.step(batch)
+            except Exception as e:  # noqa: BLE001 (re-raised unless it is device memory)
+                if _memory_error(e):
+                    raise _too_large(tc, trainer.mesh, e) from e
+                raise
+            step += 1
+            # fetch the previous step's metrics while this one runs (one step of lag)
+            if pending is not None:
+                last = _fetch(pending[1])
+                _check_finite(pending[0], last)
+            pending = (step, metrics)
+            n_window += 1
+            want_log = step % int(tc.log_every) == 0 or step == num_steps
+            want_ckpt = (every_ckpt and step % every_ckpt == 0) or step == num_steps or got
+            want_eval = (int(tc.eval_every) and step % int(tc.eval_every) == 0) \
+                or step == num_steps
+            if want_log or want_ckpt or want_eval:
+                last = _fetch(metrics)
+                _check_finite(step, last)
+                pending = None
+                now = time.perf_counter()
+                rate = n_window * pairs_per_step / max(now - t_window, 1e-9)
+                mfu = metrics_lib.mfu(trainer.step_flops, (now - t_window) / n_window, n_dev)
+                t_window, n_window = now, 0
+                if want_log:
+                    writer.write(step, {**{k: v for k, v in last.items() if k != "finite"},
+                                        "pairs_per_s": rate, "mfu": mfu})
+                    bar.set_postfix(loss=f"{last['loss']:.4f}",
+                                    acc=f"{last['implicit_acc']:.3f}",
+                                    pairs_s=f"{rate:.1f}")
+            if want_eval:
+                final_eval = evaluate(step)
+            if want_ckpt:
+                save(step, force=True)
+            bar.update(1)
+            if hosts.on_any_host(bool(got)):
+                mgr.wait_until_finished()
+                bar.close()
+                raise Interrupted(got[0] if got else signal.SIGTERM, step)
+    bar.close()
+    if step == start and start > 0:
+        logging.info("train: already at train.num_steps=%d", num_steps)
+    return {"final_step": step, "num_steps": num_steps, "final": last, "eval": final_eval,
+            "pairs_per_s": rate, "flops_per_step": trainer.step_flops,
+            "checkpoints": sorted(mgr.all_steps())}
+
+
+def _eval_batches(val: PairLoader, limit: int):
+    """The held-out pairs in (1, B_local, ...) batches with weights; the first `limit` pairs
+    (0: all)."""
+    g, local = val.global_batch, val.local_batch
+    for i, b in enumerate(val.epoch_batches()):
+        if limit and i * g >= limit:
+            break
+        mask = b["mask"].astype(np.float32)
+        if limit:
+            mask = mask * (i * g + val.process_index * local + np.arange(local) < limit)
+        yield _host_batch([dict(b, mask=mask)], weights_key="mask")
