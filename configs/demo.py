@@ -19,13 +19,13 @@ from fifa_jax import parallel
 from fifa_jax.data import ingest
 from fifa_jax.scoring import stage as score_stage
 from fifa_jax.selection import stage as select_stage
-from fifa_jax.training import encode, train
+from fifa_jax.training import encode, export, train
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.stages = "ingest,score,select,encode,train"
+    config.stages = "ingest,score,select,encode,train,export"
     config.mesh = parallel.default_config()
 
     config.data = ingest.default_config()
@@ -58,4 +58,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.eval_every = 50
     config.train.checkpoint_every = 50
     config.train.log_every = 10
+
+    config.export = export.default_config()
     return config

@@ -55,10 +55,10 @@ PIPELINE: tuple[tuple[str, str | None], ...] = (
     ("select", "fifa_jax.selection.stage"),
     ("encode", "fifa_jax.training.encode"),
     ("train", "fifa_jax.training.train"),
-    ("export", None),
+    ("export", "fifa_jax.training.export"),
     ("evaluate", None),
 )
-UNBUILT = {"export": "diffusers export of the tuned UNet", "evaluate": "sampling and win rates"}
+UNBUILT = {"evaluate": "sampling and win rates"}
 STAGE_NAMES = tuple(n for n, _ in PIPELINE)
 
 

@@ -11,11 +11,17 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["--config.data.demo.n_prompts=40", "--config.data.demo.n_pairs=300",
          "--config.data.demo.rows_per_shard=150", "--config.select.k_pairs=30",
-         "--config.score.reward.batch_size=64", "--config.score.reward.chunk_size=128"]
+         "--config.score.reward.batch_size=64", "--config.score.reward.chunk_size=128",
+         "--config.encode.num_val_pairs=16", "--config.train.num_steps=4",
+         "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
+         "--config.train.log_every=1"]
+STAGES = "['ingest', 'score', 'select', 'encode', 'train', 'export']"
 
 
 def _cli(workdir, *extra):
-    env = dict(os.environ, XLA_FLAGS="")  # the demo runs on one CPU device, as a user would
+    env = dict(os.environ, XLA_FLAGS="",  # the demo runs on one CPU device, as a user would
+               JAX_COMPILATION_CACHE_DIR=os.environ.get("FIFA_JAX_TEST_CACHE",
+                                                        str(ROOT / ".jax_cache")))
     proc = subprocess.run(
         [sys.executable, "-m", "fifa_jax.main", "--config", str(ROOT / "configs" / "demo.py"),
          "--workdir", str(workdir), *SMALL, *extra],
@@ -32,22 +38,35 @@ def demo_run(tmp_path_factory):
 
 def test_demo_runs_every_built_stage(demo_run):
     workdir, out = demo_run
-    assert "ran ['ingest', 'score', 'select']" in out
+    assert f"ran {STAGES}" in out
     report = json.loads((workdir / "ingest" / "ingest_report.json").read_text())
     assert report["rows_read"] == 300
     manifest = pq.read_table(workdir / "select" / "manifest.parquet")
     assert manifest.num_rows == 30
     assert sorted((workdir / "select").glob("*.png"))
-    for stage in ("ingest", "score", "select"):
+    for stage in ("ingest", "score", "select", "encode", "train", "export"):
         assert (workdir / stage / "STAGE_DONE.json").exists()
+    records = [json.loads(line) for line in
+               (workdir / "train" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert [r["step"] for r in evals] == [0, 2, 4] and evals[0]["implicit_acc"] == 0.5
+    for key in ("loss", "implicit_acc", "se_pol_w", "se_pol_l", "se_ref_w", "se_ref_l",
+                "grad_norm", "learning_rate", "pairs_per_s"):
+        assert all(r[key] is not None for r in train), key
+    assert sorted(p.name for p in (workdir / "train" / "checkpoints").iterdir()
+                  if p.name.isdigit()) == ["2", "4"]
+    assert list((workdir / "train" / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((workdir / "export" / "export_report.json").read_text())["step"] == 4
 
 
 def test_rerun_skips_finished_stages(demo_run):
     workdir, _ = demo_run
     before = (workdir / "select" / "manifest.parquet").read_bytes()
     out = _cli(workdir)
-    assert "ran nothing, skipped ['ingest', 'score', 'select']" in out
-    assert out.count("skipped: finished at") == 3
+    assert f"ran nothing, skipped {STAGES}" in out
+    assert out.count("skipped: finished at") == 6
     assert (workdir / "select" / "manifest.parquet").read_bytes() == before
 
 
@@ -55,5 +74,51 @@ def test_changed_selection_reruns_only_select(demo_run):
     workdir, _ = demo_run
     out = _cli(workdir, "--config.stages=select", "--config.select.method=random")
     assert "ran ['select']" in out
+    out = _cli(workdir, "--config.stages=select,encode", "--config.select.method=random")
+    assert "ran ['encode']" in out    # select: same settings, skipped; encode: new manifest
     manifest = pq.read_table(workdir / "select" / "manifest.parquet")
     assert set(manifest.column("method").to_pylist()) == {"random"}
+
+
+def test_export_loads_in_diffusers_and_matches_the_checkpoint(demo_run):
+    """The exported UNet is the trained step's parameters (not the base model's), loads in
+    PyTorch diffusers and matches our Flax UNet; the pipeline folder generates an image."""
+    import jax
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from flax import nnx
+
+    from fifa_jax.models.diffusers_io import read_config
+    from fifa_jax.models.unet_io import abstract_unet, load_unet
+    from fifa_jax.training import checkpoints
+
+    workdir, _ = demo_run
+    export = workdir / "export"
+    unet_dir = workdir / "encode" / "demo_base" / "unet"
+    graphdef, abstract = nnx.split(abstract_unet(read_config(str(unet_dir))))
+    params, step = checkpoints.restore_params(workdir / "train" / "checkpoints", None,
+                                              nnx.to_pure_dict(abstract))
+    assert step == 4
+    ours = load_unet(str(export / "unet"))
+    trained = nnx.merge(graphdef, params)
+    base = load_unet(str(unet_dir))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    t = np.array([10.0, 700.0], np.float32)
+    ctx = rng.standard_normal((2, 7, 32)).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(ours(x, t, ctx))
+        want = np.asarray(trained(x, t, ctx))
+        from_base = np.asarray(base(x, t, ctx))
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got - from_base).max() > 1e-6     # training moved the parameters
+    torch_unet = UNet2DConditionModel.from_pretrained(str(export / "unet")).eval()
+    with torch.no_grad():
+        ref = torch_unet(torch.from_numpy(x), torch.from_numpy(t),
+                         encoder_hidden_states=torch.from_numpy(ctx)).sample.numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    pipe = DiffusionPipeline.from_pretrained(str(export / "pipeline"))
+    image = pipe("two red circles at the top", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
