@@ -129,7 +129,7 @@ _RULES = {
               "judge.http.concurrency": ("min", 1), "judge.http.retries": ("min", 0),
               "judge.column.missing": ("choice", ("error", "fail"))},
     "mesh": {"distributed": ("choice", ("auto", "on", "off")), "data": ("size", None),
-             "fsdp": ("size", None)},
+             "fsdp": ("size", None), "param_tactic": ("choice", ("fsdp", "replicate"))},
 }
 
 
