@@ -23,7 +23,8 @@ Checkpoints written before transformers 4.31 also hold the `*.embeddings.positio
 a missing, unexpected or mis-shaped key raises `CheckpointMismatchError` naming it.
 
 Loading builds the model abstractly (`clip.abstract_init`: ShapeDtypeStruct params, no random
-init, no allocation) and fills the params from the checkpoint.
+init, no allocation) and fills the params from the checkpoint one tensor at a time
+(`torch_names.fill_params`); with `mesh=` each goes straight into its NamedSharding.
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ from fifa_jax.models.clip import (CLIPModel, CLIPTextModel, CLIPTextModelWithPro
                                   CLIPVisionModel, CLIPVisionModelWithProjection, abstract_init)
 from fifa_jax.models.clip_config import (CLIPConfig, CLIPTextConfig, CLIPVisionConfig,
                                          read_config)
+from fifa_jax.models.torch_names import fill_params
+from fifa_jax.parallel.mesh import to_host
 
 WEIGHT_STEMS = ("model",)
 KEY_STYLES = ("hub", "v5")
@@ -110,32 +113,25 @@ def build(config, cls=None, *, dtype=jnp.float32, attention_impl: str = "auto",
         return make()
 
 
-def _normalise_keys(tensors: Mapping[str, np.ndarray], cls) -> dict[str, np.ndarray]:
-    """Drop position_ids buffers; strip the 4.x prefix of a single-tower checkpoint."""
-    out = {k: v for k, v in tensors.items() if not k.endswith("embeddings.position_ids")}
+def _normalise_keys(tensors: Mapping[str, np.ndarray], cls) -> sio.RenamedTensors:
+    """A lazy view without the position_ids buffers and, for a single-tower checkpoint, without
+    its 4.x prefix."""
+    keys = [k for k in tensors if not k.endswith("embeddings.position_ids")]
     prefix = _LEGACY_PREFIX.get(cls)
-    if prefix and out and all(k.startswith(prefix) for k in out):
-        out = {k[len(prefix):]: v for k, v in out.items()}
-    return out
+    if prefix and keys and all(k.startswith(prefix) for k in keys):
+        return sio.RenamedTensors(tensors, {k[len(prefix):]: k for k in keys})
+    return sio.RenamedTensors(tensors, {k: k for k in keys})
 
 
-def fill(abstract: nnx.Module, tensors: Mapping[str, np.ndarray], source: str) -> nnx.Module:
-    """A concrete model: `abstract`'s structure with params from PyTorch-layout `tensors`.
+def fill(abstract: nnx.Module, tensors: Mapping[str, np.ndarray], source: str, *,
+         mesh=None, rules=None) -> nnx.Module:
+    """A concrete model: `abstract`'s structure with params from PyTorch-layout `tensors` (a
+    dict or a lazy `LazySafetensors`). mesh / rules: see `torch_names.fill_params`.
 
     Raises CheckpointMismatchError naming any missing, unexpected or mis-shaped key.
     """
-    tensors = _normalise_keys(tensors, type(abstract))
-    nmap = name_map(abstract)
-    sio.check_keys({k: v[2] for k, v in nmap.items()}, tensors, source)
-    graphdef, state = nnx.split(abstract)
-    flat = {}
-    for key, (path, layout, _) in nmap.items():
-        flat[path] = jnp.asarray(sio.to_flax_layout(layout, np.asarray(tensors[key], np.float32)))
-    want = set(traverse_util.flatten_dict(nnx.to_pure_dict(state)))
-    if want != set(flat):
-        raise ValueError(f"model state has non-parameter leaves: {sorted(want - set(flat))}")
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
-    return nnx.merge(graphdef, state)
+    return fill_params(abstract, name_map(abstract), _normalise_keys(tensors, type(abstract)),
+                       source, mesh=mesh, rules=rules)
 
 
 def state_dict(model: nnx.Module, key_style: str = "hub") -> dict[str, np.ndarray]:
@@ -151,7 +147,7 @@ def state_dict(model: nnx.Module, key_style: str = "hub") -> dict[str, np.ndarra
     prefix = _LEGACY_PREFIX.get(type(model), "") if key_style == "hub" else ""
     out = {}
     for key, (path, layout, _) in name_map(model).items():
-        value = np.asarray(jax.device_get(flat[path]), np.float32)
+        value = np.asarray(to_host(flat[path]), np.float32)   # gathers sharded params
         out[prefix + key] = sio.to_torch_layout(layout, value)
     return out
 
@@ -182,10 +178,11 @@ def _write(tensors: Mapping[str, np.ndarray], path: str) -> None:
     save_file(arrays, path, metadata={"format": "pt"})
 
 
-def read_weights(path: str, variant: Optional[str] = None) -> tuple[str, dict[str, np.ndarray]]:
+def read_weights(path: str, variant: Optional[str] = None) -> tuple[str, Mapping[str, np.ndarray]]:
     """(file, tensors) of a transformers folder: `model[.variant].safetensors` (or its sharded
-    index); failing that, a legacy `pytorch_model.bin`, read with torch (weights_only) when torch
-    is installed - some hub checkpoints, e.g. older CLIP/PickScore uploads, ship only that."""
+    index; tensors: a lazy `LazySafetensors`, read key by key); failing that, a legacy
+    `pytorch_model.bin`, read with torch (weights_only) when torch is installed - some hub
+    checkpoints, e.g. older CLIP/PickScore uploads, ship only that."""
     try:
         weights = sio.find_weights(path, WEIGHT_STEMS, variant)
     except FileNotFoundError:
@@ -200,16 +197,16 @@ def read_weights(path: str, variant: Optional[str] = None) -> tuple[str, dict[st
         sd = torch.load(legacy, map_location="cpu", weights_only=True)
         return legacy, {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
                         for k, v in sd.items()}
-    return weights, sio.read_safetensors(weights)
+    return weights, sio.LazySafetensors(weights)
 
 
 def _load(path: str, choose: Callable, *, dtype, attention_impl: str,
-          variant: Optional[str]) -> nnx.Module:
+          variant: Optional[str], mesh=None, rules=None) -> nnx.Module:
     config, raw = read_config(path)
     weights, tensors = read_weights(path, variant)
     cls = choose(config, raw, tensors)
     abstract = build(config, cls, dtype=dtype, attention_impl=attention_impl)
-    return fill(abstract, tensors, weights)
+    return fill(abstract, tensors, weights, mesh=mesh, rules=rules)
 
 
 def _arch(raw: dict, options: tuple[str, ...], source: str) -> Optional[str]:
@@ -238,22 +235,25 @@ def _load_tower(path, config_cls, base: str, projection_key: str, **options):
 
 
 def load_text_encoder(path: str, *, dtype=jnp.float32, attention_impl: str = "auto",
-                      variant: Optional[str] = None):
+                      variant: Optional[str] = None, mesh=None, rules=None):
     """CLIPTextModel or CLIPTextModelWithProjection (by `architectures`; when absent, by the
-    presence of `text_projection.weight`) from a folder with config.json + safetensors."""
+    presence of `text_projection.weight`) from a folder with config.json + safetensors.
+    mesh / rules: None, or params placed straight into `param_sharding.param_shardings`."""
     return _load_tower(path, CLIPTextConfig, "CLIPTextModel", "text_projection.weight",
-                       dtype=dtype, attention_impl=attention_impl, variant=variant)
+                       dtype=dtype, attention_impl=attention_impl, variant=variant, mesh=mesh,
+                       rules=rules)
 
 
 def load_vision_encoder(path: str, *, dtype=jnp.float32, attention_impl: str = "auto",
-                        variant: Optional[str] = None):
+                        variant: Optional[str] = None, mesh=None, rules=None):
     """CLIPVisionModel or CLIPVisionModelWithProjection (by `architectures`, else by keys)."""
     return _load_tower(path, CLIPVisionConfig, "CLIPVisionModel", "visual_projection.weight",
-                       dtype=dtype, attention_impl=attention_impl, variant=variant)
+                       dtype=dtype, attention_impl=attention_impl, variant=variant, mesh=mesh,
+                       rules=rules)
 
 
 def load_clip(path: str, *, dtype=jnp.float32, attention_impl: str = "auto",
-              variant: Optional[str] = None) -> CLIPModel:
+              variant: Optional[str] = None, mesh=None, rules=None) -> CLIPModel:
     """The dual CLIPModel (e.g. PickScore) from a folder with config.json + safetensors."""
     def choose(config, raw, tensors):
         if not isinstance(config, CLIPConfig):
@@ -261,7 +261,8 @@ def load_clip(path: str, *, dtype=jnp.float32, attention_impl: str = "auto",
                              f"config (text_config + vision_config)")
         _arch(raw, ("CLIPModel",), path)
         return CLIPModel
-    return _load(path, choose, dtype=dtype, attention_impl=attention_impl, variant=variant)
+    return _load(path, choose, dtype=dtype, attention_impl=attention_impl, variant=variant,
+                 mesh=mesh, rules=rules)
 
 
 def save_text_encoder(model, path: str, *, key_style: str = "hub") -> None:

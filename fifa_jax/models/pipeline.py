@@ -62,7 +62,8 @@ def _present(index: dict, name: str) -> bool:
 
 def load_pipeline(path: str, *, dtype=jnp.float32, attention_impl: str = "auto",
                   variant: Optional[str] = None,
-                  components: Optional[Sequence[str]] = None) -> Pipeline:
+                  components: Optional[Sequence[str]] = None, mesh=None,
+                  rules=None) -> Pipeline:
     """Load a diffusers pipeline folder.
 
     Args:
@@ -71,6 +72,9 @@ def load_pipeline(path: str, *, dtype=jnp.float32, attention_impl: str = "auto",
       attention_impl: "auto" | "xla" | "cudnn" for every model.
       variant: weight variant, e.g. "fp16" (falls back to the plain files when absent).
       components: subset of MODEL_COMPONENTS to load (default: all present ones).
+      mesh: None (params on the default device) or a Mesh with an "fsdp" axis: every model's
+        params go straight into their NamedSharding as they are read.
+      rules: (regex, tactic) pairs for that (None: param_sharding.DEFAULT_RULES).
     Returns:
       Pipeline. Tokenizers are checked against their text encoder's vocab_size.
     """
@@ -84,7 +88,8 @@ def load_pipeline(path: str, *, dtype=jnp.float32, attention_impl: str = "auto",
         if name in wanted and _present(index, name) and not os.path.isdir(os.path.join(path, name)):
             raise FileNotFoundError(f"{path}/model_index.json names {name!r} but the folder "
                                     f"{os.path.join(path, name)} is missing")
-    opts = dict(dtype=dtype, attention_impl=attention_impl, variant=variant)
+    opts = dict(dtype=dtype, attention_impl=attention_impl, variant=variant, mesh=mesh,
+                rules=rules)
     pipe = Pipeline(path=path, model_index=index)
     for kind, loader in (("unet", load_unet), ("vae", load_vae)):
         if kind in wanted and _present(index, kind):

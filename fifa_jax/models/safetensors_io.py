@@ -2,12 +2,15 @@
 
 Handles a single file, a sharded `*.safetensors.index.json`, and fp16 `variant` files. Strict
 matching: `check_keys` raises naming every missing, unexpected or mis-shaped key.
+`LazySafetensors` reads the header(s) only and each tensor on demand through a memory map, so
+loaders hold about one tensor in host memory at a time.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Mapping
+import struct
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -87,6 +90,97 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         return out
 
 
+_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
+           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+           "BF16": np.uint16}
+
+
+class LazySafetensors(Mapping):
+    """The tensors of a `.safetensors` file or sharded index as a read-only mapping: the keys
+    and `shapes()` come from the headers; `reader[key]` (= `get`) reads that one tensor."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._where: dict[str, tuple[str, dict, int]] = {}
+        wmap, files = read_index(path) if is_index(path) else ({}, [path])
+        for file in files:
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                self._where[key] = (file, info, 8 + n)
+        missing = set(wmap) - set(self._where)
+        if missing:
+            raise CheckpointMismatchError(f"{path}: index names keys absent from shards: "
+                                          f"{sorted(missing)[:10]}")
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(info["shape"]) for k, (_, info, _) in self._where.items()}
+
+    def get(self, key: str, default=None) -> np.ndarray:
+        """The tensor as float32 (floating types) or its own integer type."""
+        if key not in self._where:
+            return default
+        file, info, base = self._where[key]
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{file}: tensor {key} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        if end == start:   # an empty tensor: nothing to map
+            arr = np.zeros(info["shape"], _DTYPES[info["dtype"]])
+        else:
+            raw = np.memmap(file, dtype=np.uint8, mode="r", offset=base + start,
+                            shape=(end - start,))
+            arr = np.frombuffer(raw, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        if np.issubdtype(arr.dtype, np.floating):
+            return arr.astype(np.float32)
+        return np.array(arr)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._where:
+            raise KeyError(key)
+        return self.get(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+class RenamedTensors(Mapping):
+    """A view of `tensors` under other names: `names` maps each new key to its key in
+    `tensors` (keys left out of `names` are hidden). Reads stay lazy."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], names: Mapping[str, str]):
+        self.tensors, self.names = tensors, dict(names)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        theirs = tensor_shapes(self.tensors)
+        return {ours: theirs[k] for ours, k in self.names.items()}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.tensors[self.names[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def tensor_shapes(tensors: Mapping) -> dict[str, tuple[int, ...]]:
+    """key -> shape, without reading the tensors of a lazy mapping (one with `shapes()`)."""
+    if hasattr(tensors, "shapes"):
+        return dict(tensors.shapes())
+    return {k: tuple(np.shape(v)) for k, v in tensors.items()}
+
+
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
     """Write numpy arrays in PyTorch layout with the metadata PyTorch loaders expect."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -100,12 +194,17 @@ def check_keys(expected: Mapping[str, tuple], got: Mapping[str, np.ndarray], sou
 
     Args:
       expected: PyTorch key -> expected shape.
-      got: PyTorch key -> array, as read from `source`.
+      got: PyTorch key -> array (or a lazy mapping with `shapes()`), as read from `source`.
     """
+    check_shapes(expected, tensor_shapes(got), source)
+
+
+def check_shapes(expected: Mapping[str, tuple], got: Mapping[str, tuple], source: str) -> None:
+    """`check_keys` on shapes: expected and got both map PyTorch key -> shape."""
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     shaped = sorted(k for k in set(expected) & set(got)
-                    if tuple(expected[k]) != tuple(np.shape(got[k])))
+                    if tuple(expected[k]) != tuple(got[k]))
     if not (missing or unexpected or shaped):
         return
     lines = [f"checkpoint {source} does not match the model:"]
@@ -114,7 +213,7 @@ def check_keys(expected: Mapping[str, tuple], got: Mapping[str, np.ndarray], sou
     if unexpected:
         lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
     for k in shaped[:20]:
-        lines.append(f"  wrong shape for {k}: checkpoint {tuple(np.shape(got[k]))}, "
+        lines.append(f"  wrong shape for {k}: checkpoint {tuple(got[k])}, "
                      f"model {tuple(expected[k])}")
     raise CheckpointMismatchError("\n".join(lines))
 

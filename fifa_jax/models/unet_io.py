@@ -1,8 +1,10 @@
 """Load / save the SD UNet in the diffusers folder layout (config.json + safetensors).
 
 `load_unet(path)` builds the model abstractly (no eager init), then fills it from
-`diffusion_pytorch_model[.variant].safetensors` or its sharded `.index.json`, strictly.
-`save_unet(model, path)` writes the original config and PyTorch-named float32 safetensors.
+`diffusion_pytorch_model[.variant].safetensors` or its sharded `.index.json`, strictly, one
+tensor at a time; with `mesh=` each parameter goes straight into its NamedSharding
+(`parallel.param_sharding`). `save_unet(model, path)` writes the original config and
+PyTorch-named float32 safetensors (sharded params are gathered; several hosts: process 0).
 """
 from __future__ import annotations
 
@@ -33,14 +35,20 @@ def abstract_unet(config: dict, **options) -> UNet2DConditionModel:
 
 
 def load_unet(path: str, *, dtype=jnp.float32, variant: str | None = None,
-              attention_impl: str = "auto", remat_policy: str | None = None
-              ) -> UNet2DConditionModel:
-    """UNet from a diffusers model folder; float32 params, `dtype` compute."""
+              attention_impl: str = "auto", remat_policy: str | None = None,
+              mesh=None, rules=None) -> UNet2DConditionModel:
+    """UNet from a diffusers model folder; float32 params, `dtype` compute.
+
+    mesh: None (params on the default device) or a Mesh with an "fsdp" axis: params placed by
+    `param_sharding.param_shardings(state, mesh, rules=rules)` as they are read. rules: (regex,
+    tactic) pairs (None: DEFAULT_RULES; from a config: `param_sharding.rules_from_config`).
+    """
     model = abstract_unet(read_config(path), dtype=dtype, attention_impl=attention_impl,
                           remat_policy=remat_policy)
-    return fill_from_folder(model, path, UNET_RENAMES, variant)
+    return fill_from_folder(model, path, UNET_RENAMES, variant, mesh=mesh, rules=rules)
 
 
 def save_unet(model: UNet2DConditionModel, path: str) -> None:
-    """Write `path/config.json` + `path/diffusion_pytorch_model.safetensors` (float32)."""
+    """Write `path/config.json` + `path/diffusion_pytorch_model.safetensors` (float32).
+    Params may be sharded; on several hosts every process calls this and process 0 writes."""
     save_to_folder(model, path, "UNet2DConditionModel", UNET_RENAMES)

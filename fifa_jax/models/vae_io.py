@@ -22,12 +22,14 @@ def abstract_vae(config: dict, **options) -> AutoencoderKL:
 
 
 def load_vae(path: str, *, dtype=jnp.float32, variant: str | None = None,
-             attention_impl: str = "auto") -> AutoencoderKL:
-    """AutoencoderKL from a diffusers model folder; float32 params, `dtype` compute."""
+             attention_impl: str = "auto", mesh=None, rules=None) -> AutoencoderKL:
+    """AutoencoderKL from a diffusers model folder; float32 params, `dtype` compute.
+    mesh / rules: as `unet_io.load_unet` (None: params on the default device)."""
     model = abstract_vae(read_config(path), dtype=dtype, attention_impl=attention_impl)
-    return fill_from_folder(model, path, VAE_RENAMES, variant)
+    return fill_from_folder(model, path, VAE_RENAMES, variant, mesh=mesh, rules=rules)
 
 
 def save_vae(model: AutoencoderKL, path: str) -> None:
-    """Write `path/config.json` + `path/diffusion_pytorch_model.safetensors` (float32)."""
+    """Write `path/config.json` + `path/diffusion_pytorch_model.safetensors` (float32).
+    Params may be sharded; on several hosts every process calls this and process 0 writes."""
     save_to_folder(model, path, "AutoencoderKL", VAE_RENAMES)

@@ -5,6 +5,9 @@ Config (`config.mesh`):
     fsdp:  devices on the parameter-sharding axis (1 = replicate parameters).
     distributed: "auto" | "on" | "off": call `jax.distributed.initialize()` when the process is
         one of several hosts ("auto" detects a TPU pod slice / SLURM / the JAX_COORDINATOR env).
+    param_tactic: "fsdp" | "replicate": how model parameters are laid out (param_sharding.py).
+    rules: (regex, tactic) pairs over dotted parameter paths, first match wins (used when
+        param_tactic is "fsdp").
 
 Explicit multi-process start-up (any platform, e.g. several CPU processes on one machine, where
 JAX cannot detect the process count or id): set FIFA_JAX_COORDINATOR (host:port of process 0;
@@ -24,6 +27,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fifa_jax.errors import InputError
+from fifa_jax.parallel.param_sharding import DEFAULT_RULES
 
 
 class MeshConfigError(InputError):
@@ -40,20 +44,35 @@ _initialized = False
 
 def default_config() -> ml_collections.ConfigDict:
     """The `mesh` section of an experiment config."""
-    return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "distributed": "auto"})
+    return ml_collections.ConfigDict({
+        "data": -1,            # data-parallel devices; -1: all the other axes leave
+        "fsdp": 1,             # parameter-sharding devices; 1: every device holds whole params
+        "distributed": "auto",  # "auto" | "on" | "off": jax.distributed.initialize()
+        # "fsdp": each parameter that a rule marks "fsdp" is split over the fsdp axis (when its
+        # size > 1) along its largest divisible dimension; "replicate": whole on every device.
+        "param_tactic": "fsdp",
+        # (regex, tactic) over dotted parameter paths (e.g. "down_blocks.0.resnets.1.conv1.kernel"),
+        # first match wins, no match: replicate. Default: biases and norm scales replicated,
+        # everything else "fsdp". Override e.g. --config.mesh.rules='(("conv_in","replicate"),
+        # (".*","fsdp"))'.
+        "rules": DEFAULT_RULES,
+    })
 
 
 # Value rules of the mesh section (config_check's format), checked before any stage that uses
 # devices runs; ("size", None): -1 (the rest of the devices) or >= 1.
 RULES = {"distributed": ("choice", ("auto", "on", "off")), "data": ("size", None),
-         "fsdp": ("size", None)}
+         "fsdp": ("size", None), "param_tactic": ("choice", ("fsdp", "replicate"))}
 
 
 def check_config(mesh) -> None:
     """The mesh checks beyond RULES."""
+    from fifa_jax.config_check import ConfigError
     if mesh.get("data") == -1 and mesh.get("fsdp") == -1:
-        from fifa_jax.config_check import ConfigError
         raise ConfigError("config keys 'mesh.data' and 'mesh.fsdp' cannot both be -1")
+    if "rules" in mesh:
+        from fifa_jax.parallel.param_sharding import check_rules
+        check_rules(mesh.rules, "mesh.rules")
 
 
 def _wants_distributed(mode: str) -> bool:
@@ -152,6 +171,18 @@ def make_mesh(mesh_config=None, devices=None) -> Mesh:
     return Mesh(grid, AXES)
 
 
+def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array (the same on every process) placed as one global array with `sharding`.
+
+    Each device receives only its own slice (`device_put` of a numpy array slices on the host;
+    on several hosts every process builds its addressable shards from `x`), so a parameter is
+    never whole on any one device unless its sharding replicates it.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(np.shape(x), sharding, lambda idx: x[idx])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array."""
     return NamedSharding(mesh, P())
@@ -184,10 +215,7 @@ def shard_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
 
     The leading dimension must be a multiple of `batch_multiple(mesh)` (use `pad_batch`).
     """
-    sharding = batch_sharding(mesh, np.ndim(x))
-    if jax.process_count() == 1:
-        return jax.device_put(x, sharding)
-    return jax.make_array_from_callback(np.shape(x), sharding, lambda idx: x[idx])
+    return put_global(x, batch_sharding(mesh, np.ndim(x)))
 
 
 def to_host(x) -> np.ndarray:

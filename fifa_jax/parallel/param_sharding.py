@@ -1,15 +1,25 @@
 """Sharding of model parameters: a (regex, tactic) rule table -> NamedSharding per param.
 
+This is the one place that decides how parameters are laid out over devices: the diffusers
+loaders (`unet_io`, `vae_io`, `clip_io`, `pipeline`), the LM loader (`llm_io`) and the trainer
+all ask it.
+
 Tactics:
   "replicate": every parameter is whole on every device (P()).
   "fsdp":      each parameter matched by an "fsdp" rule is split over the mesh axis "fsdp"
                along its largest dimension divisible by that axis' size (ties: the later
-               dimension); parameters with no such dimension, smaller than `min_size`
+               dimension, i.e. output features / channels of a square kernel); 0-d and 1-d
+               parameters, parameters with no such dimension, smaller than `min_size`
                elements, or matched by a "replicate" rule stay replicated. Over "data" every
-               parameter is replicated.
+               parameter is replicated. Specs name every dimension: P("fsdp", None), never
+               the trimmed P("fsdp") (the two compare unequal).
 
 Rules see the parameter's dotted nnx path, e.g. `down_blocks.0.resnets.1.conv1.kernel`; the
-first matching rule decides. The model code carries no sharding annotations.
+first matching rule (`re.search`) decides; a parameter no rule matches is replicated. The model
+code carries no sharding annotations.
+
+Config (`config.mesh`, see `mesh.default_config`): `param_tactic` ("fsdp" | "replicate") and
+`rules`, a tuple of (regex, tactic) pairs; `param_shardings_from_config` applies them.
 """
 from __future__ import annotations
 
@@ -20,6 +30,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fifa_jax.errors import InputError
+
 TACTICS = ("replicate", "fsdp")
 FSDP_AXIS = "fsdp"
 # Norm scales and all biases are small vectors: replicate; shard every other tensor.
@@ -27,6 +39,36 @@ DEFAULT_RULES: tuple[tuple[str, str], ...] = (
     (r"(^|\.)(bias|scale)$", "replicate"),
     (r".*", "fsdp"),
 )
+REPLICATE_ALL: tuple[tuple[str, str], ...] = ((r".*", "replicate"),)
+
+
+class ShardingRulesError(InputError):
+    """A sharding rule table is malformed (one line naming the rule and where it came from)."""
+
+
+def check_rules(rules, where: str = "rules") -> tuple[tuple[str, str], ...]:
+    """`rules` as a tuple of (regex, tactic) pairs; raise ShardingRulesError naming `where`
+    when one is not a pair, its regex does not compile, or its tactic is unknown."""
+    if isinstance(rules, (str, bytes)) or not hasattr(rules, "__iter__"):
+        raise ShardingRulesError(f"{where} must be a sequence of (regex, tactic) pairs, "
+                                 f"got {rules!r}")
+    out = []
+    for i, rule in enumerate(rules):
+        if isinstance(rule, (str, bytes)) or not hasattr(rule, "__len__") or len(rule) != 2:
+            raise ShardingRulesError(f"{where}[{i}] must be a (regex, tactic) pair, "
+                                     f"got {rule!r}")
+        pattern, tactic = rule
+        if not isinstance(pattern, str):
+            raise ShardingRulesError(f"{where}[{i}]: regex must be a string, got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ShardingRulesError(f"{where}[{i}]: bad regex {pattern!r}: {e}") from None
+        if tactic not in TACTICS:
+            raise ShardingRulesError(f"{where}[{i}] ({pattern!r}): tactic must be one of "
+                                     f"{TACTICS}, got {tactic!r}")
+        out.append((pattern, tactic))
+    return tuple(out)
 
 
 def _key_str(k) -> str | None:
@@ -43,8 +85,12 @@ def path_str(keypath) -> str:
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = 0) -> P:
-    """P with "fsdp" on the largest dim of `shape` divisible by `fsdp_size` (or P())."""
-    if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < max(min_size, 1):
+    """P with "fsdp" on the largest dim of `shape` divisible by `fsdp_size` (ties: the later
+    one), None on the others; P() for fsdp_size 1, fewer than 2 dims, fewer than `min_size`
+    elements or no divisible dim."""
+    shape = tuple(int(d) for d in shape)
+    if (fsdp_size <= 1 or len(shape) < 2
+            or int(np.prod(shape, dtype=np.int64)) < max(min_size, 1)):
         return P()
     best = None
     for i, d in enumerate(shape):
@@ -52,7 +98,9 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = 0) -> P:
             best = i
     if best is None:
         return P()
-    return P(*([None] * best + [FSDP_AXIS]))
+    spec = [None] * len(shape)
+    spec[best] = FSDP_AXIS
+    return P(*spec)
 
 
 def partition_spec(path: str, shape: Sequence[int], *, tactic: str, fsdp_size: int,
@@ -74,12 +122,13 @@ def partition_spec(path: str, shape: Sequence[int], *, tactic: str, fsdp_size: i
 
 
 def param_shardings(state, mesh: Mesh, *, tactic: str = "fsdp",
-                    rules: Sequence[tuple[str, str]] = DEFAULT_RULES, min_size: int = 2 ** 14):
+                    rules: Sequence[tuple[str, str]] | None = None, min_size: int = 0):
     """A pytree like `state` (an nnx State, or any pytree of arrays / ShapeDtypeStructs) with
-    a NamedSharding on `mesh` (axes include "fsdp") for every leaf."""
+    a NamedSharding on `mesh` (axes include "fsdp") for every leaf. rules None: DEFAULT_RULES."""
     if FSDP_AXIS not in mesh.axis_names:
         raise ValueError(f"mesh axes {mesh.axis_names} lack {FSDP_AXIS!r}")
     size = mesh.shape[FSDP_AXIS]
+    rules = DEFAULT_RULES if rules is None else check_rules(rules)
 
     def one(keypath, leaf):
         spec = partition_spec(path_str(keypath), np.shape(leaf), tactic=tactic,
@@ -87,6 +136,25 @@ def param_shardings(state, mesh: Mesh, *, tactic: str = "fsdp",
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, state)
+
+
+def rules_from_config(mesh_config) -> tuple[tuple[str, str], ...]:
+    """The rule table a `config.mesh` section asks for: `mesh.rules` (checked; absent:
+    DEFAULT_RULES), or REPLICATE_ALL when `mesh.param_tactic` is "replicate"."""
+    get = mesh_config.get if hasattr(mesh_config, "get") else lambda k, d=None: d
+    tactic = get("param_tactic", "fsdp")
+    if tactic not in TACTICS:
+        raise ShardingRulesError(f"mesh.param_tactic must be one of {TACTICS}, got {tactic!r}")
+    if tactic == "replicate":
+        return REPLICATE_ALL
+    rules = get("rules", None)
+    return DEFAULT_RULES if rules is None else check_rules(rules, "mesh.rules")
+
+
+def param_shardings_from_config(abstract_state, mesh: Mesh, mesh_config):
+    """`param_shardings` of `abstract_state` with the tactic and rules of `mesh_config` (the
+    `config.mesh` section). Errors in the section name its key (`mesh.rules[1]: ...`)."""
+    return param_shardings(abstract_state, mesh, rules=rules_from_config(mesh_config))
 
 
 def describe(shardings) -> dict[str, str]:

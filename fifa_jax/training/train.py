@@ -45,7 +45,7 @@ from fifa_jax import errors, parallel
 from fifa_jax.errors import InputError
 from fifa_jax.files import file_stats
 from fifa_jax.models.diffusers_io import read_config
-from fifa_jax.parallel import hosts
+from fifa_jax.parallel import hosts, param_sharding
 from fifa_jax.training import (checkpoints, demo_base, metrics as metrics_lib,
                                noise_schedule, pair_dataset)
 from fifa_jax.training.loader import PairLoader
@@ -73,7 +73,6 @@ RULES = {"num_steps": ("min", 1), "batch_size": ("min", 1), "grad_accum": ("min"
          "remat": ("choice", ("none", "nothing_saveable", "everything_saveable",
                               "dots_saveable", "dots_with_no_batch_dims_saveable")),
          "attention_impl": ("choice", ("auto", "xla", "cudnn")),
-         "param_sharding": ("choice", ("auto", "replicate", "fsdp")),
          "checkpoint_every": ("min", 0), "keep_checkpoints": ("min", 1),
          "eval_every": ("min", 0), "eval_pairs": ("min", 0), "log_every": ("min", 1)}
 
@@ -115,7 +114,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.ref_dtype = "float32"    # reference parameters: float32 | bfloat16 (half the memory)
     c.remat = "none"           # none | a jax.checkpoint_policies name (per UNet block)
     c.attention_impl = "auto"  # auto | xla | cudnn
-    c.param_sharding = "auto"  # auto (fsdp when mesh.fsdp > 1) | replicate | fsdp
     c.eval_every = 100         # held-out loss / implicit accuracy every N steps (0 = end only)
     c.eval_pairs = 0           # held-out pairs used (0 = all the encode stage holds)
     c.checkpoint_every = 250   # steps between checkpoints (0 = only the last)
@@ -309,8 +307,10 @@ def run(config, workdir) -> dict:
     with open(sched_path, encoding="utf-8") as f:
         schedule = noise_schedule.from_scheduler_config(json.load(f), sched_path,
                                                         tc.prediction_type or None)
+    rules = param_sharding.rules_from_config(config.get("mesh") or {})   # mesh.param_tactic
     unet = load_unet(unet_dir, dtype=DTYPES[tc.dtype], attention_impl=tc.attention_impl,
-                     remat_policy=None if tc.remat == "none" else tc.remat)
+                     remat_policy=None if tc.remat == "none" else tc.remat, mesh=mesh,
+                     rules=rules)
     micro = _micro_batch(tc, mesh)
     accum = int(tc.grad_accum)
     optimizer = make_optimizer(tc)
@@ -318,11 +318,10 @@ def run(config, workdir) -> dict:
                           scaling_factor=float(spec["scaling_factor"]),
                           shift_factor=float(spec.get("shift_factor") or 0.0),
                           random_flip=False)    # the loader mirrors (see loader.py)
-    tactic = None if tc.param_sharding == "auto" else tc.param_sharding
     trainer = Trainer(unet, schedule, step_cfg, optimizer, mesh, seed=int(config.seed),
                       lr_fn=learning_rate_schedule(float(tc.learning_rate),
                                                    int(tc.warmup_steps)),
-                      consts=_consts(encode_dir, spec), tactic=tactic,
+                      consts=_consts(encode_dir, spec), rules=rules,
                       ref_dtype=DTYPES[tc.ref_dtype])
     del unet
     loader = PairLoader(encode_dir, "train", global_batch=micro, seed=int(config.seed),

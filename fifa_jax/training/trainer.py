@@ -6,9 +6,9 @@
 
 `unet` is a loaded Flax UNet (its parameters may already be sharded by the loader); the
 reference is its parameters as loaded (cast to `ref_dtype`), the policy a float32 copy in new
-buffers. Parameters and optimiser state follow `param_shardings` (replicated, or FSDP over the
-mesh's "fsdp" axis by the rules of `parallel/param_sharding.py`); batches are split over every
-device along the pair axis. The step donates the state. Every host calls every method (SPMD).
+buffers. Parameters and optimiser state follow `param_shardings(rules)` (FSDP over the mesh's
+"fsdp" axis where the rules say so, `parallel/param_sharding.py`), the layout `load_unet(mesh=,
+rules=)` reads them into; batches are split over every device along the pair axis. The step donates the state. Every host calls every method (SPMD).
 """
 from __future__ import annotations
 
@@ -54,18 +54,16 @@ def to_global(host_batch: dict, mesh: Mesh) -> dict:
 class Trainer:
     def __init__(self, unet, schedule, step_cfg: StepConfig,
                  optimizer: optax.GradientTransformation, mesh: Mesh, *, seed: int,
-                 lr_fn: Callable, consts: dict, tactic: str | None = None,
-                 rules=param_sharding.DEFAULT_RULES, min_size: int = 2 ** 14,
+                 lr_fn: Callable, consts: dict, rules=None, min_size: int = 0,
                  ref_dtype=jnp.float32):
         self.mesh, self.optimizer, self.schedule, self.step_cfg = mesh, optimizer, schedule, \
             step_cfg
         graphdef, state = nnx.split(unet)
         base = nnx.to_pure_dict(state)
         self.unet_fn = unet_apply(graphdef)
-        if tactic is None:
-            tactic = "fsdp" if mesh.shape[param_sharding.FSDP_AXIS] > 1 else "replicate"
-        shard_fn = functools.partial(param_sharding.param_shardings, mesh=mesh, tactic=tactic,
-                                     rules=rules, min_size=min_size)
+        # the loaders' layout (load_unet(mesh=, rules=)): no parameter moves when it is placed
+        shard_fn = functools.partial(param_sharding.param_shardings, mesh=mesh, rules=rules,
+                                     min_size=min_size)
         self.replicated = mesh_lib.replicated(mesh)
         abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
                                        base)

@@ -24,8 +24,8 @@ def _mesh():
 
 def test_fsdp_spec_picks_largest_divisible_dim():
     assert fsdp_spec((3, 3, 320, 640), 4) == P(None, None, None, "fsdp")
-    assert fsdp_spec((768, 320), 4) == P("fsdp")
-    assert fsdp_spec((3, 3, 4, 6), 4) == P(None, None, "fsdp")
+    assert fsdp_spec((768, 320), 4) == P("fsdp", None)
+    assert fsdp_spec((3, 3, 4, 6), 4) == P(None, None, "fsdp", None)
     assert fsdp_spec((3, 5), 4) == P()
     assert fsdp_spec((64, 64), 1) == P()
     assert fsdp_spec((64, 64), 4, min_size=10_000) == P()
