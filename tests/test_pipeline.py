@@ -99,8 +99,20 @@ def test_bad_stage_lists(fake_stages, tmp_path, spec, match):
 
 
 def test_real_registry_refuses_unbuilt_stages():
-    with pytest.raises(PipelineError, match="train"):
-        pipeline.parse_stages("ingest,train")
+    with pytest.raises(PipelineError, match="evaluate"):
+        pipeline.parse_stages("ingest,evaluate")
+    assert pipeline.parse_stages("export,ingest,train") == ["ingest", "train", "export"]
+
+
+def test_stages_declare_themselves():
+    """Each built stage's module declares its section, sections, upstream and speed-only keys;
+    the runner reads them from there."""
+    by_name = pipeline.STAGE_BY_NAME
+    assert by_name["train"].upstream == ("encode",) and by_name["encode"].upstream == ("select",)
+    assert by_name["export"].config_keys == ("export",)
+    assert "train.log_every" in by_name["train"].speed_only
+    assert "data.num_workers" in by_name["ingest"].speed_only
+    assert not by_name["ingest"].all_hosts and by_name["train"].all_hosts
 
 
 def test_bad_input_becomes_one_line_pipeline_error(fake_stages, tmp_path, monkeypatch):

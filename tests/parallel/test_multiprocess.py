@@ -5,8 +5,10 @@ Each process has 2 forced CPU devices and joins the other through `jax.distribut
 FIFA_JAX_PROCESS_ID, coordinator on 127.0.0.1), so the global mesh has 4 devices over 2
 processes. Checked against one process with 4 devices:
   - the sharded k-NN gives bit-identical distances and indices on every process;
-  - the demo pipeline (ingest on process 0, score and select on both) writes the same
-    select/manifest.parquet bytes and the same score/margins.parquet values;
+  - the demo pipeline (ingest on process 0, every other stage on both) writes the same
+    select/manifest.parquet bytes, the same score/margins.parquet values, the same encoded
+    pairs, and after 3 train steps parameters equal to the one-process run's (the exported
+    UNet);
   - a failure in a process-0-only stage stops every process at once (no barrier hang).
 Every subprocess runs under a deadline and is killed (its process group) on the way out.
 """
@@ -32,7 +34,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 N_PROC = 2
 LOCAL_DEVICES = 2
 DEMO_ARGS = ["--config", "configs/demo.py", "--config.data.demo.n_prompts=30",
-             "--config.data.demo.n_pairs=200", "--config.select.k_pairs=20"]
+             "--config.data.demo.n_pairs=200", "--config.select.k_pairs=20",
+             "--config.encode.num_val_pairs=8", "--config.train.num_steps=3",
+             "--config.train.eval_every=0", "--config.train.checkpoint_every=0",
+             "--config.train.progress=False"]
+DEMO_STAGES = "['ingest', 'score', 'select', 'encode', 'train', 'export']"
 _DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
              "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_PORT",
              "JAX_COORDINATOR_BIND_ADDRESS",
@@ -169,13 +175,13 @@ def test_demo_pipeline_on_two_processes_equals_one_process(tmp_path):
     main = [sys.executable, "-m", "fifa_jax.main", *DEMO_ARGS]
     one, two = tmp_path / "one", tmp_path / "two"
     rcs = _run_all([main + ["--workdir", str(one)]], [_env(N_PROC * LOCAL_DEVICES)],
-                   tmp_path / "logs_one", timeout=240)
+                   tmp_path / "logs_one", timeout=400)
     assert rcs == [0], _tails(tmp_path / "logs_one", 1)
-    rcs = _multiprocess(main + ["--workdir", str(two)], tmp_path / "logs_two", timeout=240)
+    rcs = _multiprocess(main + ["--workdir", str(two)], tmp_path / "logs_two", timeout=400)
     assert rcs == [0] * N_PROC, _tails(tmp_path / "logs_two", N_PROC)
 
     logs = [(tmp_path / "logs_two" / f"proc{i}.log").read_text() for i in range(N_PROC)]
-    assert all("ran ['ingest', 'score', 'select']" in t for t in logs), _tails(
+    assert all(f"ran {DEMO_STAGES}" in t for t in logs), _tails(
         tmp_path / "logs_two", N_PROC)
     assert filecmp.cmp(one / "select" / "manifest.parquet", two / "select" / "manifest.parquet",
                        shallow=False), "select/manifest.parquet differs between 1 and 2 processes"
@@ -188,6 +194,25 @@ def test_demo_pipeline_on_two_processes_equals_one_process(tmp_path):
     assert (pq.read_table(one / "score" / "prompt_scores.parquet").drop(["judge_model"])
             .equals(pq.read_table(two / "score" / "prompt_scores.parquet")
                     .drop(["judge_model"])))  # judge_model names the work directory's file
+    from fifa_jax.training.pair_dataset import data_source
+    for split in ("train", "validation"):
+        a, b = data_source(one / "encode", "pairs", split), data_source(two / "encode", "pairs",
+                                                                           split)
+        assert len(a) == len(b) > 0
+        for i in range(len(a)):
+            for k, v in a[i].items():
+                np.testing.assert_array_equal(v, b[i][k], err_msg=f"{split}[{i}].{k}")
+    # 3 train steps: the exported parameters of both runs (every host reads its own rows of
+    # the same global batches; the gradients are summed over the same 4 devices)
+    from safetensors.numpy import load_file
+    w1 = load_file(one / "export" / "unet" / "diffusion_pytorch_model.safetensors")
+    w2 = load_file(two / "export" / "unet" / "diffusion_pytorch_model.safetensors")
+    base = load_file(one / "encode" / "demo_base" / "unet" /
+                     "diffusion_pytorch_model.safetensors")
+    assert w1.keys() == w2.keys() == base.keys()
+    assert any(np.abs(w1[k] - base[k]).max() > 0 for k in w1)      # training moved them
+    for k in w1:
+        np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=1e-6, err_msg=k)
 
 
 def test_failure_on_process_0_stops_every_process(tmp_path):
