@@ -253,11 +253,12 @@ def _plan(config, workdir: pathlib.Path, names: list[str], force: set[str]) -> d
             if stage.name in needed:
                 done = read_done(workdir, stage.name)
                 if done is None:
-                    if not any(stage.name in by_name[n].upstream for n in names):
+                    readers = [n for n in names if stage.name in by_name[n].upstream]
+                    if not readers:
                         continue        # only read through another stage: nothing to check
                     raise PipelineError(
-                        f"stage {names[0]!r} needs the output of stage {stage.name!r}, which is "
-                        f"not finished in {workdir}; add {stage.name!r} to config.stages")
+                        f"stage {readers[0]!r} needs the output of stage {stage.name!r}, which "
+                        f"is not finished in {workdir}; add {stage.name!r} to config.stages")
                 changed = _changed_inputs(stage, done, fps, runs, planned)
                 if changed:
                     raise PipelineError(

@@ -57,8 +57,10 @@ def test_missing_config_file(tmp_path):
 
 
 def test_unbuilt_stage_is_refused(config_file, tmp_path):
+    rc, _, err = _cli("--config", config_file + ":ingest,evaluate", "--workdir", str(tmp_path))
+    assert rc == 2 and "not built yet" in err and "evaluate" in err and "Traceback" not in err
     rc, _, err = _cli("--config", config_file + ":ingest,train", "--workdir", str(tmp_path))
-    assert rc == 2 and "not built yet" in err and "train" in err and "Traceback" not in err
+    assert rc == 2 and "stage 'train' needs the output of stage 'encode'" in err
 
 
 @pytest.mark.parametrize("override,expected", [

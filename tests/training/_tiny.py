@@ -62,3 +62,20 @@ def trainer(mesh_shape=(1, 1), optimizer=None, lr=1e-3, seed=0, beta=50.0, dropo
     return Trainer(unet(model_seed), SCHED, step_cfg, optimizer, mesh, seed=seed,
                    lr_fn=learning_rate_schedule(lr, 0), consts=CONSTS, ref_dtype=ref_dtype,
                    min_size=64)
+
+
+# SDXL-style added conditioning: pooled text embeddings + 6 time ids
+TINY_XL = dict(TINY, addition_embed_type="text_time", addition_time_embed_dim=4,
+               projection_class_embeddings_input_dim=5 + 6 * 4)
+CONSTS_XL = dict(CONSTS, empty_pooled=np.zeros((5,), np.float32),
+                 time_ids=np.array([32, 32, 0, 0, 32, 32], np.float32))
+
+
+def trainer_xl(seed=0):
+    cfg = mesh_lib.default_config()
+    mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:1])
+    step_cfg = StepConfig(beta=50.0, caption_dropout=0.5, scaling_factor=0.5,
+                          random_flip=False)
+    model = UNet2DConditionModel(TINY_XL, rngs=nnx.Rngs(0), attention_impl="xla")
+    return Trainer(model, SCHED, step_cfg, optax.adamw(1e-3), mesh, seed=seed,
+                   lr_fn=learning_rate_schedule(1e-3, 0), consts=CONSTS_XL)

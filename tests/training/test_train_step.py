@@ -114,3 +114,28 @@ def test_non_finite_step_leaves_the_state_unchanged():
     assert float(m["finite"]) == 0.0
     for a, b in zip(jax.tree.leaves(_params(tr)), jax.tree.leaves(before)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_sdxl_added_conditioning_reaches_the_unet():
+    """With pooled embeddings the step feeds text_embeds and the time ids (and drops the
+    pooled embedding with the prompt); the pooled input changes the loss."""
+    flat = _tiny.pairs(4, seed=6)
+    flat["pooled"] = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
+    keys = tstep.pair_keys(jnp.zeros((2,), jnp.uint32), 0, 4)
+    cfg = tstep.StepConfig(beta=1.0, caption_dropout=0.5, scaling_factor=0.5,
+                           random_flip=False)
+    _, _, ctx, _ = tstep.micro_batch_inputs(keys, flat, _tiny.CONSTS_XL, _tiny.SCHED, cfg,
+                                            train=True)
+    dropped = np.asarray(ctx["encoder_hidden_states"][:4]).std(axis=(1, 2)) == 0
+    pooled = np.asarray(ctx["text_embeds"][:4])
+    assert 0 < dropped.sum() < 4                       # some prompts dropped, not all
+    np.testing.assert_array_equal(pooled[dropped], 0.0)
+    np.testing.assert_array_equal(pooled[~dropped], flat["pooled"][~dropped])
+    np.testing.assert_array_equal(np.asarray(ctx["time_ids"][0]), [32, 32, 0, 0, 32, 32])
+    tr = _tiny.trainer_xl()
+    m1 = tr.step(_tiny.as_steps(flat, 1))
+    other = dict(flat, pooled=flat["pooled"] * 3.0)
+    tr2 = _tiny.trainer_xl()
+    m2 = tr2.step(_tiny.as_steps(other, 1))
+    assert float(m1["finite"]) == 1.0
+    assert abs(float(m1["grad_norm"]) - float(m2["grad_norm"])) > 1e-6
