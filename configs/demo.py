@@ -19,13 +19,14 @@ from fifa_jax import parallel
 from fifa_jax.data import ingest
 from fifa_jax.scoring import stage as score_stage
 from fifa_jax.selection import stage as select_stage
+from fifa_jax.evaluation import stage as evaluate_stage
 from fifa_jax.training import encode, export, train
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.stages = "ingest,score,select,encode,train,export"
+    config.stages = "ingest,score,select,encode,train,export,evaluate"
     config.mesh = parallel.default_config()
 
     config.data = ingest.default_config()
@@ -60,4 +61,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every = 10
 
     config.export = export.default_config()
+
+    config.evaluate = evaluate_stage.default_config()
+    config.evaluate.prompt_sets = "demo:16"     # 16 new prompts from the demo world's generator
+    config.evaluate.images_per_prompt = 2
+    config.evaluate.num_steps = 20
+    config.evaluate.scorers.pickscore = "demo"  # the demo proxy reward (score/demo_reward)
+    config.evaluate.grid_prompts = 8
     return config

@@ -56,9 +56,9 @@ PIPELINE: tuple[tuple[str, str | None], ...] = (
     ("encode", "fifa_jax.training.encode"),
     ("train", "fifa_jax.training.train"),
     ("export", "fifa_jax.training.export"),
-    ("evaluate", None),
+    ("evaluate", "fifa_jax.evaluation.stage"),
 )
-UNBUILT = {"evaluate": "sampling and win rates"}
+UNBUILT: dict[str, str] = {}    # stage -> the work that will build it (none left)
 STAGE_NAMES = tuple(n for n, _ in PIPELINE)
 
 

@@ -98,10 +98,11 @@ def test_bad_stage_lists(fake_stages, tmp_path, spec, match):
         pipeline.run_pipeline(_config(spec), tmp_path)
 
 
-def test_real_registry_refuses_unbuilt_stages():
-    with pytest.raises(PipelineError, match="evaluate"):
-        pipeline.parse_stages("ingest,evaluate")
+def test_real_registry_orders_stages_and_every_stage_is_built():
     assert pipeline.parse_stages("export,ingest,train") == ["ingest", "train", "export"]
+    assert all(module for _, module in pipeline.PIPELINE)
+    with pytest.raises(PipelineError, match="unknown stage"):
+        pipeline.parse_stages("ingest,sample")
 
 
 def test_stages_declare_themselves():
