@@ -76,6 +76,9 @@ def _atomic_bytes(path: str, data: bytes) -> None:
 def _atomic_safetensors(arrays: Mapping[str, np.ndarray], path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(dict(arrays), tmp, metadata={"format": "pt"})
+    umask = os.umask(0)              # safetensors creates 0600 files: give the usual mode
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 
