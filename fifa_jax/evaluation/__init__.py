@@ -1,0 +1,1 @@
+"""Evaluation: reward metrics, win rates, harm rate, reports."""
