@@ -3,7 +3,8 @@ decision exactly as diffusers 0.42.1's torch `forward` takes it, vectorised.
 
 Layout (diffusers, config = transformers CLIPConfig; CompVis/stable-diffusion-safety-checker
 is CLIP ViT-L/14 vision with projection_dim 768):
-    vision_model.vision_model.*      a CLIPVisionModel (pooled = post-LN CLS token)
+    vision_model.vision_model.*      a CLIPVisionModel (pooled = post-LN CLS token); saved by
+                                     transformers 5 as vision_model.* (both are read)
     visual_projection.weight         [P, hidden], no bias
     concept_embeds [17, P], special_care_embeds [3, P]
     concept_embeds_weights [17], special_care_embeds_weights [3]   per-concept thresholds
@@ -135,7 +136,9 @@ def name_map(model: SafetyCheckerModel) -> dict:
 
 def read_weights(path: str) -> tuple[str, object]:
     """(file, lazy tensors) of a safety-checker folder: model.safetensors (or a sharded index),
-    else pytorch_model.bin read torch-free (`torch_zip`); position_ids buffers dropped."""
+    else pytorch_model.bin read torch-free (`torch_zip`); position_ids buffers dropped; the
+    tower's keys accepted as `vision_model.vision_model.*` (hub, transformers 4.x) or
+    `vision_model.*` (what transformers 5's save_pretrained writes)."""
     from fifa_jax.evaluation.torch_zip import read_state_dict
     try:
         file = sio.find_weights(path, ("model",))
@@ -145,7 +148,17 @@ def read_weights(path: str) -> tuple[str, object]:
         if not os.path.exists(file):
             raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
         tensors = read_state_dict(file)
-    keys = {k: k for k in tensors if not k.endswith("embeddings.position_ids")}
+    keys = {}
+    for k in tensors:
+        if k.endswith("embeddings.position_ids"):
+            continue
+        ours = k
+        if k.startswith("vision_model.") and not k.startswith("vision_model.vision_model."):
+            ours = "vision_model." + k   # transformers 5 saves CLIPVisionModel without the
+                                         # inner `vision_model.`; hub files (4.x) have it
+        if ours in keys:
+            raise sio.CheckpointMismatchError(f"checkpoint {file}: both {k} and {ours} present")
+        keys[ours] = k
     return file, sio.RenamedTensors(tensors, keys)
 
 
