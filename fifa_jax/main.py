@@ -44,6 +44,10 @@ def _run(argv) -> int:
     skipped = [k for k, v in results.items() if v["status"] == "skipped"]
     print(f"finished: ran {ran or 'nothing'}, skipped {skipped or 'nothing'}; "
           f"outputs in {_WORKDIR.value}")
+    for name, record in results.items():
+        report = (record.get("summary") or {}).get("report")
+        if report:
+            print(f"{name} report: {report}")
     return 0
 
 

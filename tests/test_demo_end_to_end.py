@@ -14,8 +14,9 @@ SMALL = ["--config.data.demo.n_prompts=40", "--config.data.demo.n_pairs=300",
          "--config.score.reward.batch_size=64", "--config.score.reward.chunk_size=128",
          "--config.encode.num_val_pairs=16", "--config.train.num_steps=4",
          "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
-         "--config.train.log_every=1"]
-STAGES = "['ingest', 'score', 'select', 'encode', 'train', 'export']"
+         "--config.train.log_every=1", "--config.evaluate.prompt_sets=demo:4",
+         "--config.evaluate.num_steps=4", "--config.evaluate.grid_prompts=3"]
+STAGES = "['ingest', 'score', 'select', 'encode', 'train', 'export', 'evaluate']"
 
 
 def _cli(workdir, *extra):
@@ -44,7 +45,7 @@ def test_demo_runs_every_built_stage(demo_run):
     manifest = pq.read_table(workdir / "select" / "manifest.parquet")
     assert manifest.num_rows == 30
     assert sorted((workdir / "select").glob("*.png"))
-    for stage in ("ingest", "score", "select", "encode", "train", "export"):
+    for stage in ("ingest", "score", "select", "encode", "train", "export", "evaluate"):
         assert (workdir / stage / "STAGE_DONE.json").exists()
     records = [json.loads(line) for line in
                (workdir / "train" / "metrics.jsonl").read_text().splitlines()]
@@ -66,7 +67,7 @@ def test_rerun_skips_finished_stages(demo_run):
     before = (workdir / "select" / "manifest.parquet").read_bytes()
     out = _cli(workdir)
     assert f"ran nothing, skipped {STAGES}" in out
-    assert out.count("skipped: finished at") == 6
+    assert out.count("skipped: finished at") == 7
     assert (workdir / "select" / "manifest.parquet").read_bytes() == before
 
 
@@ -122,3 +123,30 @@ def test_export_loads_in_diffusers_and_matches_the_checkpoint(demo_run):
     image = pipe("two red circles at the top", num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+
+def test_demo_report_opens_in_chromium(demo_run, tmp_path):
+    """The evaluate stage's report: every number from the run, every image loads in a real
+    browser (a screenshot of it is not blank)."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.browser import browser_path, chrome, image_counts
+    workdir, out = demo_run
+    summary = json.loads((workdir / "evaluate" / "summary.json").read_text())
+    demo = summary["sets"]["demo"]
+    assert demo["n_prompts"] == 4 and demo["images_per_model"] == 8
+    pick = demo["metrics"]["pickscore"]
+    assert pick["n"] == 8 and 0 <= pick["win_rate"] <= 1
+    assert pick["win_rate_ci"][0] <= pick["win_rate"] <= pick["win_rate_ci"][1]
+    assert summary["not_configured"] == ["clip_score", "aesthetic", "hpsv2", "nsfw"]
+    assert len(list((workdir / "evaluate" / "images" / "demo" / "tuned").glob("*.png"))) == 8
+    index = workdir / "evaluate" / "report" / "index.html"
+    assert f"{index}" in out                  # the run says where the report is
+    browser = browser_path()
+    n_loaded, broken = image_counts(browser, tmp_path / "p1", f"file://{index}")
+    assert broken == 0 and n_loaded >= 3 * 2 * 2 + 2   # 3 prompts x 2 seeds x 2 models + plots
+    shot = tmp_path / "shot.png"
+    chrome(browser, tmp_path / "p2", f"--screenshot={shot}", "--window-size=1280,1600",
+           f"file://{index}")
+    assert np.asarray(Image.open(shot).convert("RGB"), np.float64).std() > 20

@@ -14,6 +14,7 @@ from PIL import Image
 
 from fifa_jax.evaluation import stats
 from fifa_jax.evaluation.report import write_report
+from tests.browser import browser_path, chrome, image_counts
 
 EVIL = '<script>alert("x")</script> a cat & a "dog" | *bold* [link](http://evil.example)'
 METRICS = ("pickscore", "hpsv2", "aesthetic")
@@ -162,42 +163,16 @@ def test_bad_grid_paths(tmp_path):
     assert _parse(index).imgs == ["ok.png", "ok.png"]
 
 
-# ---- headless Chromium ----
-
-def _browser():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    msg = "no chromium / chromium-browser / google-chrome on PATH (apt-get install chromium)"
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail(msg)
-    pytest.skip(msg)
-
-
-def _chrome(browser, profile, *args):
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--no-first-run", f"--user-data-dir={profile}", "--hide-scrollbars", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res.stdout
-
-
-def _image_counts(browser, profile, url):
-    dom = _chrome(browser, profile, "--virtual-time-budget=10000", "--dump-dom", url)
-    loaded = re.search(r'data-images="(\d+)"', dom)
-    broken = re.search(r'data-broken-images="(\d+)"', dom)
-    assert loaded and broken, "the report's load script did not run:\n" + dom[:500]
-    return int(loaded.group(1)), int(broken.group(1))
-
+# ---- headless Chromium (tests/browser.py) ----
 
 def test_chromium_renders_every_image(report, tmp_path):
-    browser = _browser()
+    browser = browser_path()
     out, index, _, _ = report
     url = "file://" + os.path.abspath(index)
     n_imgs = len(_parse(index).imgs)
-    assert _image_counts(browser, tmp_path / "p1", url) == (n_imgs, 0)
+    assert image_counts(browser, tmp_path / "p1", url) == (n_imgs, 0)
     shot = tmp_path / "shot.png"
-    _chrome(browser, tmp_path / "p2", f"--screenshot={shot}", "--window-size=1280,2000", url)
+    chrome(browser, tmp_path / "p2", f"--screenshot={shot}", "--window-size=1280,2000", url)
     img = np.asarray(Image.open(shot).convert("RGB"), np.float64)
     assert img.shape == (2000, 1280, 3)
     assert img.std() > 20   # not blank
@@ -209,4 +184,4 @@ def test_chromium_renders_every_image(report, tmp_path):
     shutil.copytree(out, broken_copy)
     os.remove(broken_copy / "plots" / "win_rate.png")
     url = "file://" + str(broken_copy / "index.html")
-    assert _image_counts(browser, tmp_path / "p3", url) == (n_imgs, 1)
+    assert image_counts(browser, tmp_path / "p3", url) == (n_imgs, 1)
