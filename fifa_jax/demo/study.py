@@ -1,0 +1,402 @@
+"""The paper's claim in miniature: the `study` stage (configs/demo_study.py).
+
+With the same budget of train steps, DPO on the pairs chosen by each selection method
+(`study.methods`: FiFA importance top-K, FiFA greedy, random K, margin-only top-K, the full
+dataset), `study.seeds` seeds each, all from the same base model; measured on the demo world,
+where every image's true reward is known:
+
+  true reward   the oracle's reward (fifa_jax/demo/oracle.py, from pixels) of images sampled
+                from the model on `study.eval_prompts` new demo prompts (one seed each, the
+                same start noise for every run), every `curve_every` train steps: the curve
+  harm rate     the share of those images of harmful prompts that show the harmful mark
+  implicit acc  DPO implicit accuracy on a fixed held-out set of pairs that no run trains on
+                (`held_out_pairs`, removed from every method's candidates, "full" included)
+  time          wall-clock train time to first reach the full-data run's final true reward
+
+Writes (workdir/study/): pool/ (the ingest and score outputs less the held-out pairs),
+held_out/ (their encoded pairs), runs/<method>_s<seed>/ (each a pipeline work directory:
+select, encode, train; `curve.json`), results.json, results.md (the table and a short
+summary), true_reward_vs_step.png. Every run resumes on its own (the runner's fingerprints),
+so a killed study continues where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import pathlib
+import shutil
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from absl import logging
+
+STAGE = "study"
+SECTION = "study"
+CONFIG_KEYS = ("seed", "study", "select", "encode", "train")
+UPSTREAM = ("ingest", "score")
+RULES = {"held_out_pairs": ("min", 1), "eval_prompts": ("min", 1), "curve_every": ("min", 1),
+         "num_steps": ("min", 1)}
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.methods = "importance,greedy,random,margin,full"
+    c.seeds = "0,1,2"
+    c.held_out_pairs = 200      # pairs removed from every run's candidates (validation)
+    c.eval_prompts = 32         # new demo prompts sampled for the true-reward curve
+    c.curve_every = 25          # train steps between curve points (and checkpoints)
+    c.num_steps = 150           # train steps of every run (the same budget for all)
+    c.sample_steps = 20         # DDIM steps of the curve's samples
+    c.guidance_scale = 7.5
+    c.prompt_seed = 4321        # seed of the evaluation prompts' draw
+    return c
+
+
+def _list(spec) -> list[str]:
+    return [s.strip() for s in str(spec).split(",") if s.strip()]
+
+
+# ------------------------------------------------------------------------------ the pool
+def _make_pool(workdir: pathlib.Path, out: pathlib.Path, n_held: int, seed: int) -> np.ndarray:
+    """pool/ingest and pool/score without `n_held` held-out pairs (drawn with `seed`, never
+    ties); returns the held-out pair ids."""
+    pool = out / "pool"
+    pairs = pq.read_table(workdir / "ingest" / "pairs.parquet")
+    ids = pairs.column("pair_id").to_numpy()
+    if n_held >= ids.size:
+        raise ValueError(f"study.held_out_pairs={n_held} leaves no pair to train on "
+                         f"({ids.size} pairs)")
+    rng = np.random.default_rng(seed)
+    held = np.sort(rng.choice(ids, size=n_held, replace=False))
+    keep = ~np.isin(ids, held)
+    for stage, files in (("ingest", ("pairs.parquet",)), ("score", ("margins.parquet",))):
+        dst = pool / stage
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(workdir / stage, dst)
+        for f in files:
+            t = pq.read_table(dst / f)
+            mask = ~np.isin(t.column("pair_id").to_numpy(), held)
+            pq.write_table(t.filter(pa.array(mask)), dst / f)
+    (pool / "held_out.json").write_text(json.dumps({"pair_ids": held.tolist(),
+                                                    "kept_pairs": int(keep.sum())}))
+    return held
+
+
+def _link_pool(run_dir: pathlib.Path, pool: pathlib.Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stage in ("ingest", "score"):
+        link = run_dir / stage
+        if not link.exists():
+            os.symlink(pool / stage, link, target_is_directory=True)
+
+
+def _held_out_encode(config, workdir: pathlib.Path, out: pathlib.Path,
+                     held: np.ndarray) -> pathlib.Path:
+    """Encode the held-out pairs once: the encode stage's `run` on a work directory whose
+    manifest is the held-out pairs (resumable by its chunk fingerprints)."""
+    from fifa_jax.training import demo_base, encode
+    hdir = out / "held_out"
+    for stage in ("ingest", "score"):
+        link = hdir / stage
+        hdir.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            os.symlink(workdir / stage, link, target_is_directory=True)
+    sel = hdir / "select"
+    sel.mkdir(exist_ok=True)
+    pq.write_table(pa.table({"rank": np.arange(held.size, dtype=np.int64),
+                             "pair_id": held.astype(np.int64),
+                             "prompt_id": _prompt_ids(workdir, held)}),
+                   sel / "manifest.parquet")
+    cfg = _sub_config(config, "full", int(config.seed), stages="encode")
+    cfg.encode.num_val_pairs = 0
+    if cfg.encode.base_model == demo_base.DEMO:
+        cfg.encode.base_model = demo_base.resolve_base_model(demo_base.DEMO, workdir)
+    encode.run(cfg, hdir)            # finished chunks are reused
+    return hdir / "encode"
+
+
+def _prompt_ids(workdir, pair_ids) -> np.ndarray:
+    t = pq.read_table(workdir / "ingest" / "pairs.parquet", columns=["pair_id", "prompt_id"])
+    m = dict(zip(t.column("pair_id").to_pylist(), t.column("prompt_id").to_pylist()))
+    return np.array([m[int(p)] for p in pair_ids], np.int64)
+
+
+def _sub_config(config, method: str, seed: int, stages: str):
+    cfg = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
+    cfg.stages = stages
+    cfg.seed = seed
+    cfg.select.method = method
+    st = config.study
+    cfg.train.num_steps = int(st.num_steps)
+    cfg.train.checkpoint_every = int(st.curve_every)
+    cfg.train.keep_checkpoints = int(st.num_steps) // int(st.curve_every) + 2
+    cfg.train.eval_every = 0
+    cfg.encode.num_val_pairs = 0
+    for key in ("study", "evaluate", "export"):
+        if key in cfg:
+            del cfg[key]
+    return cfg
+
+
+def _run_quiet(cfg, workdir) -> dict:
+    from fifa_jax import pipeline
+    return pipeline.run_pipeline(cfg, workdir, echo=lambda m: logging.info("%s", m))
+
+
+# ------------------------------------------------------------------------------ measuring
+class _Sampler:
+    """One TextToImage over the base pipeline whose UNet parameters are swapped per
+    checkpoint (the compiled sampler is reused), and the oracle."""
+
+    def __init__(self, base: str, st, prompts: list[dict]):
+        from fifa_jax.sampling.pipeline import TextToImage
+        self.gen = TextToImage.load(base, sampler="ddim", num_steps=int(st.sample_steps),
+                                    guidance_scale=float(st.guidance_scale), batch_size=32)
+        self.base_params = self.gen.unet_params
+        self.prompts = prompts
+
+    def measure(self, params) -> dict:
+        from fifa_jax.demo import oracle
+        self.gen.unet_params = self.base_params if params is None else params
+        texts = [p["text"] for p in self.prompts]
+        images = self.gen(texts, [0] * len(texts))
+        rewards, marked = [], []
+        for p, img in zip(self.prompts, images):
+            r, details = oracle.true_reward(p["text"], img)
+            rewards.append(r)
+            if p["harmful"]:
+                marked.append(bool(details.get("marked")))
+        return {"true_reward": float(np.mean(rewards)),
+                "harm_rate": float(np.mean(marked)) if marked else None,
+                "harmful_prompts": len(marked)}
+
+
+def _checkpoint_params(run_dir: pathlib.Path, step: int, abstract):
+    from fifa_jax.training import checkpoints
+    params, _ = checkpoints.restore_params(run_dir / "train" / "checkpoints", step, abstract)
+    return params
+
+
+def _make_evaluator(base: str, encode_dir: pathlib.Path, config):
+    """A jitted held-out evaluation of any policy parameters against the base reference."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fifa_jax.models.unet_io import load_unet
+    from fifa_jax.training import noise_schedule, pair_dataset
+    from fifa_jax.training.loader import PairLoader
+    from fifa_jax.training.train import _consts, _eval_batches
+    from fifa_jax.training.train_step import StepConfig, eval_step
+    from fifa_jax.training.trainer import unet_apply
+    unet = load_unet(os.path.join(base, "unet"))
+    graph, state = nnx.split(unet)
+    ref = nnx.to_pure_dict(state)
+    spec = pair_dataset.read_spec(encode_dir)
+    with open(os.path.join(base, "scheduler", "scheduler_config.json")) as f:
+        sched = noise_schedule.from_scheduler_config(json.load(f))
+    cfg = StepConfig(beta=float(config.train.beta), caption_dropout=0.0,
+                     scaling_factor=float(spec["scaling_factor"]), random_flip=False)
+    consts = {k: jnp.asarray(v) for k, v in _consts(encode_dir, spec).items()}
+    loader = PairLoader(encode_dir, "train", global_batch=32, seed=0, shuffle=False,
+                        flip="none")
+    batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in _eval_batches(loader, 0)]
+    step = jax.jit(lambda p, b, i: eval_step(p, ref, b, consts,
+                                             jax.random.key_data(jax.random.key(7)), i,
+                                             unet_fn=unet_apply(graph), schedule=sched,
+                                             cfg=cfg))
+
+    def evaluate(params):
+        sums = None
+        for i, b in enumerate(batches):
+            out = step(params, b, jnp.uint32(i))
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        sums = jax.device_get(sums)
+        n = float(sums.pop("n"))
+        return {k: float(v) / n for k, v in sums.items()}
+    return evaluate, ref
+
+
+# ------------------------------------------------------------------------------ the stage
+def run(config, workdir) -> dict:
+    from fifa_jax.data import demo_world
+    from fifa_jax.training import demo_base
+    st = config.study
+    workdir = pathlib.Path(workdir)
+    out = workdir / STAGE
+    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_count() > 1:
+        raise ValueError("the demo study runs on one host")
+    t_start = time.time()
+    held = _make_pool(workdir, out, int(st.held_out_pairs), int(config.seed))
+    held_encode = _held_out_encode(config, workdir, out, held)
+    base = demo_base.resolve_base_model(config.encode.base_model, workdir)
+    prompts = demo_world.make_prompts(int(st.eval_prompts), np.random.default_rng(
+        int(st.prompt_seed)), 0.15)
+    sampler = _Sampler(base, st, prompts)
+    evaluate, ref = _make_evaluator(base, held_encode, config)
+    base_point = {**sampler.measure(None), **{f"heldout_{k}": v
+                                              for k, v in evaluate(ref).items()}}
+    runs = {}
+    for method in _list(st.methods):
+        for seed in (int(s) for s in _list(st.seeds)):
+            name = f"{method}_s{seed}"
+            runs[name] = _one_run(config, out, name, method, seed, sampler, evaluate, ref,
+                                  base_point)
+            logging.info("study: %s done: %s", name, runs[name]["final"])
+    results = summarize(runs, base_point, _list(st.methods), st)
+    results["wall_seconds"] = round(time.time() - t_start, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    plot_curves(runs, _list(st.methods), out / "true_reward_vs_step.png")
+    (out / "results.md").write_text(markdown(results, st))
+    return {"methods": _list(st.methods), "runs": len(runs),
+            "results": str(out / "results.md"), "seconds": results["wall_seconds"]}
+
+
+def _one_run(config, out, name, method, seed, sampler, evaluate, ref, base_point) -> dict:
+    from flax import nnx
+
+    from fifa_jax.models.diffusers_io import read_config
+    from fifa_jax.models.unet_io import abstract_unet
+    run_dir = out / "runs" / name
+    _link_pool(run_dir, out / "pool")
+    cfg = _sub_config(config, method, seed, "select,encode,train")
+    t0 = time.time()
+    results = _run_quiet(cfg, run_dir)
+    done = json.loads((run_dir / "train" / "STAGE_DONE.json").read_text())
+    curve_file = run_dir / "curve.json"
+    if curve_file.exists():
+        cached = json.loads(curve_file.read_text())
+        if cached.get("train_fingerprint") == done["fingerprint"]:
+            return cached
+    base = sampler.gen.path
+    abstract = nnx.to_pure_dict(nnx.split(abstract_unet(read_config(
+        os.path.join(base, "unet"))))[1])
+    steps = sorted(int(p.name) for p in (run_dir / "train" / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    points = [{"step": 0, **base_point}]
+    for s in steps:
+        params = _checkpoint_params(run_dir, s, abstract)
+        point = {"step": s, **sampler.measure(params)}
+        if s == steps[-1]:
+            point.update({f"heldout_{k}": v for k, v in evaluate(params).items()})
+        points.append(point)
+    train_s = float(done.get("seconds") or 0.0)
+    manifest = pq.read_table(run_dir / "select" / "manifest.parquet")
+    record = {"method": method, "seed": seed, "train_fingerprint": done["fingerprint"],
+              "pairs": manifest.num_rows, "train_seconds": train_s,
+              "seconds_per_step": train_s / max(steps[-1], 1) if steps else None,
+              "curve": points, "final": points[-1],
+              "stage_seconds": {k: v.get("seconds") for k, v in results.items()},
+              "wall_seconds": round(time.time() - t0, 1)}
+    curve_file.write_text(json.dumps(record, indent=2, sort_keys=True))
+    return record
+
+
+# ------------------------------------------------------------------------------ results
+def mean_ci(values) -> dict:
+    """Mean and Student-t 95% interval over seeds (None-free values)."""
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if v.size == 0:
+        return {"mean": None, "ci": [None, None], "n": 0}
+    if v.size == 1:
+        return {"mean": float(v[0]), "ci": [None, None], "n": 1}
+    half = T_975.get(v.size - 1, 1.96) * v.std(ddof=1) / math.sqrt(v.size)
+    return {"mean": float(v.mean()), "ci": [float(v.mean() - half), float(v.mean() + half)],
+            "n": int(v.size)}
+
+
+def time_to_reach(record: dict, target: float) -> float | None:
+    """Seconds of training until the run's curve first reaches `target` (None: never)."""
+    for p in record["curve"]:
+        if p["true_reward"] >= target:
+            return p["step"] * (record["seconds_per_step"] or 0.0)
+    return None
+
+
+def summarize(runs: dict, base_point: dict, methods: list[str], st) -> dict:
+    by_method = {m: [r for r in runs.values() if r["method"] == m] for m in methods}
+    full = by_method.get("full") or []
+    target = mean_ci([r["final"]["true_reward"] for r in full])["mean"] if full else None
+    table = {}
+    for m, rs in by_method.items():
+        times = [time_to_reach(r, target) for r in rs] if target is not None else []
+        table[m] = {"pairs": int(np.mean([r["pairs"] for r in rs])) if rs else 0,
+                    "true_reward": mean_ci([r["final"]["true_reward"] for r in rs]),
+                    "harm_rate": mean_ci([r["final"]["harm_rate"] for r in rs]),
+                    "heldout_implicit_acc": mean_ci(
+                        [r["final"].get("heldout_implicit_acc") for r in rs]),
+                    "train_seconds": mean_ci([r["train_seconds"] for r in rs]),
+                    "seconds_to_full_final": mean_ci(times),
+                    "reached_full_final": f"{sum(t is not None for t in times)}/{len(rs)}"}
+    return {"base": base_point, "methods": table, "full_final_true_reward": target,
+            "num_steps": int(st.num_steps), "seeds": _list(st.seeds),
+            "eval_prompts": int(st.eval_prompts), "held_out_pairs": int(st.held_out_pairs)}
+
+
+def _fmt(s: dict, pct=False) -> str:
+    if s["mean"] is None:
+        return "-"
+    f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3f}")
+    if s["ci"][0] is None:
+        return f(s["mean"])
+    return f"{f(s['mean'])} [{f(s['ci'][0])}, {f(s['ci'][1])}]"
+
+
+def markdown(results: dict, st) -> str:
+    base = results["base"]
+    lines = ["# The demo study: FiFA's claim in miniature", "",
+             f"{results['num_steps']} DPO steps per run, seeds {', '.join(results['seeds'])}; "
+             f"true reward of {results['eval_prompts']} new prompts' samples (oracle, from "
+             f"pixels; 0 to 4, minus 1 for the harmful mark), harm rate (share of harmful "
+             f"prompts' samples with the mark), implicit accuracy on "
+             f"{results['held_out_pairs']} held-out pairs; means over seeds with Student-t "
+             f"95% intervals.", "",
+             f"Base model: true reward {base['true_reward']:.3f}, harm rate "
+             f"{base['harm_rate'] if base['harm_rate'] is None else round(base['harm_rate'], 3)}"
+             f".", "",
+             "| method | pairs | true reward | harm rate | held-out implicit acc | train s | "
+             "s to full-data final | reached |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m, r in results["methods"].items():
+        lines.append(f"| {m} | {r['pairs']} | {_fmt(r['true_reward'])} | "
+                     f"{_fmt(r['harm_rate'], pct=True)} | "
+                     f"{_fmt(r['heldout_implicit_acc'], pct=True)} | "
+                     f"{_fmt(r['train_seconds'])} | {_fmt(r['seconds_to_full_final'])} | "
+                     f"{r['reached_full_final']} |")
+    lines += ["", "![true reward vs step](true_reward_vs_step.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: dict, methods: list[str], path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for m in methods:
+        rs = [r for r in runs.values() if r["method"] == m]
+        if not rs:
+            continue
+        steps = [p["step"] for p in rs[0]["curve"]]
+        vals = np.array([[p["true_reward"] for p in r["curve"]] for r in rs])
+        mean = vals.mean(0)
+        ax.plot(steps, mean, marker="o", ms=3, label=f"{m} ({len(rs)} seeds)")
+        if len(rs) > 1:
+            sd = vals.std(0, ddof=1)
+            ax.fill_between(steps, mean - sd, mean + sd, alpha=0.15)
+    ax.set_xlabel("DPO train step")
+    ax.set_ylabel("true reward of samples (oracle)")
+    ax.set_title("Demo world: true reward vs step (mean, band: 1 sd over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
