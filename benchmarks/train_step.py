@@ -382,8 +382,9 @@ def random_unet(cfg: dict, dtype, attn_impl: str, remat: str | None, seed: int =
     return nnx.merge(graphdef, state)
 
 
-def sdxl_max_batch(args, dtype) -> dict:
-    """Largest B whose SDXL step runs on one device (remat, FSDP off); see the docstring."""
+def sdxl_max_batch(args, dtype, on_attempt=lambda tried: None) -> dict:
+    """Largest B whose SDXL step runs on one device (remat, FSDP off); see the docstring.
+    `on_attempt(rows)` is called after every attempt (partial results survive a timeout)."""
     cfg = TOY_SDXL if args.toy else fixture_config("sdxl_unet")
     latent = args.sdxl_latent or (8 if args.toy else 128)
     text_len = 8 if args.toy else 77
@@ -391,7 +392,8 @@ def sdxl_max_batch(args, dtype) -> dict:
     consts = {"empty_embeds": np.zeros((text_len, cfg["cross_attention_dim"]), np.float32),
               "empty_pooled": np.zeros((pooled,), np.float32),
               "time_ids": np.asarray(SDXL_TIME_IDS, np.float32)}
-    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    limit = int(args.sdxl_limit_gib * GIB) if args.sdxl_limit_gib else \
+        (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     t_start = time.perf_counter()
     state = {"trainer": None}
 
@@ -434,8 +436,9 @@ def sdxl_max_batch(args, dtype) -> dict:
         peak = device_peak_bytes()
         row["device_peak_gib"] = peak / GIB if peak else None
         tried[b] = row
+        on_attempt([tried[k] for k in sorted(tried)])
         print(f"  sdxl B={b}: {'fits' if row['fits'] else 'does not fit'}  "
-              f"(XLA needs {row.get('xla_memory_needed_gib') or float('nan'):.1f} GiB, "
+              f"(XLA needs {row.get('xla_memory_needed_gib') or float('nan'):.3g} GiB, "
               f"{row.get('pairs_per_s', float('nan')):.2f} pairs/s)", flush=True)
         return row
 
@@ -504,6 +507,8 @@ def main(argv=None) -> dict:
     p.add_argument("--sdxl-remat", default="nothing_saveable")
     p.add_argument("--sdxl-optimizer", default="adafactor", choices=("adamw", "adafactor"),
                    help="default: the SDXL recipe's Adafactor")
+    p.add_argument("--sdxl-limit-gib", type=float, default=0.0,
+                   help="memory limit for the search (default: the device's bytes_limit)")
     p.add_argument("--sdxl-budget-s", type=float, default=420.0,
                    help="start no SDXL attempt after this many seconds")
     p.add_argument("--xla-defaults", action="store_true",
@@ -568,15 +573,21 @@ def main(argv=None) -> dict:
                   f"and saved in {time.perf_counter() - t0:.1f} s", flush=True)
             result.update(params=n_params, model_flops_per_pair=flops_pair)
             rows = result["rows"]
+
+            def save():     # after every row: a section cut short by its timeout keeps them
+                if args.out:
+                    write_json(args.out, result)
             if not args.skip_jax:
                 rows.append(bench_ours(tmp, hb, args, dtype, consts, flops_pair))
                 print(f"  ours: {rows[-1]['pairs_per_s']:.2f} pairs/s (compile "
                       f"{rows[-1]['compile_s']:.1f} s)", flush=True)
+                save()
             if not args.skip_torch:
                 for n in thread_counts:
                     rows.append(bench_torch(model, hb, args, False, flops_pair, n))
                     print(f"  {rows[-1]['impl']}: {rows[-1]['pairs_per_s']:.2f} pairs/s",
                           flush=True)
+                    save()
                 if tdev == "cuda" and not args.no_torch_compile:
                     rows.append(bench_torch(model, hb, args, True, flops_pair))
                     print(f"  torch.compile: {rows[-1]['pairs_per_s']:.2f} pairs/s (compile "
@@ -588,7 +599,8 @@ def main(argv=None) -> dict:
         print_table(rows, [("impl", "implementation"), ("pairs_per_step", "B"),
                            ("step_s", "step s"), ("pairs_per_s", "pairs/s"),
                            ("compile_s", "compile s"), ("peak_mem_gib", "peak GiB"),
-                           ("mfu", "MFU"), ("ours_over_this", "ours / this")])
+                           ("xla_memory_needed_gib", "XLA GiB"), ("mfu", "MFU"),
+                           ("ours_over_this", "ours / this")])
         eager = max((r for r in rows if "eager" in r["impl"]), default=None,
                     key=lambda r: r["pairs_per_s"])
         comp = next((r for r in rows if "torch.compile" in r["impl"]), None)
@@ -599,13 +611,26 @@ def main(argv=None) -> dict:
         if ours and comp:
             result["ratio_vs_compile"] = ours["pairs_per_s"] / comp["pairs_per_s"]
             print(f"ratio ours / torch.compile: {result['ratio_vs_compile']:.2f}")
+        if ours and gpu and comp:
+            print(f"target (issue 10 (b)): ours / torch.compile >= 1.5: "
+                  f"{'met' if result['ratio_vs_compile'] >= 1.5 else 'NOT met'}")
+        elif ours and eager and not gpu:
+            print(f"target (issue 10 (a)): ours / torch eager >= 1.2: "
+                  f"{'met' if result['ratio_vs_eager'] >= 1.2 else 'NOT met'}")
+        if ours and gpu and ours.get("peak_mem_gib"):
+            print(f"target: SD1.5 step under 40 GiB: ours peak {ours['peak_mem_gib']:.1f} GiB "
+                  f"({'met' if ours['peak_mem_gib'] < 40 else 'NOT met'}; the target is for "
+                  f"B = 8 with AdamW, this run is B = {pairs})")
         if ours and ours.get("xla_flops_per_step") and flops_pair:
             print(f"XLA cost-analysis FLOPs / model FLOPs: "
                   f"{ours['xla_flops_per_step'] / (flops_pair * pairs):.2f}")
     if args.sdxl_max_batch or args.sdxl_only:
         print("\nSDXL max batch (one device, FSDP off, remat "
               f"{args.sdxl_remat}, {args.sdxl_optimizer}):", flush=True)
-        result["sdxl"] = sdxl_max_batch(args, dtype)
+        def partial(tried):
+            result["sdxl"] = {"tried": tried, "partial": True}
+            write_json(args.out, result)
+        result["sdxl"] = sdxl_max_batch(args, dtype, partial)
         if args.sdxl_only:
             result["rows"] = result["sdxl"]["tried"]
     write_json(args.out, result)
