@@ -29,10 +29,13 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false) and XLA's memory analysis of the compiled s
     python benchmarks/train_step.py --sdxl-only --sdxl-max-batch --out $OUT/sdxl.json   # GPU
     python benchmarks/train_step.py --toy --out /tmp/toy.json          # smoke test (seconds)
 
-`--sdxl-max-batch`: the largest B of an SDXL-sized UNet (random weights, built abstractly and
-filled on the device) whose step runs on one device with remat and FSDP off: B = 1 and 2
-measured, the rest predicted from XLA's memory analysis (linear in B) and checked by running,
-stopping at the first out-of-memory or after `--sdxl-budget-s`.
+`--sdxl-max-batch` (or `--sdxl-only`): the largest B of an SDXL-sized UNet (random weights,
+built abstractly and filled on the device) whose step runs on one device with remat and FSDP
+off: the `--sdxl-batches` (default 1,2) measured, the rest predicted from XLA's memory analysis
+(linear in B) and checked by running, stopping at the first that does not fit or after
+`--sdxl-budget-s`. An attempt whose XLA memory analysis exceeds the device's limit counts as
+not fitting without running; an out-of-memory error at run time does too (then the trainer is
+rebuilt, since the donated state may be gone).
 """
 from __future__ import annotations
 
