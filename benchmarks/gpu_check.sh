@@ -35,3 +35,11 @@ run score 150 python3 benchmarks/score.py --profile --out "$out/score.json"
 run gpu_tests 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -x -p no:cacheprovider tests/models/test_unet_gpu.py \
   tests/models/test_llm_gpu.py
 run decode 40 python3 benchmarks/decode.py --images 512 --out "$out/decode.json"
+# Diffusion-DPO train step (issue 10 (b)): SD1.5-sized UNet, B = 8, 64x64 latents, ours against
+# PyTorch eager and torch.compile in one run (SD1.5 save/load ~30 s, our compile, torch.compile
+# ~3 min); then, in its own process, the largest SDXL batch on one H200 (remat, FSDP off, the
+# SDXL recipe's Adafactor; each SDXL compile is minutes, so the search stops starting attempts
+# after --sdxl-budget-s). Each writes its JSON after every row, so a cut-short run keeps them.
+run train_step 480 python3 benchmarks/train_step.py --out "$out/train_step.json"
+run train_step_sdxl 480 python3 benchmarks/train_step.py --sdxl-only --sdxl-batches 2,4 \
+  --sdxl-budget-s 330 --out "$out/train_step_sdxl.json"

@@ -21,6 +21,9 @@ CASES = {   # case: (script, arguments)
                                       "--d", "32"]),
     "decode": ("decode", ["--images", "16", "--size", "96", "--batch", "8"]),
     "score": ("score", ["--tiny", "--rounds", "1", "--iters", "1", "--warmup", "1"]),
+    "train_step": ("train_step", ["--toy", "--rounds", "1", "--iters", "1", "--torch-threads", "1",
+                                  "--compile-cache", os.environ.get(
+                                      "FIFA_JAX_TEST_CACHE", str(ROOT / ".jax_cache"))]),
 }
 
 
