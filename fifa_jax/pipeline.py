@@ -57,6 +57,7 @@ PIPELINE: tuple[tuple[str, str | None], ...] = (
     ("train", "fifa_jax.training.train"),
     ("export", "fifa_jax.training.export"),
     ("evaluate", "fifa_jax.evaluation.stage"),
+    ("study", "fifa_jax.demo.study"),       # configs/demo_study.py: runs the above per method
 )
 UNBUILT: dict[str, str] = {}    # stage -> the work that will build it (none left)
 STAGE_NAMES = tuple(n for n, _ in PIPELINE)
