@@ -470,7 +470,7 @@ def _loop(config, trainer: Trainer, loader, val, mgr, writer, compat, start, out
             if want_ckpt:
                 save(step, force=True)
             bar.update(1)
-            if hosts.on_any_host(bool(got)):
+            if step < num_steps and hosts.on_any_host(bool(got)):
                 mgr.wait_until_finished()
                 bar.close()
                 raise Interrupted(got[0] if got else signal.SIGTERM, step)
