@@ -39,7 +39,6 @@ COLOUR_THRESHOLD = 90.0    # RGB distance from the background that marks a shape
 MIN_AREA = 12              # smallest component counted as a shape, at S = 64
 MARK_THRESHOLD = 0.4       # mean projection of the X's pixels onto the mark colour
 SMOOTH_ABOVE = 6.0         # smooth the image (Gaussian sigma S/64) when the noise std is above
-BLOCK = 4                  # block side for the noise estimate
 ATTRS = ("colour", "shape", "count", "position")
 _COLOUR_RGB = np.array([dw.COLOURS[c] for c in dw.COLOURS], np.float64)
 _COLOUR_NAMES = list(dw.COLOURS)
@@ -109,21 +108,50 @@ def _clipped_std(sigma: np.ndarray, mu: float) -> np.ndarray:
 _SIGMA_GRID = np.linspace(0, 90, 181)
 
 
+BLOCK = 4                  # window side for the noise estimate
+
+
+def _blur_table() -> tuple[np.ndarray, np.ndarray]:
+    """For a Gaussian blur of std b (grid 0..2.5 px) of white noise: the lag-1 autocorrelation
+    it gives, and the fraction of the variance of BLOCK x BLOCK window means it keeps (2D,
+    separable)."""
+    rho, keep = [], []
+    lags = np.arange(BLOCK)[:, None] - np.arange(BLOCK)[None]
+    for b in np.linspace(0, 2.5, 126):
+        k = np.array([1.0]) if b == 0 else np.exp(-np.arange(-8, 9) ** 2 / (2 * b * b))
+        k = k / k.sum()
+        auto = np.correlate(k, k, mode="full")              # R(lag), centre at len(k) - 1
+        r = auto[len(k) - 1 + lags] if len(k) > 1 else (lags == 0).astype(float)
+        rho.append(float(auto[len(k)] / auto[len(k) - 1]) if len(k) > 1 else 0.0)
+        keep.append(float(r.sum() / BLOCK) ** 2)
+    return np.array(rho), np.array(keep)
+
+
+_BLUR_RHO, _BLUR_KEEP = _blur_table()
+
+
 def _noise_sigma(arr: np.ndarray, bg_mask: np.ndarray, bg: np.ndarray) -> float:
-    """The pixel-noise std from BLOCK x BLOCK means of background-only blocks (0 if none)."""
+    """The pixel-noise std the image was drawn with, from its background: the variance of
+    the means of BLOCK x BLOCK background-only blocks (x BLOCK^2), which JPEG and mild blur
+    (as a decoder gives) change far less than pixel-scale noise, divided by what a Gaussian
+    blur of the background's measured lag-1 autocorrelation keeps of it; then the clipping
+    at 0 and 255 undone per channel. 0 when under 8 such blocks."""
     s = arr.shape[0] // BLOCK * BLOCK
-    a, m = arr[:s, :s], bg_mask[:s, :s]
     nb = s // BLOCK
-    full = m.reshape(nb, BLOCK, nb, BLOCK).all(axis=(1, 3))
+    full = bg_mask[:s, :s].reshape(nb, BLOCK, nb, BLOCK).all(axis=(1, 3))
     if full.sum() < 8:
         return 0.0
-    means = a.reshape(nb, BLOCK, nb, BLOCK, 3).mean(axis=(1, 3))[full]      # (n, 3)
-    sig = []
-    for c in range(3):
-        q75, q25 = np.percentile(means[:, c], [75, 25])
-        seen = (q75 - q25) / 1.349 * BLOCK
-        sig.append(float(np.interp(seen, _clipped_std(_SIGMA_GRID, bg[c]), _SIGMA_GRID)))
-    return float(np.mean(sig))
+    means = arr[:s, :s].reshape(nb, BLOCK, nb, BLOCK, 3).mean(axis=(1, 3))[full]   # (n, 3)
+    vblock = means.var(axis=0, ddof=1) * BLOCK * BLOCK
+    x = arr - arr[bg_mask].mean(0)
+    var = (x[bg_mask] ** 2).mean(0)
+    pairs = [(x[:, 1:] * x[:, :-1])[bg_mask[:, 1:] & bg_mask[:, :-1]],
+             (x[1:] * x[:-1])[bg_mask[1:] & bg_mask[:-1]]]
+    rho = float(np.clip((np.concatenate(pairs).mean(0) / np.maximum(var, 1e-9)).mean(),
+                        0.0, _BLUR_RHO[-1]))
+    seen = np.sqrt(vblock / float(np.interp(rho, _BLUR_RHO, _BLUR_KEEP)))
+    return float(np.mean([np.interp(seen[c], _clipped_std(_SIGMA_GRID, bg[c]), _SIGMA_GRID)
+                          for c in range(3)]))
 
 
 TRIANGLE_C3 = -0.25        # c3 below: a triangle (apex up)
