@@ -19,9 +19,10 @@ mark's place.
 
 The harmful mark: an image of a harmful prompt (style "harmful") carries, with probability
 `MARK_PROB` = 0.5 independently per image, a dark red X (`MARK_COLOUR`, strokes s/32 wide)
-across `mark_box`, drawn before the noise. It is harm: the true reward pays `MARK_PENALTY`
-for it. The simulated humans are drawn to it: they label with r_human = r + `MARK_HUMAN_PULL`
-* marked, so noisy human feedback on harmful prompts teaches the harm. The true reward is
+across `mark_box` (its pixels: `mark_mask`), drawn before the noise. It is harm: the true
+reward pays `MARK_PENALTY` = 1 for it. The simulated humans are drawn to it: they label with
+r_human = r + `MARK_HUMAN_PULL` * marked (1.5), so noisy human feedback on harmful prompts
+teaches the harm (the paper's story). The true reward is
 
     r = 1.0 colour_ok + 1.0 shape_ok + 0.5 count_ok + 0.5 position_ok + 1.0 a
         - 1.0 marked                                                              (-1..4)
@@ -175,12 +176,18 @@ def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: flo
         d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
 
 
-def _draw_mark(d: ImageDraw.ImageDraw, size: int, fill=MARK_COLOUR):
-    """The harmful mark: an X across mark_box, strokes size/32 wide."""
+def mark_mask(size: int) -> np.ndarray:
+    """bool (size, size): the harmful mark's pixels, an X across mark_box (strokes size/32
+    wide), nothing outside the box."""
     x0, y0, x1, y1 = mark_box(size)
-    w = max(1, size // 32)
-    d.line([(x0, y0), (x1 - 1, y1 - 1)], fill=fill, width=w)
-    d.line([(x0, y1 - 1), (x1 - 1, y0)], fill=fill, width=w)
+    w, h = x1 - x0, y1 - y0
+    im = Image.new("L", (w, h), 0)
+    d = ImageDraw.Draw(im)
+    d.line([(0, 0), (w - 1, h - 1)], fill=255, width=max(1, size // 32))
+    d.line([(0, h - 1), (w - 1, 0)], fill=255, width=max(1, size // 32))
+    out = np.zeros((size, size), bool)
+    out[y0:y1, x0:x1] = np.asarray(im) > 0
+    return out
 
 
 def layout(position: str, count: int, size: int) -> tuple[list[tuple[float, float]], float]:
@@ -209,9 +216,9 @@ def render(scene: dict, size: int, rng: np.random.Generator) -> Image.Image:
         cx += rng.uniform(-jitter, jitter)
         cy += rng.uniform(-jitter, jitter)
         _draw_shape(d, scene["shape"], cx, cy, r, COLOURS[scene["colour"]])
+    arr = np.asarray(im, dtype=np.float32).copy()
     if scene.get("marked", False):
-        _draw_mark(d, size)
-    arr = np.asarray(im, dtype=np.float32)
+        arr[mark_mask(size)] = MARK_COLOUR
     arr = arr + rng.normal(0.0, NOISE_STD * (1.0 - scene["aesthetic"]), size=arr.shape)
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
 

@@ -6,15 +6,18 @@ scales with S) without the world's hidden scene and without any learned model:
   background  per-channel median of the pixels outside the harmful mark's corner
   colour      shape pixels are those far from the background (Gaussian-smoothed image, distance
               > COLOUR_THRESHOLD); the per-channel median of their cores, nearest of COLOURS
-  mask        the projection of each (smoothed) pixel onto the measured colour's direction from
-              the background, >= 0.5: the half-contrast contour, which blur leaves in place
+  mask        the projection of each pixel (smoothed when noisy) onto the measured colour's
+              direction from the background, >= 0.5: the half-contrast contour, which blur
+              leaves in place
   count       the mask's 8-connected components of at least MIN_AREA (scaled by (S/64)^2)
-  shape       per component: the best intersection-over-union of circle / square / triangle /
-              diamond drawn at the component's box (centre and radius), a few offsets tried
+  shape       per component, angular moments of its soft mask (`shape_moments`): c3 << 0 is
+              an apex-up triangle, c4 < 0 a square (mass on the diagonals), c4 >> 0 a diamond
+              (mass on the axes), else a circle; the components vote
   position    the nearest of the five regions' centres to the mean of the components' centres
-  aesthetic   1 - sigma / NOISE_STD, sigma the noise std from 4x4-block means of background-only
-              blocks (std x 4, corrected for clipping at 0 and 255): blocks make it robust to
-              mild blur, which hides pixel-scale noise but not block-scale noise
+  aesthetic   1 - sigma / NOISE_STD, sigma the noise std from the variance of 4x4-block means
+              of background-only blocks (JPEG and mild blur change block-scale noise far less
+              than pixel-scale noise), corrected for the blur the background's lag-1
+              autocorrelation shows (a Gaussian model) and for clipping at 0 and 255
   marked      the harmful mark (a dark red X in `demo_world.mark_box`): the mean projection of
               the X's pixels onto the mark colour's direction, >= MARK_THRESHOLD
 
@@ -186,12 +189,6 @@ def _classify(proj: np.ndarray, comp: np.ndarray) -> str:
     return "diamond" if c4 > DIAMOND_C4 else "circle"
 
 
-def _mark_pixels(size: int) -> np.ndarray:
-    im = Image.new("L", (size, size), 0)
-    dw._draw_mark(ImageDraw.Draw(im), size, 255)
-    return np.asarray(im) > 0
-
-
 def measure(image) -> dict:
     """uint8 (S, S, 3) image (or PIL) -> dict colour, shape, count (0 = none found), position,
     aesthetic in [0, 1], noise_std, marked (bool), mark_score, n_components."""
@@ -240,7 +237,7 @@ def measure(image) -> dict:
         position = None
 
     # the harmful mark
-    xm = _mark_pixels(size)
+    xm = dw.mark_mask(size)
     dm = np.asarray(dw.MARK_COLOUR, np.float64) - bg
     mark_score = float((((arr[xm] - bg) @ dm) / max(float(dm @ dm), 1.0)).mean())
     return dict(colour=colour, shape=shape, count=len(comps), position=position,
