@@ -33,7 +33,7 @@ import io
 import re
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 from scipy import ndimage
 
 from fifa_jax.data import demo_world as dw
