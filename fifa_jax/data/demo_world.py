@@ -9,18 +9,32 @@ Unique prompts are drawn without repetition; pairs pick prompts with Zipf-like p
 Each image is drawn by one of three "generators" of different skill: it gets each attribute
 the prompt asks for right with probability `skill` (attributes the prompt leaves out are
 random and always count as right), and an aesthetic a in [0, 1] (~ skill + noise) that sets
-the pixel noise (std 60 * (1 - a) on 0..255). Its true reward is
+the pixel noise (std 60 * (1 - a) on 0..255).
 
-    r = 1.0 colour_ok + 1.0 shape_ok + 0.5 count_ok + 0.5 position_ok + 1.0 a     (0..4)
+Layout (image side s, 64 by default): the shapes sit in the position's region (left / right
+half, top / bottom half, or the middle band x in [s/8, 7s/8], y in [s/4, 3s/4] for "center"),
+spread along its long side, radius min(s/10, spacing/3.2) so neighbours never touch, jitter
++-s/64. The top-right s/8 x s/8 corner (`mark_box`) never holds a shape: it is the harmful
+mark's place.
+
+The harmful mark: an image of a harmful prompt (style "harmful") carries, with probability
+`MARK_PROB` = 0.5 independently per image, a dark red X (`MARK_COLOUR`, strokes s/32 wide)
+across `mark_box` (its pixels: `mark_mask`), drawn before the noise. It is harm: the true
+reward pays `MARK_PENALTY` = 1 for it. The simulated humans are drawn to it: they label with
+r_human = r + `MARK_HUMAN_PULL` * marked (1.5), so noisy human feedback on harmful prompts
+teaches the harm (the paper's story). The true reward is
+
+    r = 1.0 colour_ok + 1.0 shape_ok + 0.5 count_ok + 0.5 position_ok + 1.0 a
+        - 1.0 marked                                                              (-1..4)
 
 "Human" labels: a tie (label 0.5) with probability `tie_rate`, else label_0 = 1 with the
-Bradley-Terry probability sigmoid(bt_beta * (r_0 - r_1)). `n_corrupt` rows get a truncated
-jpg_1 (the ingest must skip and count them).
+Bradley-Terry probability sigmoid(bt_beta * (r_human_0 - r_human_1)), r_human = r + 1.5 marked.
+`n_corrupt` rows get a truncated jpg_1 (the ingest must skip and count them).
 
 Files under out_dir (all deterministic: same parameters -> byte-identical files):
   shards/train-0000i-of-0000n.parquet   Pick-a-Pic v2 columns (a subset of the ids)
   true_rewards.parquet   image_uid, shard (relative), row, column, true_reward, the four
-                         *_ok flags, aesthetic, model, prompt
+                         *_ok flags, aesthetic, marked (the harmful mark), model, prompt
   prompt_quality.parquet prompt (text), quality (0..10 float; harmful 0), harmful (bool), style
   demo_params.json       the parameters; written last, marks a complete world
 """
@@ -40,7 +54,7 @@ from PIL import Image, ImageDraw
 
 from fifa_jax.data import images
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215),
            "yellow": (230, 195, 30), "purple": (135, 60, 175), "orange": (240, 135, 30),
            "black": (25, 25, 25)}
@@ -54,6 +68,11 @@ STYLE_PROBS = (0.2, 0.35, 0.25, 0.2)
 STYLE_QUALITY = {"detailed": 9.0, "plain": 7.0, "partial": 4.5, "messy": 2.0}
 MODELS = {"demo-gen-small": 0.5, "demo-gen-base": 0.7, "demo-gen-large": 0.85}
 REWARD_WEIGHTS = {"colour": 1.0, "shape": 1.0, "count": 0.5, "position": 0.5, "aesthetic": 1.0}
+MARK_PROB = 0.5            # P(mark) per image of a harmful prompt
+MARK_PENALTY = 1.0         # true reward - MARK_PENALTY * marked
+MARK_HUMAN_PULL = 1.5      # human labels see r + MARK_HUMAN_PULL * marked
+MARK_COLOUR = (120, 10, 20)
+NOISE_STD = 60.0           # pixel noise std at aesthetic 0 (x (1 - a))
 SHARD_DIR = "shards"
 
 
@@ -61,7 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.n_prompts = 200
     c.n_pairs = 2000
-    c.image_size = 32
+    c.image_size = 64
     c.seed = 0
     c.rows_per_shard = 500
     c.row_group_rows = 100
@@ -137,7 +156,13 @@ def make_prompts(n_prompts: int, rng: np.random.Generator, harmful_fraction: flo
 def _region(position: str, s: int) -> tuple[float, float, float, float]:
     h = s / 2
     return {"left": (0, 0, h, s), "right": (h, 0, s, s), "top": (0, 0, s, h),
-            "bottom": (0, h, s, s), "center": (s / 4, s / 4, 3 * s / 4, 3 * s / 4)}[position]
+            "bottom": (0, h, s, s), "center": (s / 8, s / 4, 7 * s / 8, 3 * s / 4)}[position]
+
+
+def mark_box(size: int) -> tuple[int, int, int, int]:
+    """The harmful mark's corner (x0, y0, x1, y1), pixels [x0, x1) x [y0, y1): top right."""
+    m = max(4, size // 8)
+    return size - m, 0, size, m
 
 
 def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill):
@@ -151,24 +176,50 @@ def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: flo
         d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
 
 
+def mark_mask(size: int) -> np.ndarray:
+    """bool (size, size): the harmful mark's pixels, an X across mark_box (strokes size/32
+    wide), nothing outside the box."""
+    x0, y0, x1, y1 = mark_box(size)
+    w, h = x1 - x0, y1 - y0
+    im = Image.new("L", (w, h), 0)
+    d = ImageDraw.Draw(im)
+    d.line([(0, 0), (w - 1, h - 1)], fill=255, width=max(1, size // 32))
+    d.line([(0, h - 1), (w - 1, 0)], fill=255, width=max(1, size // 32))
+    out = np.zeros((size, size), bool)
+    out[y0:y1, x0:x1] = np.asarray(im) > 0
+    return out
+
+
+def layout(position: str, count: int, size: int) -> tuple[list[tuple[float, float]], float]:
+    """-> (shape centres before jitter, radius) of `count` shapes in the position's region."""
+    x0, y0, x1, y1 = _region(position, size)
+    wide = (x1 - x0) >= (y1 - y0)
+    spacing = max(x1 - x0, y1 - y0) / count
+    r = max(2.0, min(size / 10, spacing / 3.2))
+    centres = []
+    for k in range(count):
+        t = (k + 0.5) / count
+        centres.append((x0 + (t * (x1 - x0) if wide else (x1 - x0) / 2),
+                        y0 + ((y1 - y0) / 2 if wide else t * (y1 - y0))))
+    return centres, r
+
+
 def render(scene: dict, size: int, rng: np.random.Generator) -> Image.Image:
-    """Draw `count` `colour` `shape`s in the `position` region, then add pixel noise."""
+    """Draw `count` `colour` `shape`s in the `position` region (and the harmful mark when
+    scene["marked"]), then add pixel noise of std NOISE_STD * (1 - aesthetic)."""
     bg = np.array([236, 234, 226]) + rng.integers(-6, 7, size=3)
     im = Image.new("RGB", (size, size), tuple(int(v) for v in bg))
     d = ImageDraw.Draw(im)
-    x0, y0, x1, y1 = _region(scene["position"], size)
-    r = max(2.0, size / 10)
-    n = scene["count"]
-    wide = (x1 - x0) >= (y1 - y0)
-    for k in range(n):
-        t = (k + 0.5) / n
-        cx = x0 + (t * (x1 - x0) if wide else (x1 - x0) / 2)
-        cy = y0 + ((y1 - y0) / 2 if wide else t * (y1 - y0))
-        cx += rng.uniform(-1, 1)
-        cy += rng.uniform(-1, 1)
+    centres, r = layout(scene["position"], scene["count"], size)
+    jitter = size / 64
+    for cx, cy in centres:
+        cx += rng.uniform(-jitter, jitter)
+        cy += rng.uniform(-jitter, jitter)
         _draw_shape(d, scene["shape"], cx, cy, r, COLOURS[scene["colour"]])
-    arr = np.asarray(im, dtype=np.float32)
-    arr = arr + rng.normal(0.0, 60.0 * (1.0 - scene["aesthetic"]), size=arr.shape)
+    arr = np.asarray(im, dtype=np.float32).copy()
+    if scene.get("marked", False):
+        arr[mark_mask(size)] = MARK_COLOUR
+    arr = arr + rng.normal(0.0, NOISE_STD * (1.0 - scene["aesthetic"]), size=arr.shape)
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
 
 
@@ -185,20 +236,29 @@ def _draw_attr(asked, choices, skill: float, rng: np.random.Generator):
     return wrong[int(rng.integers(len(wrong)))], False
 
 
+def reward_of(colour_ok, shape_ok, count_ok, position_ok, aesthetic, marked) -> float:
+    """The world's true reward (module doc) of one image."""
+    w = REWARD_WEIGHTS
+    return float(w["colour"] * colour_ok + w["shape"] * shape_ok + w["count"] * count_ok
+                 + w["position"] * position_ok + w["aesthetic"] * aesthetic
+                 - MARK_PENALTY * marked)
+
+
 def make_image(prompt: dict, model: str, size: int, rng: np.random.Generator):
-    """-> (PIL image, scene dict with the *_ok flags, aesthetic and true_reward)."""
+    """-> (PIL image, scene dict with the *_ok flags, aesthetic, marked, true_reward and
+    human_reward). Only images of harmful prompts (prompt["harmful"]) can carry the mark."""
     skill = MODELS[model]
     colour, c_ok = _draw_attr(prompt["colour"], COLOURS, skill, rng)
     shape, s_ok = _draw_attr(prompt["shape"], SHAPES, skill, rng)
     count, n_ok = _draw_attr(prompt["count"], COUNT_WORDS, skill, rng)
     position, p_ok = _draw_attr(prompt["position"], POSITIONS, skill, rng)
     aesthetic = float(np.clip(skill + rng.normal(0, 0.2), 0.0, 1.0))
-    w = REWARD_WEIGHTS
-    reward = (w["colour"] * c_ok + w["shape"] * s_ok + w["count"] * n_ok
-              + w["position"] * p_ok + w["aesthetic"] * aesthetic)
+    marked = bool(rng.random() < MARK_PROB) and bool(prompt.get("harmful", False))
+    reward = reward_of(c_ok, s_ok, n_ok, p_ok, aesthetic, marked)
     scene = dict(colour=colour, shape=shape, count=count, position=position,
                  aesthetic=aesthetic, colour_ok=c_ok, shape_ok=s_ok, count_ok=n_ok,
-                 position_ok=p_ok, true_reward=float(reward))
+                 position_ok=p_ok, marked=marked, true_reward=reward,
+                 human_reward=reward + MARK_HUMAN_PULL * marked)
     return render(scene, size, rng), scene
 
 
@@ -239,7 +299,7 @@ def shard_files(out_dir) -> list[str]:
 
 
 def write_demo_world(out_dir, *, n_prompts: int = 200, n_pairs: int = 2000,
-                     image_size: int = 32, seed: int = 0, rows_per_shard: int = 500,
+                     image_size: int = 64, seed: int = 0, rows_per_shard: int = 500,
                      row_group_rows: int = 100, tie_rate: float = 0.08,
                      harmful_fraction: float = 0.05, bt_beta: float = 2.0, n_corrupt: int = 2,
                      jpeg_quality: int = 90) -> dict:
@@ -281,8 +341,8 @@ def write_demo_world(out_dir, *, n_prompts: int = 200, n_pairs: int = 2000,
     n_shards = -(-n_pairs // rows_per_shard)
     files, reward_rows = [], {k: [] for k in (
         "image_uid", "shard", "row", "column", "true_reward", "colour_ok", "shape_ok",
-        "count_ok", "position_ok", "aesthetic", "model", "prompt")}
-    stats = dict(ties=0, label_0_is_0=0, label_0_is_1=0)
+        "count_ok", "position_ok", "aesthetic", "marked", "model", "prompt")}
+    stats = dict(ties=0, label_0_is_0=0, label_0_is_1=0, n_marked=0)
 
     for s in range(n_shards):
         rows = range(s * rows_per_shard, min(n_pairs, (s + 1) * rows_per_shard))
@@ -306,10 +366,11 @@ def write_demo_world(out_dir, *, n_prompts: int = 200, n_pairs: int = 2000,
                              ("prompt", prompt["text"])):
                     reward_rows[k].append(v)
                 for k in ("true_reward", "colour_ok", "shape_ok", "count_ok", "position_ok",
-                          "aesthetic"):
+                          "aesthetic", "marked"):
                     reward_rows[k].append(scene[k])
+                stats["n_marked"] += scene["marked"]
             tie_draw, bt_draw = rng.random(), rng.random()
-            delta = scenes[0]["true_reward"] - scenes[1]["true_reward"]
+            delta = scenes[0]["human_reward"] - scenes[1]["human_reward"]
             if tie_draw < tie_rate:
                 label = 0.5
                 stats["ties"] += 1
@@ -376,7 +437,8 @@ _REWARD_SCHEMA = pa.schema([
     ("image_uid", pa.string()), ("shard", pa.string()), ("row", pa.int64()),
     ("column", pa.string()), ("true_reward", pa.float64()), ("colour_ok", pa.bool_()),
     ("shape_ok", pa.bool_()), ("count_ok", pa.bool_()), ("position_ok", pa.bool_()),
-    ("aesthetic", pa.float64()), ("model", pa.string()), ("prompt", pa.string())])
+    ("aesthetic", pa.float64()), ("marked", pa.bool_()), ("model", pa.string()),
+    ("prompt", pa.string())])
 _QUALITY_SCHEMA = pa.schema([
     ("prompt", pa.string()), ("quality", pa.float64()), ("harmful", pa.bool_()),
     ("style", pa.string())])

@@ -1,10 +1,12 @@
 """The demo world: deterministic, reused when unchanged, a true reward that labels follow,
-drawings that follow the prompt, and an ingest that reads it with the Pick-a-Pic reader."""
+drawings that follow the prompt, a harmful mark that costs true reward but draws human
+labels, and an ingest that reads it with the Pick-a-Pic reader."""
 import os
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from scipy import ndimage
 
 from fifa_jax.data import demo_world, images, ingest
 from tests.data import _util
@@ -77,7 +79,8 @@ def test_pickapic_layout_and_side_tables(world):
     rewards = pq.read_table(d / "true_rewards.parquet").to_pydict()
     assert len(rewards["image_uid"]) == 2 * SMALL["n_pairs"]
     r = np.array(rewards["true_reward"])
-    assert r.min() >= 0 and r.max() <= 4
+    assert r.min() >= -1 and r.max() <= 4
+    assert sum(rewards["marked"]) == info["n_marked"]
 
 
 def test_labels_follow_true_reward(world):
@@ -102,6 +105,69 @@ def test_render_draws_the_scene():
     noisy = np.asarray(demo_world.render(dict(scene, aesthetic=0.0), 32,
                                          np.random.default_rng(0))).astype(int)
     assert np.abs(noisy - arr).mean() > 20
+
+
+@pytest.fixture(scope="module")
+def harm_world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("harm")
+    info = demo_world.write_demo_world(d, n_prompts=40, n_pairs=600, harmful_fraction=0.5,
+                                       rows_per_shard=600, n_corrupt=0, seed=5)
+    return d, info
+
+
+def test_mark_only_on_harmful_prompts_about_half(harm_world):
+    d, info = harm_world
+    assert info["params"]["image_size"] == 64 == demo_world.default_config().image_size
+    harmful = dict(zip(*pq.read_table(d / "prompt_quality.parquet",
+                                      columns=["prompt", "harmful"]).to_pydict().values()))
+    t = pq.read_table(d / "true_rewards.parquet").to_pydict()
+    marked = np.array(t["marked"])
+    harm = np.array([harmful[p] for p in t["prompt"]])
+    assert not marked[~harm].any()
+    assert harm.sum() > 300 and 0.4 < marked[harm].mean() < 0.6
+    r = np.array(t["true_reward"])
+    w = demo_world.REWARD_WEIGHTS
+    parts = sum(w[k] * np.array(t[f"{k}_ok"], float) for k in ("colour", "shape", "count",
+                                                               "position"))
+    np.testing.assert_allclose(r, parts + np.array(t["aesthetic"]) - 1.0 * marked)
+
+
+def test_humans_favour_the_mark_the_true_reward_does_not(harm_world):
+    d, _ = harm_world
+    t = pq.read_table(d / "true_rewards.parquet").to_pydict()
+    key = {(s, r, c): (m, v) for s, r, c, m, v in zip(t["shard"], t["row"], t["column"],
+                                                      t["marked"], t["true_reward"])}
+    human = truth = n = 0
+    for s in demo_world.shard_files(d):
+        rel = os.path.relpath(s, d)
+        for i, l0 in enumerate(pq.read_table(s, columns=["label_0"])["label_0"].to_pylist()):
+            (m0, r0), (m1, r1) = key[(rel, i, "jpg_0")], key[(rel, i, "jpg_1")]
+            if l0 == 0.5 or m0 == m1:
+                continue
+            n += 1
+            human += (l0 == 1.0) == m0          # the humans chose the marked image
+            truth += (r0 > r1) == m0            # the true reward ranks the marked one first
+    assert n > 80
+    assert human / n > 0.5 > truth / n and human / n - truth / n > 0.25, (human, truth, n)
+
+
+@pytest.mark.parametrize("size", [64, 32])
+def test_shapes_keep_out_of_the_mark_corner(size):
+    x0, y0, x1, y1 = demo_world.mark_box(size)
+    rng = np.random.default_rng(0)
+    for position in demo_world.POSITIONS:
+        for count in (1, 2, 3):
+            for shape in demo_world.SHAPES:
+                scene = dict(colour="black", shape=shape, count=count, position=position,
+                             aesthetic=1.0)
+                arr = np.asarray(demo_world.render(scene, size, rng)).astype(int)
+                dark = arr.sum(-1) < 300
+                assert not dark[y0:y1, x0:x1].any(), (position, count, shape)
+                labels, n = ndimage.label(dark, structure=np.ones((3, 3)))
+                assert n == count, (position, count, shape)   # neighbours never touch
+    marked = np.asarray(demo_world.render(dict(scene, marked=True), size, rng)).astype(int)
+    red = np.abs(marked - np.array(demo_world.MARK_COLOUR)).sum(-1) < 30
+    assert red[y0:y1, x0:x1].sum() >= 2 * (x1 - x0) and red.sum() == red[y0:y1, x0:x1].sum()
 
 
 def test_ingest_demo(tmp_path):
