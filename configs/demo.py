@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.encode = encode.default_config()
     config.encode.base_model = "demo"      # a tiny SD1.5-layout pipeline built in the work dir
-    config.encode.resolution = 32
+    config.encode.resolution = 64            # the demo world draws 64 x 64 images
     config.encode.num_val_pairs = 64
     config.encode.batch_size = 32
 
