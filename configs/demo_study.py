@@ -13,24 +13,17 @@ full-data run's final true reward. Writes study/results.md (the table, means wit
 intervals over seeds), study/results.json and study/true_reward_vs_step.png.
 Expected: about 40 minutes on 2 CPU cores; the README quotes the table and the plot.
 """
-import importlib.util
 import os
 
 import ml_collections
 
+from fifa_jax.config_check import load_config_file
 from fifa_jax.demo import study
 
 
-def _demo():
-    spec = importlib.util.spec_from_file_location(
-        "_fifa_demo", os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = _demo()
+    config = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                           "demo.py"))
     config.stages = "ingest,score,study"
     config.select.method = "importance"     # each run sets its own method
     config.study = study.default_config()

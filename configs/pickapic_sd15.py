@@ -22,26 +22,18 @@ accuracy (train/metrics.jsonl, kind "eval") rises above 0.5 (the official full-d
 reports 60.8% on the Pick-a-Pic validation set); export/pipeline loads with
 `DiffusionPipeline.from_pretrained`.
 """
-import importlib.util
 import os
 
 import ml_collections
 
+from fifa_jax.config_check import load_config_file
 from fifa_jax.training import encode, export, train
-
-
-def _pickapic(arg):
-    spec = importlib.util.spec_from_file_location(
-        "_fifa_pickapic", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                       "pickapic.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     root = (arg or "/data/fifa").partition(",")[0]
-    config = _pickapic(arg)
+    here = os.path.dirname(os.path.abspath(__file__))
+    config = load_config_file(os.path.join(here, "pickapic.py") + (f":{arg}" if arg else ""))
     config.stages = "ingest,score,select,encode,train,export"
 
     config.encode = encode.default_config()

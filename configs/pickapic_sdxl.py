@@ -19,26 +19,18 @@ updates) are about 1% of the official run's pair-steps.
 Expected: held-out implicit accuracy above 0.5 (the official SDXL run: 72.0%);
 export/pipeline loads with `StableDiffusionXLPipeline.from_pretrained`.
 """
-import importlib.util
 import os
 
 import ml_collections
 
+from fifa_jax.config_check import load_config_file
 from fifa_jax.training import encode, export, train
-
-
-def _pickapic(arg):
-    spec = importlib.util.spec_from_file_location(
-        "_fifa_pickapic", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                       "pickapic.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     root = (arg or "/data/fifa").partition(",")[0]
-    config = _pickapic(arg)
+    here = os.path.dirname(os.path.abspath(__file__))
+    config = load_config_file(os.path.join(here, "pickapic.py") + (f":{arg}" if arg else ""))
     config.stages = "ingest,score,select,encode,train,export"
     config.mesh.fsdp = 8
     config.mesh.data = -1

@@ -37,7 +37,8 @@ DEMO_ARGS = ["--config", "configs/demo.py", "--config.data.demo.n_prompts=30",
              "--config.data.demo.n_pairs=200", "--config.select.k_pairs=20",
              "--config.encode.num_val_pairs=8", "--config.train.num_steps=3",
              "--config.train.eval_every=0", "--config.train.checkpoint_every=0",
-             "--config.train.progress=False"]
+             "--config.train.progress=False",
+             "--config.stages=ingest,score,select,encode,train,export"]
 DEMO_STAGES = "['ingest', 'score', 'select', 'encode', 'train', 'export']"
 _DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
              "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_PORT",
