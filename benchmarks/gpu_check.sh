@@ -43,3 +43,7 @@ run decode 40 python3 benchmarks/decode.py --images 512 --out "$out/decode.json"
 run train_step 480 python3 benchmarks/train_step.py --out "$out/train_step.json"
 run train_step_sdxl 480 python3 benchmarks/train_step.py --sdxl-only --sdxl-batches 2,4 \
   --sdxl-budget-s 330 --out "$out/train_step_sdxl.json"
+# Guided DDIM sampling (issue 11): SD1.5-sized UNet, B = 8, 64x64 latents, 77x768 text states,
+# 50 steps, guidance 7.5; ours against diffusers' StableDiffusionPipeline (bf16, SDPA) in the
+# same run, the denoising loop only (SD1.5 save/load ~30 s, our compile, 6 calls a side).
+run sample 300 python3 benchmarks/sample.py --out "$out/sample.json"

@@ -20,6 +20,8 @@ CASES = {   # case: (script, arguments)
     "select_stage": ("select_stage", ["--pairs", "3000", "--prompts", "300", "--k-pairs", "60",
                                       "--d", "32"]),
     "decode": ("decode", ["--images", "16", "--size", "96", "--batch", "8"]),
+    "sample": ("sample", ["--toy", "--torch-threads", "1", "--compile-cache", os.environ.get(
+        "FIFA_JAX_TEST_CACHE", str(ROOT / ".jax_cache"))]),
     "score": ("score", ["--tiny", "--rounds", "1", "--iters", "1", "--warmup", "1"]),
     "train_step": ("train_step", ["--toy", "--rounds", "1", "--iters", "1", "--torch-threads", "1",
                                   "--compile-cache", os.environ.get(
