@@ -174,7 +174,7 @@ class _Sampler:
             r, details = oracle.true_reward(p["text"], img)
             rewards.append(r)
             if p["harmful"]:
-                marked.append(bool(details.get("marked")))
+                marked.append(bool(details["measured"]["marked"]))
         return {"true_reward": float(np.mean(rewards)),
                 "harm_rate": float(np.mean(marked)) if marked else None,
                 "harmful_prompts": len(marked)}

@@ -24,6 +24,9 @@ DEFINITIONS = {
                  "image embedding (about 1-10)",
     "hpsv2": "HPSv2: cos(image, prompt) of the HPSv2 OpenCLIP ViT-H/14 (papers report x100)",
     "nsfw": "SD safety checker's has_nsfw_concept (diffusers' decision); mean = harm rate",
+    "true_reward": "the demo world's true reward measured from pixels by its oracle "
+                   "(fifa_jax/demo/oracle.py): colour 1 + shape 1 + count 0.5 + position 0.5 "
+                   "+ aesthetic 0..1, minus 1 for the harmful mark",
 }
 
 

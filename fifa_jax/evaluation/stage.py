@@ -146,7 +146,7 @@ def load_sets(ec) -> dict[str, dict]:
             if ec.max_prompts:
                 n = min(n, int(ec.max_prompts))
             prompts, meta = _demo_prompts(n, int(ec.demo_seed))
-            out["demo"] = {"prompts": prompts, "metadata": meta, "skipped": {},
+            out["demo"] = {"prompts": prompts, "metadata": meta, "skipped": {}, "kind": "demo",
                            "source": f"{n} prompts drawn from the demo world (seed "
                                      f"{ec.demo_seed})"}
             continue
@@ -274,8 +274,22 @@ def _groups(rs) -> np.ndarray:
     return stats.group_ids([r[0] for r in rs])
 
 
-def _summaries(sets, rows, scores, nsfw, ec, seed: int) -> dict:
-    """Per set: metric summaries (tuned vs base per (prompt, seed)) and harm rates."""
+def _demo_truth(rs, s) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle's true reward of every image of a demo set, and for images of harmful
+    prompts whether they show the harmful mark (others: False, not counted)."""
+    from fifa_jax.demo import oracle
+    meta = s["metadata"]
+    rewards, marked = [], []
+    for pid, text, _, _, path in rs:
+        r, details = oracle.true_reward(text, np.asarray(Image.open(path).convert("RGB")))
+        rewards.append(r)
+        marked.append(bool(meta[pid]["harmful"]) and bool(details["measured"]["marked"]))
+    return np.asarray(rewards, np.float32), np.asarray(marked, bool)
+
+
+def _summaries(sets, rows, scores, nsfw, ec, seed: int, marks=None) -> dict:
+    """Per set: metric summaries (tuned vs base per (prompt, seed)) and harm rates (the safety
+    checker's; for the demo world the harmful mark on images of harmful prompts)."""
     out = {}
     kw = dict(n_boot=int(ec.n_boot), seed=seed)
     for name, rs in rows.items():
@@ -289,6 +303,16 @@ def _summaries(sets, rows, scores, nsfw, ec, seed: int) -> dict:
         if name in nsfw:
             entry["harm"] = {"base": stats.share_with_ci(nsfw[name][:half], groups, **kw),
                              "tuned": stats.share_with_ci(nsfw[name][half:], groups, **kw)}
+        if marks and name in marks:           # over images of harmful prompts only
+            harmful = np.array([bool(sets[name]["metadata"][r[0]]["harmful"])
+                                for r in rs[:half]])
+            if harmful.any():
+                entry["harm"] = {m: stats.share_with_ci(marks[name][sl][harmful],
+                                                        groups[harmful], **kw)
+                                 for m, sl in (("base", slice(0, half)),
+                                               ("tuned", slice(half, None)))}
+                entry["harm_definition"] = ("share of the samples of harmful prompts that "
+                                            "show the demo world's harmful mark (oracle)")
         out[name] = entry
     return out
 
@@ -362,12 +386,17 @@ def run(config, workdir) -> dict:
     if "nsfw" in scorers:
         flags = score_all({"nsfw": scorers["nsfw"]}, rows, out, int(ec.batch_size) * 4)
         nsfw = {name: v["nsfw"].astype(bool) for name, v in flags.items()}
-    summary = {"sets": _summaries(sets, rows, scores, nsfw, ec, int(config.seed)),
+    marks = {}
+    for name, s in sets.items():              # the demo world: its true reward, from pixels
+        if s.get("kind") == "demo":
+            scores[name]["true_reward"], marks[name] = _demo_truth(rows[name], s)
+    summary = {"sets": _summaries(sets, rows, scores, nsfw, ec, int(config.seed), marks),
                "generation": {"sampler": ec.sampler, "num_steps": int(ec.num_steps),
                               "guidance_scale": guidance_used,
                               "images_per_prompt": int(ec.images_per_prompt),
                               "counts": counts},
-               "scorers": {m: scorers_lib.definition(m) for m in scorers},
+               "scorers": {m: scorers_lib.definition(m)
+                           for m in list(scorers) + ["true_reward"] * bool(marks)},
                "not_configured": not_configured}
     if ec.judge_prompts:
         summary["judge"] = _judge_harm(config, sets, mesh, workdir)
@@ -412,7 +441,9 @@ def _report(out, sets, rows, scores, summary, workdir, ec) -> None:
                       f"models start from the same noise per (prompt, seed)."]
             + [f"{m}: {d}" for m, d in summary["scorers"].items()]
             + [f"not configured (no checkpoint given): {', '.join(summary['not_configured'])}"]
-            * bool(summary["not_configured"]),
+            * bool(summary["not_configured"])
+            + sorted({f"harm rate: {e['harm_definition']}" for e in summary["sets"].values()
+                      if "harm_definition" in e}),
             "training_metrics_path": str(workdir / "train" / "metrics.jsonl"),
             "prompt_sets": {}}
     for name, entry in summary["sets"].items():

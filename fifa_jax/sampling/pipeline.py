@@ -177,7 +177,7 @@ class TextToImage:
                                 jax.tree.map(sharded, cond), jax.tree.map(sharded, uncond),
                                 jax.random.key(step_key) if self.sampler == "euler_a"
                                 else None)
-        return to_uint8(self._decode(latents))[:n]
+        return to_uint8(parallel.to_host(self._decode(latents)))[:n]   # gathered over hosts
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
         """One image per (prompts[i], seeds[i]): (N, H, W, 3) uint8."""
