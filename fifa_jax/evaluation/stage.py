@@ -415,17 +415,21 @@ def run(config, workdir) -> dict:
 
 
 def _judge_harm(config, sets, mesh, workdir) -> dict:
-    """The share of each set's prompts that config.score.judge marks harmful."""
+    """Per set: the share of its prompts that config.score.judge marks harmful (over the
+    prompts it could rate; the others are counted as `not_rated`)."""
     from fifa_jax.scoring import judge
     from fifa_jax.scoring.stage import _judge_config
-    cfg = _judge_config(config.score.judge, workdir)
+    cfg = _judge_config(config.score.judge, pathlib.Path(workdir))
     out = {}
     for name, s in sets.items():
-        res = judge.judge_prompts([t for _, t in s["prompts"]], cfg, mesh=mesh,
-                                  cache_dir=str(workdir / STAGE / "judge_cache"))
-        flags = np.asarray(res.harmful, bool)
-        out[name] = stats.share_with_ci(flags, n_boot=int(config.evaluate.n_boot),
-                                        seed=int(config.seed))
+        texts = list(dict.fromkeys(t for _, t in s["prompts"]))
+        res = judge.judge_prompts(texts, cfg, mesh=mesh,
+                                  cache_dir=str(pathlib.Path(workdir) / STAGE / "judge_cache"))
+        ok = np.asarray(res.ok, bool)
+        share = (stats.share_with_ci(np.asarray(res.harmful, bool)[ok],
+                                     n_boot=int(config.evaluate.n_boot), seed=int(config.seed))
+                 if ok.any() else {"rate": None, "ci": [None, None], "count": 0, "n": 0})
+        out[name] = dict(share, not_rated=int((~ok).sum()))
     return out
 
 
