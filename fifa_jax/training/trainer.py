@@ -73,8 +73,10 @@ class Trainer:
         base = jax.device_put(base, self.param_shardings)
         self.seed = int(seed)
         self.state = ts.init_state(base, optimizer, self.seed, self.state_shardings)
-        self.ref_params = jax.jit(
-            lambda p: jax.tree.map(lambda x: jnp.array(x, ref_dtype, copy=True), p),
+        # the reference is the loaded arrays themselves (the policy is a copy in new buffers),
+        # or their bfloat16 cast: never a third full copy
+        self.ref_params = base if jnp.dtype(ref_dtype) == jnp.float32 else jax.jit(
+            lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p),
             out_shardings=self.param_shardings)(base)
         del base
         self.consts = jax.device_put({k: jnp.asarray(v) for k, v in consts.items()},
