@@ -159,6 +159,18 @@ def _write_if_changed(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def preprocessor_config(image_size: int) -> bytes:
+    """The CLIP processor config: shortest edge and crop = image_size, bicubic, OpenAI
+    mean / std."""
+    return (json.dumps({
+        "crop_size": {"height": image_size, "width": image_size}, "do_center_crop": True,
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+        "image_processor_type": "CLIPImageProcessor", "resample": 3,
+        "rescale_factor": 1 / 255, "size": {"shortest_edge": image_size}},
+        indent=1, sort_keys=True) + "\n").encode()
+
+
 def build_demo_reward(folder) -> str:
     """Write the tiny reward checkpoint + tokenizer + processor config into `folder`."""
     from safetensors.numpy import save
