@@ -1,30 +1,28 @@
-"""Tiny, deterministic CLIP-layout proxy reward for the demo world (no download needed).
+"""The demo world's pretrained CLIP-layout proxy reward, shipped in the package.
 
-`build_demo_reward(folder)` writes a complete transformers-layout CLIPModel folder:
-  config.json + model.safetensors    (random weights from a fixed numpy seed; PickScore's
-                                      logit_scale = ln 100)
+`build_demo_reward(folder)` installs the files of `fifa_jax/demo/models/reward/` (trained
+PickScore-style on the demo world by `python -m fifa_jax.demo.build_models`, see
+`fifa_jax/demo/train_clip.py`; imperfect on purpose), a transformers-layout CLIPModel folder:
+  config.json + model.safetensors    (`model_config`: 32-wide towers, 2 layers each, ViT
+                                      patch 4 on 32 x 32 inputs, projection 16)
   vocab.json + merges.txt + tokenizer_config.json + special_tokens_map.json
-                                     (a CLIP byte-level BPE tokenizer: the 256 byte symbols,
-                                      their end-of-word forms, and merges learnt by plain BPE
-                                      from a fixed word list)
-  preprocessor_config.json           (CLIP processor: shortest edge and crop = image_size,
-                                      bicubic, OpenAI mean/std)
-The bytes are the same on every call; files whose content is unchanged are not rewritten (so
-their mtimes, which key the margin chunks' fingerprint, stay put).
+                                     (`tokenizer_files`: a CLIP byte-level BPE tokenizer: the
+                                      256 byte symbols, their end-of-word forms, and merges
+                                      learnt by plain BPE from a fixed word list)
+  preprocessor_config.json           (`preprocessor_config`: CLIP processor, shortest edge and
+                                      crop = IMAGE_SIZE, bicubic, OpenAI mean/std)
+Files whose content is unchanged are not rewritten (so their mtimes, which key the margin
+chunks' fingerprint, stay put).
 """
 from __future__ import annotations
 
 import collections
-import io
 import json
 import math
 import os
 
-import numpy as np
-
 from fifa_jax.scoring.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-SEED = 20240611
 IMAGE_SIZE = 32
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 _CORPUS = """a photo of the cat dog on in with and red blue green yellow black white small large
@@ -119,33 +117,11 @@ def model_config(vocab_size: int, bos_id: int, eos_id: int) -> dict:
             "model_type": "clip_text_model"}
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_channels": 3, "image_size": IMAGE_SIZE,
-              "patch_size": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+              "patch_size": 4, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
               "projection_dim": 16, "model_type": "clip_vision_model"}
     return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 16,
             "logit_scale_init_value": math.log(100.0), "text_config": text,
             "vision_config": vision}
-
-
-def _weights(cfg: dict) -> dict[str, np.ndarray]:
-    """Random PyTorch-layout tensors for every key of the CLIPModel (fixed seed)."""
-    from fifa_jax.models import clip_io
-    from fifa_jax.models.clip_config import config_from_dict
-    abstract = clip_io.build(config_from_dict(cfg, "demo reward"))
-    rng = np.random.default_rng(SEED)
-    out = {}
-    for key, (_, _, shape) in sorted(clip_io.name_map(abstract).items()):
-        if key == "logit_scale":
-            out[key] = np.asarray(math.log(100.0), np.float32)
-        elif key.endswith("layer_norm1.weight") or key.endswith("layer_norm2.weight") or \
-                key.endswith("layernorm.weight") or key.endswith("layrnorm.weight") or \
-                key.endswith("final_layer_norm.weight"):
-            out[key] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        elif key.endswith(".bias"):
-            out[key] = (0.02 * rng.standard_normal(shape)).astype(np.float32)
-        else:
-            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
-            out[key] = (rng.standard_normal(shape) / math.sqrt(fan_in)).astype(np.float32)
-    return out
 
 
 def _write_if_changed(path: str, data: bytes) -> None:
@@ -159,23 +135,29 @@ def _write_if_changed(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def build_demo_reward(folder) -> str:
-    """Write the tiny reward checkpoint + tokenizer + processor config into `folder`."""
-    from safetensors.numpy import save
-    folder = str(folder)
-    os.makedirs(folder, exist_ok=True)
-    files = tokenizer_files()
-    vocab = json.loads(files["vocab.json"])
-    cfg = model_config(len(vocab), vocab[BOS], vocab[EOS])
-    files["config.json"] = (json.dumps(cfg, indent=1, sort_keys=True) + "\n").encode()
-    files["preprocessor_config.json"] = (json.dumps({
-        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "do_center_crop": True,
+def preprocessor_config(image_size: int) -> bytes:
+    """The CLIP processor config: shortest edge and crop = image_size, bicubic, OpenAI
+    mean / std."""
+    return (json.dumps({
+        "crop_size": {"height": image_size, "width": image_size}, "do_center_crop": True,
         "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
         "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
         "image_processor_type": "CLIPImageProcessor", "resample": 3,
-        "rescale_factor": 1 / 255, "size": {"shortest_edge": IMAGE_SIZE}},
+        "rescale_factor": 1 / 255, "size": {"shortest_edge": image_size}},
         indent=1, sort_keys=True) + "\n").encode()
-    files["model.safetensors"] = save(_weights(cfg), metadata={"format": "pt"})
-    for name, data in files.items():
-        _write_if_changed(os.path.join(folder, name), data)
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo",
+                       "models", "reward")
+
+
+def build_demo_reward(folder) -> str:
+    """Install the shipped pretrained demo reward (checkpoint, tokenizer, processor config)
+    into `folder` (created if absent); returns it."""
+    from fifa_jax.training.demo_base import sync_tree
+    if not os.path.exists(os.path.join(SHIPPED, "model.safetensors")):
+        raise FileNotFoundError(f"the shipped demo reward {SHIPPED} is missing; rebuild it with "
+                                f"`python -m fifa_jax.demo.build_models`")
+    folder = str(folder)
+    sync_tree(SHIPPED, folder)
     return folder

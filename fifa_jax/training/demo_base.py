@@ -1,61 +1,37 @@
-"""A tiny, deterministic Stable-Diffusion-1.5-layout base pipeline for the demo world.
+"""The demo world's pretrained Stable-Diffusion-1.5-layout base pipeline, shipped in the package.
 
-`build_demo_base(folder, seed=0)` writes, with no download:
+`build_demo_base(folder)` installs, with no download, the files of `fifa_jax/demo/models/base/`
+(trained from scratch on the demo world by `python -m fifa_jax.demo.build_models`):
 
     model_index.json             StableDiffusionPipeline; safety_checker / feature_extractor null
-    unet/                        UNet2DConditionModel, 4 x 8 x 8 latents, block_out (16, 32),
+    unet/                        UNet2DConditionModel on 4 x 16 x 16 latents, block_out (32, 64),
                                  cross-attention on the text encoder's 32-wide hidden states
-    vae/                         AutoencoderKL, 3 levels (16, 24, 32): 32 x 32 RGB <-> 4 x 8 x 8
-    text_encoder/                CLIPTextModel: the demo reward's text tower config
+                                 (fifa_jax/demo/train_unet.py; deliberately imperfect)
+    vae/                         AutoencoderKL, 3 levels (16, 32, 64): 64 x 64 RGB <-> 4 x 16 x 16,
+                                 scaling_factor = 1 / std of its latents (demo/train_vae.py)
+    text_encoder/                CLIPTextModel (the demo reward's text-tower config), trained
+                                 jointly with the UNet
     tokenizer/                   the demo reward's tiny CLIP BPE tokenizer (same files)
     scheduler/scheduler_config.json   SD1.5's PNDM schedule (scaled_linear 0.00085..0.012, 1000)
 
-Weights are drawn from a numpy RNG keyed by (seed, component), at the scales of PyTorch's
-default init (Linear / Conv: U(+-1/sqrt(fan_in)) for weight and bias; norms weight 1, bias 0;
-CLIP's token and position embeddings N(0, 0.02) as in transformers), into abstractly built
-models (no eager init), then saved with our own writers. The VAE's posterior log-variance bias
-starts at -6 (std ~0.05), so that the random encoder's latents carry the image rather than noise.
-
-The bytes are the same on every call with the same seed; files whose content is unchanged are
-not rewritten, so their mtimes (which key the stage runner's fingerprints) stay put.
+Files whose content is unchanged are not rewritten, so their mtimes (which key the stage
+runner's fingerprints) stay put. `init_tensors` (PyTorch default init scales from a numpy RNG)
+is the trainers' initialiser.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 
-from fifa_jax.scoring.demo_checkpoints import (BOS, EOS, _write_if_changed, model_config,
-                                               tokenizer_files)
+from fifa_jax.scoring.demo_checkpoints import BOS, EOS, _write_if_changed, model_config
 
 DIFFUSERS_VERSION = "0.30.0"
-LATENT_CHANNELS = 4
-IMAGE_SIZE = 32  # the demo world's images (fifa_jax/data/demo_world.py)
-LOGVAR_BIAS = -6.0
-
-UNET_CONFIG = {
-    "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
-    "sample_size": IMAGE_SIZE // 4, "in_channels": LATENT_CHANNELS,
-    "out_channels": LATENT_CHANNELS, "center_input_sample": False, "flip_sin_to_cos": True,
-    "freq_shift": 0, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "only_cross_attention": False,
-    "block_out_channels": [16, 32], "layers_per_block": 1, "downsample_padding": 1,
-    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 8, "norm_eps": 1e-5,
-    "cross_attention_dim": 32, "attention_head_dim": 2, "use_linear_projection": False,
-}
-# scaling_factor 3.0: the random encoder of seed 0 gives demo-world images latents of std ~0.33,
-# so scaled latents have std ~1 as SD's do (tests/training/test_demo_base.py checks the range).
-VAE_CONFIG = {
-    "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
-    "in_channels": 3, "out_channels": 3, "latent_channels": LATENT_CHANNELS,
-    "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
-    "block_out_channels": [16, 24, 32], "layers_per_block": 1, "act_fn": "silu",
-    "norm_num_groups": 8, "sample_size": IMAGE_SIZE, "scaling_factor": 3.0,
-}
+IMAGE_SIZE = 64  # the demo world's images (fifa_jax/data/demo_world.py), 4 x 16 x 16 latents
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo",
+                       "models", "base")
 SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
     "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -72,13 +48,6 @@ MODEL_INDEX = {
     "safety_checker": [None, None], "feature_extractor": [None, None],
     "requires_safety_checker": False,
 }
-_COMPONENT_SEEDS = {"unet": 1, "vae": 2, "text_encoder": 3}
-
-
-def _json_bytes(d: dict) -> bytes:
-    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-
 def init_tensors(names: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """PyTorch-layout float32 tensors at PyTorch's default init scales.
 
@@ -113,27 +82,6 @@ def init_tensors(names: dict, rng: np.random.Generator) -> dict[str, np.ndarray]
     return out
 
 
-def _rng(seed: int, component: str) -> np.random.Generator:
-    return np.random.default_rng([int(seed), _COMPONENT_SEEDS[component]])
-
-
-def _unet(seed: int):
-    from fifa_jax.models.torch_names import fill_from_torch
-    from fifa_jax.models.unet_io import UNET_RENAMES, abstract_unet, unet_name_map
-    abstract = abstract_unet(UNET_CONFIG)
-    tensors = init_tensors(unet_name_map(abstract), _rng(seed, "unet"))
-    return fill_from_torch(abstract, tensors, UNET_RENAMES, "demo base unet")
-
-
-def _vae(seed: int):
-    from fifa_jax.models.torch_names import fill_from_torch
-    from fifa_jax.models.vae_io import VAE_RENAMES, abstract_vae, vae_name_map
-    abstract = abstract_vae(VAE_CONFIG)
-    tensors = init_tensors(vae_name_map(abstract), _rng(seed, "vae"))
-    tensors["quant_conv.bias"][LATENT_CHANNELS:] = LOGVAR_BIAS
-    return fill_from_torch(abstract, tensors, VAE_RENAMES, "demo base vae")
-
-
 def text_encoder_config(vocab: dict) -> dict:
     """The CLIPTextModel config: the demo reward's text tower for the same tokenizer."""
     text = dict(model_config(len(vocab), vocab[BOS], vocab[EOS])["text_config"])
@@ -141,44 +89,28 @@ def text_encoder_config(vocab: dict) -> dict:
     return text
 
 
-def _text_encoder(seed: int, vocab: dict):
-    from fifa_jax.models import clip_io
-    from fifa_jax.models.clip_config import config_from_dict
-    abstract = clip_io.build(config_from_dict(text_encoder_config(vocab), "demo base text"))
-    tensors = init_tensors(clip_io.name_map(abstract), _rng(seed, "text_encoder"))
-    return clip_io.fill(abstract, tensors, "demo base text_encoder")
-
-
-def _sync_folder(src: str, dst: str) -> None:
-    """Copy every file of `src` to `dst` (same relative names), writing only changed bytes."""
-    os.makedirs(dst, exist_ok=True)
-    for name in sorted(os.listdir(src)):
-        with open(os.path.join(src, name), "rb") as f:
-            _write_if_changed(os.path.join(dst, name), f.read())
+def sync_tree(src: str, dst: str) -> None:
+    """Copy every file under `src` to the same relative path under `dst`, writing only files
+    whose bytes differ."""
+    for root, _, files in sorted(os.walk(src)):
+        rel = os.path.relpath(root, src)
+        os.makedirs(os.path.join(dst, rel), exist_ok=True)
+        for name in sorted(files):
+            with open(os.path.join(root, name), "rb") as f:
+                _write_if_changed(os.path.normpath(os.path.join(dst, rel, name)), f.read())
 
 
 def build_demo_base(folder, *, seed: int = 0) -> str:
-    """Write the tiny SD1.5-layout pipeline into `folder` (created if absent); returns it."""
-    from fifa_jax.models.clip_io import save_text_encoder
-    from fifa_jax.models.unet_io import save_unet
-    from fifa_jax.models.vae_io import save_vae
+    """Install the shipped pretrained demo pipeline into `folder` (created if absent)."""
+    if seed != 0:
+        raise ValueError(f"demo base seed={seed}: only seed 0 is shipped; build another with "
+                         f"`python -m fifa_jax.demo.build_models --seed {seed} --out DIR` and "
+                         f"use DIR/base as the base model")
+    if not os.path.exists(os.path.join(SHIPPED, "model_index.json")):
+        raise FileNotFoundError(f"the shipped demo base {SHIPPED} is missing; rebuild it with "
+                                f"`python -m fifa_jax.demo.build_models`")
     folder = str(folder)
-    os.makedirs(folder, exist_ok=True)
-    tok = tokenizer_files()
-    vocab = json.loads(tok["vocab.json"])
-    with tempfile.TemporaryDirectory(prefix="demo_base_") as tmp:
-        save_unet(_unet(seed), os.path.join(tmp, "unet"))
-        save_vae(_vae(seed), os.path.join(tmp, "vae"))
-        save_text_encoder(_text_encoder(seed, vocab), os.path.join(tmp, "text_encoder"))
-        for name in ("unet", "vae", "text_encoder"):
-            _sync_folder(os.path.join(tmp, name), os.path.join(folder, name))
-    os.makedirs(os.path.join(folder, "tokenizer"), exist_ok=True)
-    for name, data in tok.items():
-        _write_if_changed(os.path.join(folder, "tokenizer", name), data)
-    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    _write_if_changed(os.path.join(folder, "scheduler", "scheduler_config.json"),
-                      _json_bytes(SCHEDULER_CONFIG))
-    _write_if_changed(os.path.join(folder, "model_index.json"), _json_bytes(MODEL_INDEX))
+    sync_tree(SHIPPED, folder)
     return folder
 
 

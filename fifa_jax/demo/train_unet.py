@@ -1,0 +1,121 @@
+"""Pretrain the demo base UNet on the text states of the demo reward's (frozen) text tower.
+
+Data: world images (the three generators, skills 0.5 / 0.7 / 0.85, so the targets themselves
+are imperfect) of world prompts, encoded once by the trained demo VAE into posterior moments;
+each step draws z ~ q(z | x), scales it by the VAE's `scaling_factor`, and minimises the SD
+epsilon loss on the SD1.5 scaled_linear schedule:
+
+    t ~ U{0..999}, eps ~ N(0, I), x_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps
+    L = mean (unet(x_t, t, text_encoder(ids).last_hidden_state) - eps)^2
+
+with the prompt replaced by the empty prompt for 10 % of the rows (classifier-free guidance).
+The text encoder is the contrastively trained reward's text tower (train_clip; 32 wide, 2
+layers), frozen: its states carry colour, shape, count and position already, so a briefly
+trained UNet follows them. (Training a fresh text encoder jointly, 1800 steps of 16, learnt
+the world's images but followed the prompts only at chance level.) DPO trains the UNet alone.
+UNet: CrossAttnDownBlock2D + DownBlock2D, block_out_channels (32, 64), 1 layer per block,
+2 heads, on 4 x 16 x 16 latents. Small and briefly trained on purpose: its samples get colour
+and position right often but not always (see `measure.py`), which leaves DPO room.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fifa_jax.demo import loop, world_data
+from fifa_jax.training import noise_schedule as ns
+from fifa_jax.training.demo_base import DIFFUSERS_VERSION, SCHEDULER_CONFIG, init_tensors
+
+CFG_DROPOUT = 0.1
+UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
+    "sample_size": world_data.IMAGE_SIZE // 4, "in_channels": 4, "out_channels": 4,
+    "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "only_cross_attention": False,
+    "block_out_channels": [32, 64], "layers_per_block": 1, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 8, "norm_eps": 1e-5,
+    "cross_attention_dim": 32, "attention_head_dim": 2, "use_linear_projection": False,
+}
+
+
+def init_unet(seed: int):
+    from fifa_jax.models.torch_names import fill_from_torch
+    from fifa_jax.models.unet_io import UNET_RENAMES, abstract_unet, unet_name_map
+    abstract = abstract_unet(UNET_CONFIG)
+    tensors = init_tensors(unet_name_map(abstract), np.random.default_rng([seed, 1]))
+    return fill_from_torch(abstract, tensors, UNET_RENAMES, "demo unet init")
+
+
+def encode_moments(vae, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """(n, H, W, 3) uint8 -> (n, 2, 4, h, w) float32 posterior (mean, logvar)."""
+    graphdef, state = nnx.split(vae)
+
+    def enc(s, x):
+        post = nnx.merge(graphdef, s).encode(x)
+        return jnp.stack([post.mean, post.logvar], axis=1)
+    enc = jax.jit(enc)
+    out = []
+    for lo in range(0, len(images), batch):
+        x = world_data.to_model_images(images[lo:lo + batch])
+        pad = batch - len(x)
+        x = np.concatenate([x, np.repeat(x[:1], pad, 0)]) if pad else x
+        out.append(np.asarray(enc(state, x))[:batch - pad])
+    return np.concatenate(out)
+
+
+def text_states(text_encoder, texts, batch: int = 64) -> np.ndarray:
+    """(n, 77, 32) float32 last hidden states of `texts` (EOS-padded to 77 tokens)."""
+    graphdef, state = nnx.split(text_encoder)
+    fn = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids).last_hidden_state)
+    ids = world_data.tokenize(texts)
+    out = []
+    for lo in range(0, len(ids), batch):
+        x = ids[lo:lo + batch]
+        pad = batch - len(x)
+        x = np.concatenate([x, np.repeat(x[:1], pad, 0)]) if pad else x
+        out.append(np.asarray(fn(state, x))[:batch - pad])
+    return np.concatenate(out)
+
+
+def loss_fn(unet_graph, scaling: float, schedule: ns.NoiseSchedule):
+    def loss(params, batch, key):
+        unet = nnx.merge(unet_graph, params)
+        k_z, k_eps, k_t = jax.random.split(key, 3)
+        mom = batch["moments"]
+        mean, logvar = mom[:, 0], jnp.clip(mom[:, 1], -30.0, 20.0)
+        z = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_z, mean.shape)) * scaling
+        eps = jax.random.normal(k_eps, z.shape)
+        t = jax.random.randint(k_t, (z.shape[0],), 0, schedule.num_train_timesteps)
+        xt = ns.add_noise(schedule, z, eps, t)
+        return jnp.mean((unet(xt, t, batch["ctx"]) - ns.target(schedule, z, eps, t)) ** 2)
+    return loss
+
+
+def train(vae, text_encoder, *, steps: int, batch: int, n_images: int, lr: float = 1e-3,
+          seed: int = 0):
+    """-> (unet, info). `vae`: the trained demo VAE (its scaling_factor); `text_encoder`: the
+    frozen CLIPTextModel whose last hidden states condition the UNet."""
+    data = world_data.draw(n_images, seed=200 + seed)
+    moments = encode_moments(vae, data.images)
+    unique = sorted(set(data.texts))
+    row = {t: i for i, t in enumerate(unique)}
+    states = text_states(text_encoder, unique + [""])
+    rows = np.array([row[t] for t in data.texts])
+    unet_graph, unet_params = nnx.split(init_unet(seed))
+    schedule = ns.from_scheduler_config(SCHEDULER_CONFIG)
+
+    def batch_fn(i):
+        rng = np.random.default_rng([seed, 5, i])
+        idx = rng.integers(0, n_images, batch)
+        drop = rng.random(batch) < CFG_DROPOUT
+        return {"moments": moments[idx], "ctx": states[np.where(drop, len(unique), rows[idx])]}
+
+    params, losses = loop.fit(unet_params, loss_fn(unet_graph, float(vae.scaling_factor),
+                                                   schedule),
+                              batch_fn, steps=steps, lr=lr, seed=seed, name="unet")
+    return nnx.merge(unet_graph, params), {"final_loss": float(losses[-50:].mean()),
+                                           "first_loss": float(losses[:10].mean())}
