@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["fifa_jax", "fifa_jax.*"]),
-    # the demo world's pretrained models (python -m fifa_jax.demo.build_models), ~N MB
+    # the demo world's pretrained models (python -m fifa_jax.demo.build_models), about 6.5 MB
     package_data={"fifa_jax.demo": [
         "models/*.json", "models/*.png",
         "models/*/*.json", "models/*/*.txt", "models/*/*.safetensors",

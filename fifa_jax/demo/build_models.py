@@ -3,16 +3,16 @@
     python -m fifa_jax.demo.build_models [--out fifa_jax/demo/models] [--preset full|quick]
 
 Writes, under --out:
-  base/     SD1.5-layout pipeline: vae/ (train_vae), unet/ (train_unet), text_encoder/ (the
-            reward's text tower, frozen while the UNet learns),
+  base/     SD1.5-layout pipeline: vae/ (train_vae), unet/ + text_encoder/ (train_unet),
             tokenizer/ (the demo CLIP BPE), scheduler/ (SD1.5 PNDM), model_index.json
   reward/   CLIP-layout proxy reward (train_clip) + tokenizer + preprocessor_config.json
   measurements.json   VAE PSNR, reward margin correlation, base-sample colour / position
                       accuracy (measure.py), the settings; samples.png: a base sample grid
 Same command -> same bytes on the CPU (numpy-seeded data, fixed init, fixed JAX keys).
-Time on 2 shared CPU cores (the full preset; see measurements.json "seconds" of the shipped
-build): about 20 minutes, most of it the UNet. `--preset quick` runs every step in ~2 minutes
-with a few updates each (a smoke test; its models are useless).
+Time of the shipped build on 2 CPU cores shared with other jobs (load 4-6): 30 minutes wall
+(VAE 5 min, UNet + text encoder 21 min, reward 2.6 min, sample check 0.6 min), a little
+less on idle cores. `--preset quick` runs every step with a few updates each in 1-2 minutes
+(a smoke test; its models are useless). Shipped files: 6.6 MB (float32 weights).
 `fifa_jax.training.demo_base.build_demo_base` and `scoring.demo_checkpoints.build_demo_reward`
 install the shipped base/ and reward/ folders.
 """
@@ -101,22 +101,22 @@ def build(out: str, preset: str = "full", seed: int = 0) -> dict:
     seconds, m = {}, {"preset": preset, "seed": seed, "settings": p}
 
     t = time.time()
+    vae, m["vae"] = train_vae.train(seed=seed, **p["vae"])
+    m["vae"].update(measure_vae(vae, p["eval_images"], seed))
+    seconds["vae"] = time.time() - t
+
+    t = time.time()
+    unet, text, m["unet"] = train_unet.train(vae, seed=seed, **p["unet"])
+    write_base(os.path.join(out, "base"), vae, unet, text)
+    seconds["unet"] = time.time() - t
+
+    t = time.time()
     reward, m["reward"] = train_clip.train(seed=seed, **p["clip"])
     write_reward(os.path.join(out, "reward"), reward)
     pairs = train_clip.draw_pairs(p["eval_pairs"], seed=400 + seed)
     m["reward"].update(train_clip.margin_correlation(train_clip.pair_scores(reward, pairs),
                                                      pairs["rewards"]))
     seconds["reward"] = time.time() - t
-
-    t = time.time()
-    vae, m["vae"] = train_vae.train(seed=seed, **p["vae"])
-    m["vae"].update(measure_vae(vae, p["eval_images"], seed))
-    seconds["vae"] = time.time() - t
-
-    t = time.time()
-    unet, m["unet"] = train_unet.train(vae, reward.text_model, seed=seed, **p["unet"])
-    write_base(os.path.join(out, "base"), vae, unet, reward.text_model)
-    seconds["unet"] = time.time() - t
 
     if p["n_seeds"]:
         t = time.time()
