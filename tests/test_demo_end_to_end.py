@@ -122,7 +122,7 @@ def test_export_loads_in_diffusers_and_matches_the_checkpoint(demo_run):
     pipe = DiffusionPipeline.from_pretrained(str(export / "pipeline"))
     image = pipe("two red circles at the top", num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
-    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 
 
 def test_demo_report_opens_in_chromium(demo_run, tmp_path):

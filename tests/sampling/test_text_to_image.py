@@ -28,7 +28,7 @@ def test_matches_the_diffusers_pipeline(base):
     with jax.default_matmul_precision("highest"):
         gen = TextToImage.load(base, sampler="ddim", num_steps=5, guidance_scale=7.5)
         ours = gen(PROMPTS, [0, 3])
-    assert ours.shape == (2, 32, 32, 3) and ours.dtype == np.uint8
+    assert ours.shape == (2, 64, 64, 3) and ours.dtype == np.uint8
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -60,7 +60,7 @@ def test_generate_command(base, tmp_path):
     assert sorted(index["images"]) == ["0000_0.png", "0000_1.png"]
     assert index["settings"]["guidance"] == 7.5
     from PIL import Image
-    assert Image.open(out / "0000_1.png").size == (32, 32)
+    assert Image.open(out / "0000_1.png").size == (64, 64)
     proc = subprocess.run([sys.executable, "-m", "fifa_jax.generate", "--model", base,
                            "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
                           env=env, timeout=120)

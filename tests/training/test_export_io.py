@@ -137,8 +137,9 @@ def test_sharded_export_loads_in_diffusers_and_ours(trained, tmp_path):
         ".safetensors"
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
     assert set(index["weight_map"]) == set(tensors)
-    for s in shards:
-        assert os.path.getsize(tmp_path / s) < 200_000 + 20_000  # payload + header
+    for s in shards:        # under the limit, or one tensor that alone exceeds it
+        keys = [k for k, f in index["weight_map"].items() if f == s]
+        assert os.path.getsize(tmp_path / s) < 200_000 + 20_000 or len(keys) == 1, s
     with open(tmp_path / "diffusion_pytorch_model.safetensors.index.fp16.json") as f:
         shards16 = sorted(set(json.load(f)["weight_map"].values()))
     assert len(shards16) >= 2 and shards16[0] == "diffusion_pytorch_model.fp16-00001-of-" \
@@ -198,7 +199,7 @@ def test_pipeline_folder_generates_with_diffusers(base, exported, tmp_path):
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     img = pipe("one blue square at the top", num_inference_steps=2, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
-    assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
     # a rerun replaces the folder (stale files go) and keeps working
     open(os.path.join(out, "stale.txt"), "w").close()
     write_pipeline_folder(base, exported, out)
