@@ -73,13 +73,7 @@ def encode_moments(vae, images: np.ndarray, batch: int = 64) -> np.ndarray:
         post = nnx.merge(graphdef, s).encode(x)
         return jnp.stack([post.mean, post.logvar], axis=1)
     enc = jax.jit(enc)
-    out = []
-    for lo in range(0, len(images), batch):
-        x = world_data.to_model_images(images[lo:lo + batch])
-        pad = batch - len(x)
-        x = np.concatenate([x, np.repeat(x[:1], pad, 0)]) if pad else x
-        out.append(np.asarray(enc(state, x))[:batch - pad])
-    return np.concatenate(out)
+    return world_data.map_images(enc, state, images, batch)
 
 
 def loss_fn(unet_graph, text_graph, scaling: float, schedule: ns.NoiseSchedule):

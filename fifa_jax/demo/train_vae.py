@@ -55,13 +55,7 @@ def encode_means(vae, images: np.ndarray, batch: int = 64) -> np.ndarray:
     """(n, H, W, 3) uint8 -> (n, 4, H/4, W/4) float32 posterior means (unscaled)."""
     graphdef, state = nnx.split(vae)
     enc = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x).mean)
-    out = []
-    for lo in range(0, len(images), batch):
-        x = world_data.to_model_images(images[lo:lo + batch])
-        pad = batch - len(x)
-        x = np.concatenate([x, np.repeat(x[:1], pad, 0)]) if pad else x
-        out.append(np.asarray(enc(state, x))[:batch - pad])
-    return np.concatenate(out)
+    return world_data.map_images(enc, state, images, batch)
 
 
 def reconstruct(vae, images: np.ndarray, batch: int = 64) -> np.ndarray:

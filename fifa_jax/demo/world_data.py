@@ -87,3 +87,16 @@ def tokenize(texts, max_length: int = MAX_LENGTH) -> np.ndarray:
 def to_model_images(images: np.ndarray) -> np.ndarray:
     """(n, H, W, 3) uint8 -> (n, 3, H, W) float32 in [-1, 1] (the VAE's input)."""
     return np.transpose(images.astype(np.float32) / 127.5 - 1.0, (0, 3, 1, 2))
+
+
+def map_images(fn, state, images: np.ndarray, batch: int) -> np.ndarray:
+    """fn(state, x (batch, 3, H, W) model images) over (n, H, W, 3) uint8 images in
+    fixed-size batches (the last padded with copies of its first image, then cut), so one
+    compiled `fn` serves every batch; returns the outputs concatenated."""
+    out = []
+    for lo in range(0, len(images), batch):
+        x = to_model_images(images[lo:lo + batch])
+        pad = batch - len(x)
+        x = np.concatenate([x, np.repeat(x[:1], pad, 0)]) if pad else x
+        out.append(np.asarray(fn(state, x))[:batch - pad])
+    return np.concatenate(out)
