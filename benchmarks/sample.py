@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--atol", type=float, default=1e-3,
                    help="float32 (CPU): max |ours - torch| allowed on the final latents")
-    p.add_argument("--attn-impl", default="auto", choices=("auto", "xla", "cudnn"))
+    p.add_argument("--attn-impl", default="auto", choices=("auto", "xla", "cudnn", "einsum"))
     p.add_argument("--skip-jax", action="store_true")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--torch-threads", default="",

@@ -292,7 +292,7 @@ def main(argv=None) -> dict:
     p.add_argument("--iters", type=int, default=0, help="calls per timed round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--attn-impl", default="auto", choices=("auto", "xla", "cudnn"))
+    p.add_argument("--attn-impl", default="auto", choices=("auto", "xla", "cudnn", "einsum"))
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--skip-jax", action="store_true")
     p.add_argument("--profile", action="store_true",

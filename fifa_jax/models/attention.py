@@ -2,16 +2,25 @@
 
 One function every model calls, so the attention kernel is chosen in one place:
 
-    impl = "xla"   -> jax.nn.dot_product_attention(implementation="xla")
-    impl = "cudnn" -> cuDNN flash attention (GPU only; fails loudly elsewhere)
-    impl = "auto"  -> cuDNN on GPU when dtype and shapes allow it, XLA otherwise.
+    impl = "xla"    -> jax.nn.dot_product_attention(implementation="xla")
+    impl = "cudnn"  -> cuDNN flash attention (GPU only; fails loudly elsewhere)
+    impl = "einsum" -> two einsums and a softmax normalised after the value product
+                       (no mask, bias, causal or local window; heads not grouped)
+    impl = "auto"   -> cuDNN on GPU when dtype and shapes allow it; on the CPU "einsum" where
+                       it applies; XLA otherwise.
+
+Why "einsum" on the CPU: in a train step XLA's CPU backend ran `jax.nn.dot_product_attention`
+about 2x slower than this form (the 1024-token self-attention of a 32 x 32 latent: 847 ms
+against 292 ms forward + backward; the scale multiplied after the QK product materialises a
+(B, N, T, S) broadcast). Same values: the row maximum is subtracted (without gradient, the
+softmax does not depend on it) and the rows are divided by their sums after the value product.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "einsum")
 
 
 def _cudnn_ok(q: jax.Array, k: jax.Array, bias, mask, local_window_size) -> bool:
@@ -29,6 +38,21 @@ def _cudnn_ok(q: jax.Array, k: jax.Array, bias, mask, local_window_size) -> bool
     return True
 
 
+def _einsum_ok(q, k, bias, mask, is_causal, local_window_size) -> bool:
+    return (bias is None and mask is None and not is_causal and local_window_size is None
+            and q.shape[2] == k.shape[2])
+
+
+def einsum_attention(q, k, v, scale: float | None = None) -> jax.Array:
+    """softmax(q k^T * scale) v over (B, T, N, H) / (B, S, N, H); float32 softmax."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = jnp.einsum("btnh,bsnh->bnts", q * jnp.asarray(scale, q.dtype), k,
+                   preferred_element_type=jnp.float32)
+    e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+    o = jnp.einsum("bnts,bsnh->btnh", e, v.astype(jnp.float32))
+    return (o / jnp.swapaxes(e.sum(-1), 1, 2)[..., None]).astype(q.dtype)
+
+
 def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = False,
                           scale: float | None = None, impl: str = "auto",
                           local_window_size=None):
@@ -40,14 +64,23 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = Fa
       mask: optional boolean mask broadcastable to (B, N, T, S); True = attend.
       is_causal: apply a causal mask.
       scale: logits scale, default 1/sqrt(H).
-      impl: "auto" | "xla" | "cudnn".
+      impl: "auto" | "xla" | "cudnn" | "einsum".
     Returns:
       (B, T, N, H), the dtype of q.
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    einsum_ok = _einsum_ok(q, k, bias, mask, is_causal, local_window_size)
     if impl == "auto":
-        impl = "cudnn" if _cudnn_ok(q, k, bias, mask, local_window_size) else "xla"
+        if _cudnn_ok(q, k, bias, mask, local_window_size):
+            impl = "cudnn"
+        else:
+            impl = "einsum" if jax.default_backend() == "cpu" and einsum_ok else "xla"
+    if impl == "einsum":
+        if not einsum_ok:
+            raise ValueError("attention impl 'einsum' takes no mask, bias, causal or local "
+                             "window and ungrouped heads; use 'xla'")
+        return einsum_attention(q, k, v, scale)
     return jax.nn.dot_product_attention(
         q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale,
         implementation=impl, local_window_size=local_window_size)

@@ -72,7 +72,7 @@ RULES = {"num_steps": ("min", 1), "batch_size": ("min", 1), "grad_accum": ("min"
          "prediction_type": ("choice", ("", "epsilon", "v_prediction")),
          "remat": ("choice", ("none", "nothing_saveable", "everything_saveable",
                               "dots_saveable", "dots_with_no_batch_dims_saveable")),
-         "attention_impl": ("choice", ("auto", "xla", "cudnn")),
+         "attention_impl": ("choice", ("auto", "xla", "cudnn", "einsum")),
          "checkpoint_every": ("min", 0), "keep_checkpoints": ("min", 1),
          "eval_every": ("min", 0), "eval_pairs": ("min", 0), "log_every": ("min", 1)}
 

@@ -1,0 +1,86 @@
+"""2-D convolution (NHWC, HWIO) whose gradient XLA's CPU backend runs fast.
+
+Why not just `lax.conv_general_dilated` and autodiff: inside a whole train step, XLA's CPU
+backend leaves the kernel gradient of a convolution in the form `f01b_i01o->01bf` (batch as
+the feature dimension, the whole feature map as the window), which its fast convolution does
+not take; the step then spends ~70% of its time there (benchmarks/RESULTS.md, the train-step
+profile). On the CPU this module computes the gradients itself, from ops XLA runs well:
+
+  input gradient   stride 1: the forward convolution of the output gradient with the kernel
+                   flipped in space and its in/out axes swapped (padding k - 1 - p); other
+                   strides: autodiff of the forward (XLA's own transposed convolution).
+  kernel gradient  one matrix product per kernel tap: dW[i, j] = sum_{b,h,w}
+                   x_pad[b, h*s + i, w*s + j, :]^T g[b, h, w, :]  ((Cin, Cout) each).
+
+Both are the exact gradients (the same sums in another order: float32 rounding apart). On
+other backends (GPU, TPU) the plain autodiff of the forward is used: cuDNN and the TPU
+compiler handle convolution gradients themselves. Tested against autodiff of
+`lax.conv_general_dilated` in tests/models/test_conv.py.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def _forward(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, w, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
+        dimension_numbers=DIMENSIONS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_cpu_grad(x, w, stride, padding):
+    return _forward(x, w, stride, padding)
+
+
+def _fwd(x, w, stride, padding):
+    return _forward(x, w, stride, padding), (x, w)
+
+
+def _input_grad(g, x, w, stride: int, padding: int) -> jax.Array:
+    kh, kw = w.shape[:2]
+    if stride == 1 and kh == kw and padding <= kh - 1:
+        flipped = jnp.swapaxes(w[::-1, ::-1], 2, 3)           # (kh, kw, Cout, Cin)
+        q = kh - 1 - padding
+        return jax.lax.conv_general_dilated(g, flipped, (1, 1), ((q, q), (q, q)),
+                                            dimension_numbers=DIMENSIONS)
+    _, vjp = jax.vjp(lambda x_: _forward(x_, w, stride, padding), x)
+    return vjp(g)[0]
+
+
+def _kernel_grad(g, x, w, stride: int, padding: int) -> jax.Array:
+    kh, kw, cin, _ = w.shape
+    b, ho, wo, _ = g.shape
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            patch = jax.lax.slice(
+                xp, (0, i, j, 0), (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, cin),
+                (1, stride, stride, 1))                        # (B, Ho, Wo, Cin)
+            taps.append(jnp.einsum("bhwc,bhwo->co", patch, g))
+    return jnp.stack(taps).reshape(w.shape).astype(w.dtype)
+
+
+def _bwd(stride, padding, res, g):
+    x, w = res
+    return (_input_grad(g, x, w, stride, padding).astype(x.dtype),
+            _kernel_grad(g, x, w, stride, padding))
+
+
+_conv_cpu_grad.defvjp(_fwd, _bwd)
+
+
+def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding: int = 0) -> jax.Array:
+    """(B, H, W, Cin) x (kh, kw, Cin, Cout) -> (B, Ho, Wo, Cout); `padding` pixels each side.
+
+    The CPU-friendly gradient above when the default backend is the CPU, autodiff otherwise.
+    """
+    if jax.default_backend() == "cpu":
+        return _conv_cpu_grad(x, w, int(stride), int(padding))
+    return _forward(x, w, stride, padding)

@@ -1,0 +1,65 @@
+"""The CPU convolution gradient (fifa_jax.models.conv) against autodiff of XLA's convolution,
+and the einsum attention against jax.nn.dot_product_attention, on random inputs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fifa_jax.models import attention, conv
+
+
+def _reference(x, w, stride, padding):
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), ((padding, padding),) * 2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size", [
+    (3, 1, 1, 8), (3, 2, 1, 9), (3, 2, 0, 8), (1, 1, 0, 6), (3, 1, 0, 7), (3, 1, 2, 5)])
+def test_conv_gradient_equals_autodiff(kernel, stride, padding, size):
+    assert jax.default_backend() == "cpu"        # the custom gradient is the one under test
+    kx, kw, kg = jax.random.split(jax.random.key(kernel * 100 + stride * 10 + padding), 3)
+    x = jax.random.normal(kx, (2, size, size + 1, 5))
+    w = jax.random.normal(kw, (kernel, kernel, 5, 7))
+    y_ref, vjp_ref = jax.vjp(lambda a, b: _reference(a, b, stride, padding), x, w)
+    y, vjp = jax.vjp(lambda a, b: conv.conv2d(a, b, stride, padding), x, w)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    g = jax.random.normal(kg, y.shape)
+    for got, want in zip(jax.jit(vjp)(g), vjp_ref(g)):
+        scale = float(jnp.abs(want).max())
+        assert float(jnp.abs(got - want).max()) <= 1e-5 * scale
+
+
+def test_conv_gradient_under_remat_and_second_use():
+    x = jax.random.normal(jax.random.key(1), (1, 6, 6, 3))
+    w = jax.random.normal(jax.random.key(2), (3, 3, 3, 3))
+    f = lambda a, b: jnp.sum(jnp.tanh(conv.conv2d(conv.conv2d(a, b, 1, 1), b, 1, 1)))
+    fr = lambda a, b: jnp.sum(jnp.tanh(_reference(_reference(a, b, 1, 1), b, 1, 1)))
+    got = jax.jit(jax.grad(jax.checkpoint(f), argnums=(0, 1)))(x, w)
+    want = jax.grad(fr, argnums=(0, 1))(x, w)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,s,heads,dim", [(16, 16, 2, 8), (12, 7, 4, 4), (1, 5, 1, 3)])
+def test_einsum_attention_equals_xla(t, s, heads, dim):
+    ks = jax.random.split(jax.random.key(t * s), 4)
+    q = 3.0 * jax.random.normal(ks[0], (2, t, heads, dim))
+    k = 3.0 * jax.random.normal(ks[1], (2, s, heads, dim))
+    v = jax.random.normal(ks[2], (2, s, heads, dim))
+    g = jax.random.normal(ks[3], (2, t, heads, dim))
+
+    def run(impl):
+        out, vjp = jax.vjp(lambda a, b, c: attention.dot_product_attention(a, b, c, impl=impl),
+                           q, k, v)
+        return (out,) + vjp(g)
+    for got, want in zip(run("einsum"), run("xla")):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-5)
+
+
+def test_einsum_attention_refuses_masks_and_auto_falls_back():
+    q = jnp.ones((1, 4, 2, 8))
+    mask = jnp.tril(jnp.ones((4, 4), bool))
+    with pytest.raises(ValueError, match="einsum"):
+        attention.dot_product_attention(q, q, q, mask=mask, impl="einsum")
+    out = attention.dot_product_attention(q, q, q, is_causal=True, impl="auto")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(q), rtol=1e-6)
