@@ -233,6 +233,20 @@ def _start_devices(config) -> None:
     initialize_distributed(mesh.get("distributed", "auto") if mesh is not None else "auto")
 
 
+def _compile_cache(config, workdir: pathlib.Path) -> str | None:
+    """Turn on JAX's persistent compilation cache when `config.compile_cache` asks for it:
+    "auto" = WORKDIR/jax_cache, a path = that folder, "" = leave JAX's own setting (the
+    JAX_COMPILATION_CACHE_DIR environment variable still works). A rerun, a resumed run and
+    runs of the same shapes (the study's) then load compiled steps instead of compiling."""
+    spec = str(config.get("compile_cache", "") or "") if hasattr(config, "get") else ""
+    if not spec:
+        return None
+    import jax
+    path = str(workdir / "jax_cache") if spec == "auto" else spec
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def _process_index() -> int:
     import jax
     return jax.process_index()
@@ -346,6 +360,7 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
             f"--force names stage(s) {sorted(force - set(names))} that this run does not run "
             f"(config.stages = {','.join(names)}); add them to config.stages")
     _start_devices(config)      # hosts join first: process 0 decides for all of them
+    _compile_cache(config, workdir)
     from fifa_jax.parallel import hosts
     plan = _plan_on_leader(lambda: _plan(config, workdir, names, force))
     fps, runs = plan["fps"], plan["runs"]

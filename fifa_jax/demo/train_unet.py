@@ -15,9 +15,13 @@ UNet: CrossAttnDownBlock2D + DownBlock2D, block_out_channels (32, 64), 1 layer p
 2 heads, on 4 x 16 x 16 latents. Small and briefly trained: its samples look like world
 images (shapes, counts, noise) but follow the prompt's colour / position only near chance
 (shipped build: colour 13 %, position 19 % by `measure.classify`; chance 14 % / 20 %; the
-world's generators 66 % / 62 %), which leaves DPO a lot of room. Known stronger variant
-(commit 7ccb963, not shipped: its build did not finish here): condition on the reward's
-frozen text tower instead of a jointly trained fresh one.
+world's generators 66 % / 62 %), which leaves DPO a lot of room. The prompt barely moves its
+prediction: at t = 500 the epsilon of "two red circles on the left" and "... blue ..."
+differ by 0.2 % of the epsilon's scale. Tried and not shipped (2026-12-02): conditioning on
+the reward's frozen text tower instead (commit 7ccb963's variant), 800 steps of 32 from the
+shipped VAE: the context's effect grows to 1.5 % but colour (17 %) and position (20 %) stay
+at chance. What would likely change it: many more steps (it learns the images long before
+the prompts) or a pooled text embedding added to the time embedding.
 """
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dtype = "bfloat16"       # compute dtype (parameters and optimiser state stay float32)
     c.ref_dtype = "float32"    # reference parameters: float32 | bfloat16 (half the memory)
     c.remat = "none"           # none | a jax.checkpoint_policies name (per UNet block)
-    c.attention_impl = "auto"  # auto | xla | cudnn
+    c.attention_impl = "auto"  # auto | xla | cudnn | einsum
     c.eval_every = 100         # held-out loss / implicit accuracy every N steps (0 = end only)
     c.eval_pairs = 0           # held-out pairs used (0 = all the encode stage holds)
     c.checkpoint_every = 250   # steps between checkpoints (0 = only the last)
