@@ -52,6 +52,8 @@ from _common import environment, print_table, write_json  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from fifa_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,7 +195,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--atol", type=float, default=1e-3,
                    help="float32 (CPU): max |ours - torch| allowed on the final latents")
-    p.add_argument("--attn-impl", default="auto", choices=("auto", "xla", "cudnn", "einsum"))
+    p.add_argument("--attn-impl", default="auto", choices=IMPLEMENTATIONS)
     p.add_argument("--skip-jax", action="store_true")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--torch-threads", default="",

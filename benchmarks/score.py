@@ -45,6 +45,8 @@ if "--xla-defaults" not in sys.argv and "xla_gpu_enable_triton_gemm" not in \
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from fifa_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
 import numpy as np  # noqa: E402
 
 PICKSCORE = {
@@ -292,7 +294,7 @@ def main(argv=None) -> dict:
     p.add_argument("--iters", type=int, default=0, help="calls per timed round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--attn-impl", default="auto", choices=("auto", "xla", "cudnn", "einsum"))
+    p.add_argument("--attn-impl", default="auto", choices=IMPLEMENTATIONS)
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--skip-jax", action="store_true")
     p.add_argument("--profile", action="store_true",

@@ -63,6 +63,8 @@ from _common import environment, print_table, write_json  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from fifa_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -492,7 +494,7 @@ def main(argv=None) -> dict:
     p.add_argument("--iters", type=int, default=0, help="steps a timed round (GPU 5, CPU 1)")
     p.add_argument("--rounds", type=int, default=0, help="timed rounds (GPU 5, CPU 3)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--attn-impl", default="auto", choices=("auto", "xla", "cudnn", "einsum"))
+    p.add_argument("--attn-impl", default="auto", choices=IMPLEMENTATIONS)
     p.add_argument("--remat", default=None, help="remat policy of ours (default none)")
     p.add_argument("--scaling-factor", type=float, default=0.18215)
     p.add_argument("--skip-jax", action="store_true")

@@ -45,13 +45,13 @@ UPSTREAM = ("ingest",)
 SPEED_ONLY = ("reward.num_workers", "reward.chunk_size", "judge.cache_dir",
               "judge.http.concurrency")
 RULES = {"reward.dtype": ("choice", ("float32", "bfloat16")),
-         "reward.attention_impl": ("choice", ("auto", "xla", "cudnn", "einsum")),
+         "reward.attention_impl": ("choice", ("auto", "xla", "cudnn")),   # causal text tower
          "reward.batch_size": ("min", 1), "reward.chunk_size": ("min", 1),
          "reward.num_workers": ("min", 0),
          "embedder.kind": ("choice", ("bert", "clip")), "embedder.batch_size": ("min", 1),
          "judge.backend": ("choice", ("jax", "http", "column")),
          "judge.dtype": ("choice", ("float32", "bfloat16")),
-         "judge.attn_impl": ("choice", ("auto", "xla", "cudnn", "einsum")),
+         "judge.attn_impl": ("choice", ("auto", "xla", "cudnn")),
          "judge.batch_size": ("min", 1), "judge.max_length": ("min", 1),
          "judge.http.endpoint": ("choice", ("chat", "completions")),
          "judge.http.concurrency": ("min", 1), "judge.http.retries": ("min", 0),

@@ -95,7 +95,7 @@ RULES = {
     "dtype": ("choice", _STORE),
     "vae_dtype": ("choice", tuple(_DTYPES)),
     "text_dtype": ("choice", tuple(_DTYPES)),
-    "attention_impl": ("choice", ("auto", "xla", "cudnn", "einsum")),
+    "attention_impl": ("choice", ("auto", "xla", "cudnn")),   # not einsum: causal text towers
     "num_val_pairs": ("min", 0),
     "val_prompts": ("choice", VAL_PROMPTS),
     "batch_size": ("min", 1),

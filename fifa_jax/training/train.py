@@ -44,6 +44,7 @@ from tqdm import tqdm
 from fifa_jax import errors, parallel
 from fifa_jax.errors import InputError
 from fifa_jax.files import file_stats
+from fifa_jax.models.attention import IMPLEMENTATIONS
 from fifa_jax.models.diffusers_io import read_config
 from fifa_jax.parallel import hosts, param_sharding
 from fifa_jax.training import (checkpoints, demo_base, metrics as metrics_lib,
@@ -72,7 +73,7 @@ RULES = {"num_steps": ("min", 1), "batch_size": ("min", 1), "grad_accum": ("min"
          "prediction_type": ("choice", ("", "epsilon", "v_prediction")),
          "remat": ("choice", ("none", "nothing_saveable", "everything_saveable",
                               "dots_saveable", "dots_with_no_batch_dims_saveable")),
-         "attention_impl": ("choice", ("auto", "xla", "cudnn", "einsum")),
+         "attention_impl": ("choice", IMPLEMENTATIONS),        # the UNet alone: no masks
          "checkpoint_every": ("min", 0), "keep_checkpoints": ("min", 1),
          "eval_every": ("min", 0), "eval_pairs": ("min", 0), "log_every": ("min", 1)}
 
