@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fifa_jax.models.embeddings import TimestepEmbedding, timestep_embedding
+from fifa_jax.models.embeddings import TextTimeEmbedding, TimestepEmbedding, timestep_embedding
 from fifa_jax.models.layers import Conv2D, GroupNorm, KeyGen
 from fifa_jax.models.remat import maybe_remat, resolve_policy
 from fifa_jax.models.unet_blocks import DownBlock, MidBlockCrossAttn, UpBlock
@@ -55,6 +55,10 @@ class UNet2DConditionModel(nnx.Module):
         if cfg.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim,
                                                    cfg.time_embed_dim, **kw)
+        elif cfg.addition_embed_type == "text":
+            self.add_embedding = TextTimeEmbedding(cfg.cross_attention_dim[0],
+                                                   cfg.time_embed_dim,
+                                                   cfg.addition_embed_type_num_heads, **kw)
         else:
             self.add_embedding = None
         downs, cout = [], boc[0]
@@ -77,7 +81,7 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, boc[0], cfg.norm_eps, dtype=dtype)
         self.conv_out = Conv2D(boc[0], cfg.out_channels, cfg.conv_out_kernel, **kw)
 
-    def _time_embed(self, timestep, batch: int, added_cond_kwargs) -> jax.Array:
+    def _time_embed(self, timestep, batch: int, added_cond_kwargs, ctx=None) -> jax.Array:
         cfg = self.config
         t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (batch,))
         temb = self.time_embedding(timestep_embedding(
@@ -85,6 +89,8 @@ class UNet2DConditionModel(nnx.Module):
             freq_shift=cfg.freq_shift).astype(self.dtype))
         if self.add_embedding is None:
             return temb
+        if cfg.addition_embed_type == "text":
+            return temb + self.add_embedding(ctx)
         if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs \
                 or "time_ids" not in added_cond_kwargs:
             raise ValueError("this UNet has addition_embed_type='text_time': pass "
@@ -115,7 +121,7 @@ class UNet2DConditionModel(nnx.Module):
         if cfg.center_input_sample:
             x = 2 * x - 1.0
         ctx = jnp.asarray(encoder_hidden_states).astype(self.dtype)
-        temb = self._time_embed(timestep, b, added_cond_kwargs)
+        temb = self._time_embed(timestep, b, added_cond_kwargs, ctx)
         h = self.conv_in(x)
         skips = [h]
         down = maybe_remat(_call_down, self.remat_policy)

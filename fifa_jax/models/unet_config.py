@@ -34,7 +34,7 @@ _FIXED = {
     "mid_block_only_cross_attention": (None, False),
     "cross_attention_norm": (None,),
     "reverse_transformer_layers_per_block": (None,),
-    "addition_embed_type": (None, "text_time"),
+    "addition_embed_type": (None, "text_time", "text"),
     "act_fn": ("silu", "swish"),
     "dropout": (0.0, 0),
 }
@@ -82,7 +82,8 @@ class UNetConfig:
     num_heads: tuple               # per block
     use_linear_projection: bool
     upcast_attention: bool
-    addition_embed_type: str | None
+    addition_embed_type: str | None  # None, "text_time" (SDXL) or "text" (pooled context)
+    addition_embed_type_num_heads: int  # heads of the "text" attention pooling
     addition_time_embed_dim: int | None
     projection_class_embeddings_input_dim: int | None
     resnet_out_scale_factor: float  # accepted; diffusers applies it to none of our blocks
@@ -152,6 +153,16 @@ def parse_unet_config(cfg: Mapping[str, Any]) -> UNetConfig:
             if c[k] is None:
                 raise UnsupportedConfigError(f"UNet config addition_embed_type='text_time' "
                                              f"needs {k}")
+    if add_type == "text":
+        xdim = set(_per_block("cross_attention_dim", c["cross_attention_dim"], n))
+        heads_pool = c["addition_embed_type_num_heads"]
+        if len(xdim) != 1:
+            raise UnsupportedConfigError(f"UNet config addition_embed_type='text' needs one "
+                                         f"cross_attention_dim, got {sorted(xdim)}")
+        if not heads_pool or next(iter(xdim)) % heads_pool:
+            raise UnsupportedConfigError(
+                f"UNet config addition_embed_type_num_heads={heads_pool} must divide "
+                f"cross_attention_dim={next(iter(xdim))} (addition_embed_type='text')")
     for k in ("conv_in_kernel", "conv_out_kernel"):
         if c[k] % 2 == 0:
             raise UnsupportedConfigError(f"UNet config {k}={c[k]} must be odd")
@@ -170,6 +181,7 @@ def parse_unet_config(cfg: Mapping[str, Any]) -> UNetConfig:
         use_linear_projection=bool(c["use_linear_projection"]),
         upcast_attention=bool(c["upcast_attention"]),
         addition_embed_type=add_type,
+        addition_embed_type_num_heads=int(c["addition_embed_type_num_heads"]),
         addition_time_embed_dim=c["addition_time_embed_dim"],
         projection_class_embeddings_input_dim=c["projection_class_embeddings_input_dim"],
         resnet_out_scale_factor=float(c["resnet_out_scale_factor"]),

@@ -139,7 +139,7 @@ def test_name_map_covers_diffusers_state_dict(saved):
 
 @pytest.mark.parametrize("key,value", [
     ("only_cross_attention", True), ("dual_cross_attention", True),
-    ("class_embed_type", "timestep"), ("addition_embed_type", "text"),
+    ("class_embed_type", "timestep"), ("addition_embed_type", "image"),
     ("resnet_time_scale_shift", "scale_shift"), ("time_embedding_type", "fourier"),
     ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"), ("encoder_hid_dim", 32),
     ("attention_type", "gated"), ("dropout", 0.1), ("some_new_option", 1),
@@ -159,6 +159,14 @@ def test_text_time_needs_dims():
     cfg = {**SDXL, "addition_time_embed_dim": None}
     with pytest.raises(UnsupportedConfigError, match="addition_time_embed_dim"):
         parse_unet_config(cfg)
+
+
+def test_pooled_text_heads_must_divide_the_context():
+    cfg = {**SD2, "addition_embed_type": "text", "addition_embed_type_num_heads": 5}
+    with pytest.raises(UnsupportedConfigError, match="addition_embed_type_num_heads=5"):
+        parse_unet_config(cfg)
+    ok = parse_unet_config({**cfg, "addition_embed_type_num_heads": 4})
+    assert (ok.addition_embed_type, ok.addition_embed_type_num_heads) == ("text", 4)
 
 
 def test_legacy_head_rule_and_num_attention_heads():

@@ -42,7 +42,10 @@ VARIANTS = dict(block_out_channels=[8, 16], layers_per_block=1, cross_attention_
                 norm_num_groups=4, center_input_sample=True, resnet_out_scale_factor=1.5,
                 downsample_padding=0, conv_in_kernel=5, conv_out_kernel=1,
                 time_embedding_dim=24, mid_block_type=None, sample_size=8)
-CASES = {"sd15": SD15, "sd2": SD2, "sdxl": SDXL, "variants": VARIANTS}
+# The demo base's global text path: the context attention-pooled into the time embedding.
+POOLED_TEXT = dict(SD15, addition_embed_type="text", addition_embed_type_num_heads=3)
+CASES = {"sd15": SD15, "sd2": SD2, "sdxl": SDXL, "variants": VARIANTS,
+         "pooled_text": POOLED_TEXT}
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -156,6 +159,16 @@ def test_sdxl_requires_added_cond_kwargs(cases):
     x, t, ctx, _ = cases("sdxl")["args"]
     with pytest.raises(ValueError, match="text_embeds"):
         model(x, t, ctx)
+
+
+def test_pooled_text_moves_the_prediction(cases):
+    """With addition_embed_type="text" the context also enters through the time embedding:
+    a model whose cross-attention sees the same context but whose pooled path differs."""
+    model = load_unet(cases("pooled_text")["path"], attention_impl="xla")
+    x, t, ctx, _ = cases("pooled_text")["args"]
+    a = np.asarray(model._time_embed(t, 2, None, ctx))
+    b = np.asarray(model._time_embed(t, 2, None, ctx[::-1]))
+    assert np.abs(a - b).max() > 1e-3
 
 
 def test_sample_size_not_multiple_raises(cases):
