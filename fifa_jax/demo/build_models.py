@@ -3,15 +3,16 @@
     python -m fifa_jax.demo.build_models [--out fifa_jax/demo/models] [--preset full|quick]
 
 Writes, under --out:
-  base/     SD1.5-layout pipeline: vae/ (train_vae), unet/ + text_encoder/ (train_unet),
+  base/     SD1.5-layout pipeline: vae/ (train_vae), unet/ (train_unet, conditioned on the
+            reward's text tower, frozen; that tower is text_encoder/),
             tokenizer/ (the demo CLIP BPE), scheduler/ (SD1.5 PNDM), model_index.json
   reward/   CLIP-layout proxy reward (train_clip) + tokenizer + preprocessor_config.json
   measurements.json   VAE PSNR, reward margin correlation, base-sample colour / position
                       accuracy (measure.py), the settings; samples.png: a base sample grid
 Same command -> same bytes on the CPU (numpy-seeded data, fixed init, fixed JAX keys).
-Time of the shipped build on 2 CPU cores shared with other jobs (load 4-6): 30 minutes wall
-(VAE 5 min, UNet + text encoder 21 min, reward 2.6 min, sample check 0.6 min), a little
-less on idle cores. `--preset quick` runs every step with a few updates each in 1-2 minutes
+Order: VAE, reward, UNet (it needs the reward's text tower). Time of the shipped build
+(2026-12-02) on 2 idle CPU cores: 20 min 50 s wall (VAE 232 s, reward 71 s, UNet 922 s,
+sample check 25 s). `--preset quick` runs every step with a few updates each in 1-2 minutes
 (a smoke test; its models are useless). Shipped files: 6.6 MB (float32 weights).
 `fifa_jax.training.demo_base.build_demo_base` and `scoring.demo_checkpoints.build_demo_reward`
 install the shipped base/ and reward/ folders.
@@ -28,7 +29,7 @@ from absl import app, flags, logging
 
 PRESETS = {
     "full": dict(vae=dict(steps=600, batch=16, n_images=2000),
-                 unet=dict(steps=1800, batch=16, n_images=4000),
+                 unet=dict(steps=2400, batch=16, n_images=4000),
                  clip=dict(steps=500, batch=32, n_pairs=4000),
                  eval_images=64, eval_pairs=1000, n_seeds=2),
     "quick": dict(vae=dict(steps=2, batch=2, n_images=8),
@@ -106,17 +107,18 @@ def build(out: str, preset: str = "full", seed: int = 0) -> dict:
     seconds["vae"] = time.time() - t
 
     t = time.time()
-    unet, text, m["unet"] = train_unet.train(vae, seed=seed, **p["unet"])
-    write_base(os.path.join(out, "base"), vae, unet, text)
-    seconds["unet"] = time.time() - t
-
-    t = time.time()
     reward, m["reward"] = train_clip.train(seed=seed, **p["clip"])
     write_reward(os.path.join(out, "reward"), reward)
     pairs = train_clip.draw_pairs(p["eval_pairs"], seed=400 + seed)
     m["reward"].update(train_clip.margin_correlation(train_clip.pair_scores(reward, pairs),
                                                      pairs["rewards"]))
     seconds["reward"] = time.time() - t
+
+    t = time.time()   # the base conditions on the reward's text tower, frozen (as SD on CLIP's)
+    unet, text, m["unet"] = train_unet.train(vae, seed=seed, text_encoder=reward.text_model,
+                                             **p["unet"])
+    write_base(os.path.join(out, "base"), vae, unet, text)
+    seconds["unet"] = time.time() - t
 
     if p["n_seeds"]:
         t = time.time()

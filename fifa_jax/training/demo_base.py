@@ -5,12 +5,13 @@
 
     model_index.json             StableDiffusionPipeline; safety_checker / feature_extractor null
     unet/                        UNet2DConditionModel on 4 x 16 x 16 latents, block_out (32, 64),
-                                 cross-attention on the text encoder's 32-wide hidden states
+                                 cross-attention on the text encoder's 32-wide hidden states and
+                                 their attention-pooled summary added to the time embedding
                                  (fifa_jax/demo/train_unet.py; deliberately imperfect)
     vae/                         AutoencoderKL, 3 levels (16, 32, 64): 64 x 64 RGB <-> 4 x 16 x 16,
                                  scaling_factor = 1 / std of its latents (demo/train_vae.py)
-    text_encoder/                CLIPTextModel (the demo reward's text-tower config), trained
-                                 jointly with the UNet
+    text_encoder/                CLIPTextModel: the demo reward's text tower (frozen while the
+                                 UNet trained)
     tokenizer/                   the demo reward's tiny CLIP BPE tokenizer (same files)
     scheduler/scheduler_config.json   SD1.5's PNDM schedule (scaled_linear 0.00085..0.012, 1000)
 
@@ -57,7 +58,8 @@ def init_tensors(names: dict, rng: np.random.Generator) -> dict[str, np.ndarray]
     Returns:
       key -> array of the PyTorch shape. A Linear / Conv weight of shape (O, I, ...) and its bias
       ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = I * prod(kernel); a norm's weight
-      (nnx `scale`) 1 and bias 0; an embedding table N(0, 0.02).
+      (nnx `scale`) 1 and bias 0; an embedding table N(0, 0.02); a pooling query offset
+      (`positional_embedding`, (1, D)) N(0, 1 / D), as diffusers initialises it.
     """
     by_module: dict[tuple, dict[str, tuple]] = {}
     for key, (path, _, shape) in names.items():
@@ -70,6 +72,8 @@ def init_tensors(names: dict, rng: np.random.Generator) -> dict[str, np.ndarray]
             out[key] = np.ones(shape, np.float32)
         elif leaf == "embedding":
             out[key] = (0.02 * rng.standard_normal(shape)).astype(np.float32)
+        elif leaf == "positional_embedding":  # AttentionPooling's query offset: N(0, 1/D)
+            out[key] = (rng.standard_normal(shape) / math.sqrt(shape[-1])).astype(np.float32)
         elif leaf == "bias" and "scale" in siblings:
             out[key] = np.zeros(shape, np.float32)
         elif leaf in ("kernel", "bias") and "kernel" in siblings:
