@@ -134,7 +134,7 @@ def test_knn_on_two_processes_equals_one_process(tmp_path):
     from tests.parallel._multiprocess_worker import knn_inputs
 
     cmd = [sys.executable, "-m", "tests.parallel._multiprocess_worker", "knn", str(tmp_path)]
-    rcs = _multiprocess(cmd, tmp_path / "logs", timeout=120)
+    rcs = _multiprocess(cmd, tmp_path / "logs", timeout=240)
     assert rcs == [0] * N_PROC, _tails(tmp_path / "logs", N_PROC)
 
     import jax
@@ -164,7 +164,7 @@ def test_every_process_takes_process_0s_plan(tmp_path):
     """Hosts may see files differently (local checkpoint copies, stale NFS attributes): the
     runner's skip/run plan, and its errors, come from process 0."""
     cmd = [sys.executable, "-m", "tests.parallel._multiprocess_worker", "plan", str(tmp_path)]
-    rcs = _multiprocess(cmd, tmp_path / "logs", timeout=90)
+    rcs = _multiprocess(cmd, tmp_path / "logs", timeout=240)
     assert rcs == [0] * N_PROC, _tails(tmp_path / "logs", N_PROC)
     for i in range(N_PROC):
         got = json.loads((tmp_path / f"plan_{i}.json").read_text())
@@ -176,9 +176,9 @@ def test_demo_pipeline_on_two_processes_equals_one_process(tmp_path):
     main = [sys.executable, "-m", "fifa_jax.main", *DEMO_ARGS]
     one, two = tmp_path / "one", tmp_path / "two"
     rcs = _run_all([main + ["--workdir", str(one)]], [_env(N_PROC * LOCAL_DEVICES)],
-                   tmp_path / "logs_one", timeout=400)
+                   tmp_path / "logs_one", timeout=900)
     assert rcs == [0], _tails(tmp_path / "logs_one", 1)
-    rcs = _multiprocess(main + ["--workdir", str(two)], tmp_path / "logs_two", timeout=400)
+    rcs = _multiprocess(main + ["--workdir", str(two)], tmp_path / "logs_two", timeout=900)
     assert rcs == [0] * N_PROC, _tails(tmp_path / "logs_two", N_PROC)
 
     logs = [(tmp_path / "logs_two" / f"proc{i}.log").read_text() for i in range(N_PROC)]
@@ -220,7 +220,7 @@ def test_failure_on_process_0_stops_every_process(tmp_path):
     cmd = [sys.executable, "-m", "fifa_jax.main", *DEMO_ARGS, "--workdir", str(tmp_path / "w"),
            "--config.data.format=jsonl", f"--config.data.path={tmp_path / 'missing.jsonl'}"]
     t0 = time.monotonic()
-    rcs = _multiprocess(cmd, tmp_path / "logs", timeout=90)
+    rcs = _multiprocess(cmd, tmp_path / "logs", timeout=240)
     logs = _tails(tmp_path / "logs", N_PROC)
     assert rcs == [2] * N_PROC, logs
     assert "stage 'ingest' failed on its input" in logs
