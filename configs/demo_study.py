@@ -11,7 +11,7 @@ study.curve_every steps, the harm rate (the harmful mark on samples of harmful p
 implicit accuracy on held-out pairs no run trains on, and the train time to reach the
 full-data run's final true reward. Writes study/results.md (the table, means with 95%
 intervals over seeds), study/results.json and study/true_reward_vs_step.png.
-Expected: 35 minutes on 2 idle CPU cores (measured: 35 min 6 s with study.num_steps=100;
+Expected: about 26 minutes on 2 idle CPU cores (measured: 26 min 2 s with study.num_steps=100;
 the README quotes the table and the plot).
 """
 import os

@@ -209,15 +209,18 @@ def _make_evaluator(base: str, encode_dir: pathlib.Path, config):
     loader = PairLoader(encode_dir, "train", global_batch=32, seed=0, shuffle=False,
                         flip="none")
     batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in _eval_batches(loader, 0)]
-    step = jax.jit(lambda p, b, i: eval_step(p, ref, b, consts,
-                                             jax.random.key_data(jax.random.key(7)), i,
-                                             unet_fn=unet_apply(graph), schedule=sched,
-                                             cfg=cfg))
+    # the reference is an argument, not a closed-over constant: a constant-folded copy would
+    # differ from the policy's computation in the last bits, and the base against itself
+    # would then not tie (implicit accuracy 0.5)
+    step = jax.jit(lambda p, r, b, i: eval_step(p, r, b, consts,
+                                                jax.random.key_data(jax.random.key(7)), i,
+                                                unet_fn=unet_apply(graph), schedule=sched,
+                                                cfg=cfg))
 
     def evaluate(params):
         sums = None
         for i, b in enumerate(batches):
-            out = step(params, b, jnp.uint32(i))
+            out = step(params, ref, b, jnp.uint32(i))
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         sums = jax.device_get(sums)
         n = float(sums.pop("n"))
