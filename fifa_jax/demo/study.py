@@ -11,7 +11,10 @@ where every image's true reward is known:
   harm rate     the share of those images of harmful prompts that show the harmful mark
   implicit acc  DPO implicit accuracy on a fixed held-out set of pairs that no run trains on
                 (`held_out_pairs`, removed from every method's candidates, "full" included)
-  time          wall-clock train time to first reach the full-data run's final true reward
+  time          train time to first reach the full-data run's final true reward: the first
+                curve step at or above it x the run's median logged step time after its
+                first log window (compiles left out: the first run, which compiles the step
+                the others load from the cache, is not charged for it)
 
 Writes (workdir/study/): pool/ (the ingest and score outputs less the held-out pairs),
 held_out/ (their encoded pairs), runs/<method>_s<seed>/ (each a pipeline work directory:
@@ -141,6 +144,9 @@ def _sub_config(config, method: str, seed: int, stages: str):
     cfg.train.keep_checkpoints = int(st.num_steps) // int(st.curve_every) + 2
     cfg.train.eval_every = 0
     cfg.encode.num_val_pairs = 0
+    # keep the study's compilation cache: "auto" would point each run at its own folder, and
+    # JAX puts the cache folder into the compile options, so no run would reuse another's step
+    cfg.compile_cache = ""
     for key in ("study", "evaluate", "export"):
         if key in cfg:
             del cfg[key]
@@ -296,12 +302,28 @@ def _one_run(config, out, name, method, seed, sampler, evaluate, ref, base_point
     manifest = pq.read_table(run_dir / "select" / "manifest.parquet")
     record = {"method": method, "seed": seed, "train_fingerprint": done["fingerprint"],
               "pairs": manifest.num_rows, "train_seconds": train_s,
-              "seconds_per_step": train_s / max(steps[-1], 1) if steps else None,
+              "seconds_per_step": _steady_seconds_per_step(run_dir, cfg.train, train_s,
+                                                           steps[-1] if steps else 0),
               "curve": points, "final": points[-1],
               "stage_seconds": {k: v.get("seconds") for k, v in results.items()},
               "wall_seconds": round(time.time() - t0, 1)}
     curve_file.write_text(json.dumps(record, indent=2, sort_keys=True))
     return record
+
+
+def _steady_seconds_per_step(run_dir: pathlib.Path, tc, train_s: float,
+                             num_steps: int) -> float | None:
+    """Seconds a train step once compiled: the median over the logged windows after the first
+    (which holds the compile, or the compiled step's load from the cache) of
+    pairs per step / pairs per second. Falls back to the stage's seconds / steps."""
+    path = run_dir / "train" / "metrics.jsonl"
+    rates = []
+    if path.exists():
+        rates = [r["pairs_per_s"] for r in map(json.loads, path.read_text().splitlines())
+                 if r.get("kind") == "train" and r.get("pairs_per_s")][1:]
+    if rates:
+        return float(np.median([int(tc.batch_size) * int(tc.grad_accum) / r for r in rates]))
+    return train_s / num_steps if num_steps else None
 
 
 # ------------------------------------------------------------------------------ results

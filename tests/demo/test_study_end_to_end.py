@@ -42,7 +42,7 @@ def test_study_writes_table_curves_and_plot(study_run):
     assert "ran ['ingest', 'score', 'study']" in out
     out_dir = workdir / "study"
     results = json.loads((out_dir / "results.json").read_text())
-    assert list(results["methods"]) == ["importance", "full"]
+    assert sorted(results["methods"]) == ["full", "importance"]
     assert results["num_steps"] == 2 and results["seeds"] == ["0", "1"]
     kept = json.loads((out_dir / "pool" / "held_out.json").read_text())["kept_pairs"]
     assert results["methods"]["importance"]["pairs"] == 12
@@ -58,6 +58,7 @@ def test_study_writes_table_curves_and_plot(study_run):
             assert [p["step"] for p in rec["curve"]] == [0, 1, 2]
             assert all(-1.0 <= p["true_reward"] <= 4.0 for p in rec["curve"])
             assert 0.0 <= rec["final"]["heldout_implicit_acc"] <= 1.0
+            assert rec["seconds_per_step"] > 0
     md = (out_dir / "results.md").read_text()
     assert "| importance | 12 |" in md and f"| full | {kept} |" in md
     png = (out_dir / "true_reward_vs_step.png").read_bytes()
