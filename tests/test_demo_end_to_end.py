@@ -1,14 +1,11 @@
 """The README's first command on a small demo world: every built stage runs, a rerun skips them."""
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.cli import run_main
+
 SMALL = ["--config.data.demo.n_prompts=40", "--config.data.demo.n_pairs=300",
          "--config.data.demo.rows_per_shard=150", "--config.select.k_pairs=30",
          "--config.score.reward.batch_size=64", "--config.score.reward.chunk_size=128",
@@ -20,15 +17,7 @@ STAGES = "['ingest', 'score', 'select', 'encode', 'train', 'export', 'evaluate']
 
 
 def _cli(workdir, *extra):
-    env = dict(os.environ, XLA_FLAGS="",  # the demo runs on one CPU device, as a user would
-               JAX_COMPILATION_CACHE_DIR=os.environ.get("FIFA_JAX_TEST_CACHE",
-                                                        str(ROOT / ".jax_cache")))
-    proc = subprocess.run(
-        [sys.executable, "-m", "fifa_jax.main", "--config", str(ROOT / "configs" / "demo.py"),
-         "--workdir", str(workdir), *SMALL, *extra],
-        capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return run_main("demo.py", workdir, *SMALL, *extra)
 
 
 @pytest.fixture(scope="module")

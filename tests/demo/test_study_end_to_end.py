@@ -2,15 +2,12 @@
 two seeds of a few train steps; the held-out pairs stay out of every run; the results table,
 curves and plot are written; a rerun skips the finished study."""
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.cli import run_main
+
 SMALL = ["--config.data.demo.n_prompts=30", "--config.data.demo.n_pairs=200",
          "--config.data.demo.rows_per_shard=100", "--config.select.k_pairs=12",
          "--config.score.reward.batch_size=64", "--config.study.methods=importance,full",
@@ -20,15 +17,7 @@ SMALL = ["--config.data.demo.n_prompts=30", "--config.data.demo.n_pairs=200",
 
 
 def _cli(workdir):
-    env = dict(os.environ, XLA_FLAGS="",
-               JAX_COMPILATION_CACHE_DIR=os.environ.get("FIFA_JAX_TEST_CACHE",
-                                                        str(ROOT / ".jax_cache")))
-    proc = subprocess.run(
-        [sys.executable, "-m", "fifa_jax.main", "--config",
-         str(ROOT / "configs" / "demo_study.py"), "--workdir", str(workdir), *SMALL],
-        capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return run_main("demo_study.py", workdir, *SMALL)
 
 
 @pytest.fixture(scope="module")
