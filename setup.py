@@ -10,11 +10,14 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["fifa_jax", "fifa_jax.*"]),
-    # the demo world's pretrained models (python -m fifa_jax.demo.build_models), about 6.5 MB
-    package_data={"fifa_jax.demo": [
-        "models/*.json", "models/*.png",
-        "models/*/*.json", "models/*/*.txt", "models/*/*.safetensors",
-        "models/*/*/*.json", "models/*/*/*.txt", "models/*/*/*.safetensors"]},
+    package_data={
+        # the fused CPU attention kernel, compiled on first use (fifa_jax/models/cpu_attention.py)
+        "fifa_jax.models": ["kernels/*.cc"],
+        # the demo world's pretrained models (python -m fifa_jax.demo.build_models), about 6.5 MB
+        "fifa_jax.demo": [
+            "models/*.json", "models/*.png",
+            "models/*/*.json", "models/*/*.txt", "models/*/*.safetensors",
+            "models/*/*/*.json", "models/*/*/*.txt", "models/*/*/*.safetensors"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

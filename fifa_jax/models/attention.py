@@ -6,21 +6,28 @@ One function every model calls, so the attention kernel is chosen in one place:
     impl = "cudnn"  -> cuDNN flash attention (GPU only; fails loudly elsewhere)
     impl = "einsum" -> two einsums and a softmax normalised after the value product
                        (no mask, bias, causal or local window; heads not grouped)
-    impl = "auto"   -> cuDNN on GPU when dtype and shapes allow it; on the CPU "einsum" where
-                       it applies; XLA otherwise.
+    impl = "fused"  -> our C++ CPU kernel (`cpu_attention.py`): the scores are never
+                       materialised; same restrictions as "einsum"; CPU only
+    impl = "auto"   -> cuDNN on GPU when dtype and shapes allow it; on the CPU "fused" where
+                       it applies and compiled (else "einsum", with a warning); XLA otherwise.
 
 Why "einsum" on the CPU: in a train step XLA's CPU backend ran `jax.nn.dot_product_attention`
 about 2x slower than this form (the 1024-token self-attention of a 32 x 32 latent: 847 ms
 against 292 ms forward + backward; the scale multiplied after the QK product materialises a
 (B, N, T, S) broadcast). Same values: the row maximum is subtracted (without gradient, the
 softmax does not depend on it) and the rows are divided by their sums after the value product.
+Why "fused" for long keys: the einsum form still materialises the (B, N, T, S) scores; the
+kernel keeps one query row's scores at a time (same 1024-token attention: ZZZ ms against the
+einsum's YYY ms forward + backward); for the 77-token cross-attention the einsum is as fast.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "einsum")
+from fifa_jax.models import cpu_attention
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "einsum", "fused")
 
 
 def _cudnn_ok(q: jax.Array, k: jax.Array, bias, mask, local_window_size) -> bool:
@@ -64,7 +71,7 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = Fa
       mask: optional boolean mask broadcastable to (B, N, T, S); True = attend.
       is_causal: apply a causal mask.
       scale: logits scale, default 1/sqrt(H).
-      impl: "auto" | "xla" | "cudnn" | "einsum".
+      impl: "auto" | "xla" | "cudnn" | "einsum" | "fused".
     Returns:
       (B, T, N, H), the dtype of q.
     """
@@ -76,6 +83,13 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = Fa
             impl = "cudnn"
         else:
             impl = "einsum" if jax.default_backend() == "cpu" and einsum_ok else "xla"
+            if impl == "einsum" and cpu_attention.available():
+                impl = "fused"
+    if impl == "fused":
+        if not einsum_ok:
+            raise ValueError("attention impl 'fused' takes no mask, bias, causal or local "
+                             "window and ungrouped heads; use 'xla'")
+        return cpu_attention.fused_attention(q, k, v, scale)
     if impl == "einsum":
         if not einsum_ok:
             raise ValueError("attention impl 'einsum' takes no mask, bias, causal or local "

@@ -1,0 +1,343 @@
+// Fused softmax attention for XLA's CPU backend (jax.ffi), forward and backward, float32.
+//
+// Why it exists: XLA's CPU backend materialises the (B, N, T, S) scores of an attention
+// (a 32 x 32 latent's self-attention: 8 heads x 1024 x 1024 floats an image) and runs the
+// softmax over them as separate memory-bound passes; in a Diffusion-DPO train step that was
+// about half the step (benchmarks/RESULTS.md). No library gives JAX a fused CPU attention, so
+// this one does the simplest thing that never materialises the scores: one query row (block)
+// at a time, its S scores in a stack buffer, an exact two-pass softmax, the value product,
+// and for the gradient the same recomputation from the saved log-sum-exp (the flash-attention
+// backward). Layouts are the model's: q, o: (..., T, N, H); k, v: (..., S, N, H); leading
+// dimensions are flattened into one batch. Work items are (batch, head[, query block]) and run
+// on XLA's intra-op thread pool; the calling thread takes items too, so it never waits on a
+// task that has not started.
+//
+// Loops run over the key axis (length S) with the per-head keys and values transposed to
+// (H, S), so every inner loop is a unit-stride loop the compiler vectorises (-O3
+// -march=native -fopenmp-simd); exp is a Cephes-style polynomial (about 2 ulp) that vectorises.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kRows = 4;    // query rows processed together (reuse each key/value load)
+constexpr int64_t kLanes = 16;  // floats a vector (AVX-512; the compiler splits it elsewhere)
+constexpr int64_t kGroup = 8;   // head-size channels accumulated in registers at once
+
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
+
+inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
+inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+inline Vec Splat(float x) { return Vec{} + x; }
+inline float Sum(Vec v) {
+  float s = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+inline float ExpF(float x) {
+  // exp(x) for x <= 0 (softmax arguments); clamps below -87 to ~1e-38.
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// Runs fn(item) for item in [0, count) on the pool and the calling thread.
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, const std::function<void(int64_t)>& fn) {
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    int64_t count = 0;
+    const std::function<void(int64_t)>* fn = nullptr;
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->count = count;
+  shared->fn = &fn;
+  auto work = [](Shared* s) {
+    for (int64_t i = s->next.fetch_add(1); i < s->count; i = s->next.fetch_add(1)) {
+      (*s->fn)(i);
+      if (s->done.fetch_add(1) + 1 == s->count) {
+        std::lock_guard<std::mutex> lock(s->mu);
+        s->cv.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  for (int64_t t = 0; t < helpers; ++t) {
+    // A late task finds no items left and touches only `shared` (kept alive by the copy).
+    pool.Schedule([shared, work]() { work(shared.get()); });
+  }
+  work(shared.get());
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->done.load() == count; });
+}
+
+struct Dims {
+  int64_t batch, t, s, n, h;
+  int64_t sp, hp;  // s rounded up to kLanes, h rounded up to kGroup (zero padding)
+};
+
+// Dims from q (..., T, N, H) and k (..., S, N, H).
+ffi::Error GetDims(ffi::AnyBuffer q, ffi::AnyBuffer k, Dims* d) {
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  if (qd.size() < 3 || qd.size() != kd.size()) {
+    return ffi::Error::InvalidArgument("attention_cpu: q and k must have the same rank >= 3");
+  }
+  const size_t r = qd.size();
+  d->batch = 1;
+  for (size_t i = 0; i + 3 < r; ++i) d->batch *= qd[i];
+  d->t = qd[r - 3];
+  d->n = qd[r - 2];
+  d->h = qd[r - 1];
+  d->s = kd[r - 3];
+  d->sp = RoundUp(d->s, kLanes);
+  d->hp = RoundUp(d->h, kGroup);
+  if (kd[r - 2] != d->n || kd[r - 1] != d->h) {
+    return ffi::Error::InvalidArgument("attention_cpu: k must have q's heads and head size");
+  }
+  return ffi::Error::Success();
+}
+
+// Head `head` of batch `b` of x (batch, S, N, H), transposed into out (hp, sp), zero-padded.
+void PackTransposed(const float* x, const Dims& d, int64_t b, int64_t head, float* out) {
+  std::fill(out, out + d.hp * d.sp, 0.0f);
+  const float* base = x + (b * d.s * d.n + head) * d.h;
+  for (int64_t j = 0; j < d.s; ++j) {
+    const float* row = base + j * d.n * d.h;
+    for (int64_t c = 0; c < d.h; ++c) out[c * d.sp + j] = row[c];
+  }
+}
+
+// out[i][j] = scale * sum_c a_i[c] * mt[c][j] for kRows rows a_i (H floats each), j < sp.
+void RowsTimesMatrix(const float* const* a, const float* mt, const Dims& d, float scale,
+                     float* out) {
+  for (int64_t j = 0; j < d.sp; j += kLanes) {
+    Vec acc[kRows] = {};
+    for (int64_t c = 0; c < d.h; ++c) {
+      const Vec m = Load(mt + c * d.sp + j);
+      for (int64_t i = 0; i < kRows; ++i) acc[i] += a[i][c] * m;
+    }
+    for (int64_t i = 0; i < kRows; ++i) Store(out + i * d.sp + j, acc[i] * scale);
+  }
+}
+
+// out[c] = sum_j x[j] * mt[c][j] for c < h (x: sp floats, zero beyond s).
+void RowTimesMatrixT(const float* x, const float* mt, const Dims& d, float* out) {
+  for (int64_t c0 = 0; c0 < d.hp; c0 += kGroup) {
+    Vec acc[kGroup] = {};
+    for (int64_t j = 0; j < d.sp; j += kLanes) {
+      const Vec xv = Load(x + j);
+      for (int64_t g = 0; g < kGroup; ++g) acc[g] += xv * Load(mt + (c0 + g) * d.sp + j);
+    }
+    for (int64_t g = 0; g < kGroup && c0 + g < d.h; ++g) out[c0 + g] = Sum(acc[g]);
+  }
+}
+
+// The kRows query rows from r0 of head `head` of batch `b` in x (batch, T, N, H); rows past
+// the end repeat the last one (their results are not written).
+void RowPointers(const float* x, const Dims& d, int64_t b, int64_t head, int64_t r0,
+                 int64_t nrows, const float** rows) {
+  for (int64_t i = 0; i < kRows; ++i) {
+    rows[i] = x + ((b * d.t + r0 + std::min(i, nrows - 1)) * d.n + head) * d.h;
+  }
+}
+
+// Forward: o (batch, T, N, H), lse (batch, N, T).
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                   float scale, ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse) {
+  Dims d;
+  if (auto err = GetDims(q, k, &d); err.failure()) return err;
+  if (q.element_type() != ffi::F32 || k.element_type() != ffi::F32 ||
+      v.element_type() != ffi::F32) {
+    return ffi::Error::InvalidArgument("attention_cpu: float32 only");
+  }
+  const float* qp = q.typed_data<float>();
+  const float* kp = k.typed_data<float>();
+  const float* vp = v.typed_data<float>();
+  float* op = o->typed_data<float>();
+  float* lp = lse->typed_data<float>();
+  // Work items: (batch, head, query block); a head's keys and values are packed once an
+  // item, so a head is split into blocks only as far as the threads need work.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t want = (4 * threads + d.batch * d.n - 1) / (d.batch * d.n);
+  const int64_t nblocks = std::max<int64_t>(1, std::min(want, (d.t + 63) / 64));
+  const int64_t block = (d.t + nblocks - 1) / nblocks;
+  const int64_t items = d.batch * d.n * nblocks;
+  ParallelFor(pool, items, [&](int64_t item) {
+    const int64_t qb = item % nblocks;
+    const int64_t head = (item / nblocks) % d.n;
+    const int64_t b = item / (nblocks * d.n);
+    std::vector<float> kt(d.hp * d.sp), vt(d.hp * d.sp), p(kRows * d.sp), orow(d.hp);
+    PackTransposed(kp, d, b, head, kt.data());
+    PackTransposed(vp, d, b, head, vt.data());
+    const int64_t t0 = qb * block, t1 = std::min(d.t, t0 + block);
+    for (int64_t r0 = t0; r0 < t1; r0 += kRows) {
+      const int64_t nrows = std::min(kRows, t1 - r0);
+      const float* qrows[kRows];
+      RowPointers(qp, d, b, head, r0, nrows, qrows);
+      RowsTimesMatrix(qrows, kt.data(), d, scale, p.data());
+      for (int64_t i = 0; i < nrows; ++i) {
+        float* pi = p.data() + i * d.sp;
+        float m = -INFINITY;  // a NaN score still reaches the output through the sum below
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < d.s; ++j) m = pi[j] > m ? pi[j] : m;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < d.s; ++j) {
+          pi[j] = ExpF(pi[j] - m);
+          sum += pi[j];
+        }
+        std::fill(pi + d.s, pi + d.sp, 0.0f);
+        RowTimesMatrixT(pi, vt.data(), d, orow.data());
+        const float inv = 1.0f / sum;
+        float* out = op + ((b * d.t + r0 + i) * d.n + head) * d.h;
+        for (int64_t c = 0; c < d.h; ++c) out[c] = orow[c] * inv;
+        lp[(b * d.n + head) * d.t + r0 + i] = m + std::log(sum);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// Backward: dq, dk, dv from q, k, v, o, lse and the output cotangent do.
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                    ffi::AnyBuffer o, ffi::AnyBuffer lse, ffi::AnyBuffer dout, float scale,
+                    ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                    ffi::Result<ffi::AnyBuffer> dv) {
+  Dims d;
+  if (auto err = GetDims(q, k, &d); err.failure()) return err;
+  const float* qp = q.typed_data<float>();
+  const float* kp = k.typed_data<float>();
+  const float* vp = v.typed_data<float>();
+  const float* op = o.typed_data<float>();
+  const float* lp = lse.typed_data<float>();
+  const float* dop = dout.typed_data<float>();
+  float* dqp = dq->typed_data<float>();
+  float* dkp = dk->typed_data<float>();
+  float* dvp = dv->typed_data<float>();
+  const int64_t items = d.batch * d.n;  // dk, dv sum over all queries of a head
+  ParallelFor(pool, items, [&](int64_t item) {
+    const int64_t head = item % d.n;
+    const int64_t b = item / d.n;
+    const int64_t sp = d.sp;
+    std::vector<float> kt(d.hp * sp), vt(d.hp * sp), dkt(d.hp * sp, 0.0f), dvt(d.hp * sp, 0.0f);
+    std::vector<float> p(kRows * sp), ds(kRows * sp), dqrow(d.hp);
+    PackTransposed(kp, d, b, head, kt.data());
+    PackTransposed(vp, d, b, head, vt.data());
+    for (int64_t r0 = 0; r0 < d.t; r0 += kRows) {
+      const int64_t nrows = std::min(kRows, d.t - r0);
+      const float* qrows[kRows];
+      const float* dorows[kRows];
+      RowPointers(qp, d, b, head, r0, nrows, qrows);
+      RowPointers(dop, d, b, head, r0, nrows, dorows);
+      RowsTimesMatrix(qrows, kt.data(), d, scale, p.data());  // scaled scores
+      RowsTimesMatrix(dorows, vt.data(), d, 1.0f, ds.data());  // do . v
+      for (int64_t i = 0; i < kRows; ++i) {
+        float* pi = p.data() + i * sp;
+        float* dsi = ds.data() + i * sp;
+        if (i >= nrows) {  // a repeated row: contributes nothing
+          std::fill(pi, pi + sp, 0.0f);
+          std::fill(dsi, dsi + sp, 0.0f);
+          continue;
+        }
+        const int64_t off = ((b * d.t + r0 + i) * d.n + head) * d.h;
+        const float l = lp[(b * d.n + head) * d.t + r0 + i];
+        float delta = 0.0f;  // rowsum(do * o)
+        for (int64_t c = 0; c < d.h; ++c) delta += dop[off + c] * op[off + c];
+#pragma omp simd
+        for (int64_t j = 0; j < d.s; ++j) {
+          pi[j] = ExpF(pi[j] - l);             // probabilities
+          dsi[j] = pi[j] * (dsi[j] - delta);   // d scores (before the scale)
+        }
+        std::fill(pi + d.s, pi + sp, 0.0f);
+        std::fill(dsi + d.s, dsi + sp, 0.0f);
+        RowTimesMatrixT(dsi, kt.data(), d, dqrow.data());
+        for (int64_t c = 0; c < d.h; ++c) dqp[off + c] = dqrow[c] * scale;
+      }
+      // dv[c][j] += sum_i p_i[j] do_i[c];  dk[c][j] += sum_i ds_i[j] q_i[c] scale
+      float doc[kRows], qc[kRows];
+      for (int64_t j = 0; j < sp; j += kLanes) {
+        Vec pv[kRows], dsv[kRows];
+        for (int64_t i = 0; i < kRows; ++i) {
+          pv[i] = Load(p.data() + i * sp + j);
+          dsv[i] = Load(ds.data() + i * sp + j);
+        }
+        for (int64_t c = 0; c < d.h; ++c) {
+          Vec accv = Load(dvt.data() + c * sp + j);
+          Vec acck = Load(dkt.data() + c * sp + j);
+          for (int64_t i = 0; i < kRows; ++i) {
+            doc[i] = dorows[i][c];
+            qc[i] = qrows[i][c] * scale;
+            accv += pv[i] * doc[i];
+            acck += dsv[i] * qc[i];
+          }
+          Store(dvt.data() + c * sp + j, accv);
+          Store(dkt.data() + c * sp + j, acck);
+        }
+      }
+    }
+    for (int64_t j = 0; j < d.s; ++j) {
+      const int64_t off = ((b * d.s + j) * d.n + head) * d.h;
+      for (int64_t c = 0; c < d.h; ++c) {
+        dkp[off + c] = dkt[c * sp + j];
+        dvp[off + c] = dvt[c * sp + j];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FifaAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FifaAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
