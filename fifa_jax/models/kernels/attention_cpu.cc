@@ -284,24 +284,23 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
         for (int64_t c = 0; c < d.h; ++c) dqp[off + c] = dqrow[c] * scale;
       }
       // dv[c][j] += sum_i p_i[j] do_i[c];  dk[c][j] += sum_i ds_i[j] q_i[c] scale
-      float doc[kRows], qc[kRows];
-      for (int64_t j = 0; j < sp; j += kLanes) {
-        Vec pv[kRows], dsv[kRows];
+      for (int64_t c = 0; c < d.h; ++c) {
+        float doc[kRows], qc[kRows];
         for (int64_t i = 0; i < kRows; ++i) {
-          pv[i] = Load(p.data() + i * sp + j);
-          dsv[i] = Load(ds.data() + i * sp + j);
+          doc[i] = dorows[i][c];
+          qc[i] = qrows[i][c] * scale;
         }
-        for (int64_t c = 0; c < d.h; ++c) {
-          Vec accv = Load(dvt.data() + c * sp + j);
-          Vec acck = Load(dkt.data() + c * sp + j);
+        float* dvc = dvt.data() + c * sp;
+        float* dkc = dkt.data() + c * sp;
+        for (int64_t j = 0; j < sp; j += kLanes) {
+          Vec accv = Load(dvc + j);
+          Vec acck = Load(dkc + j);
           for (int64_t i = 0; i < kRows; ++i) {
-            doc[i] = dorows[i][c];
-            qc[i] = qrows[i][c] * scale;
-            accv += pv[i] * doc[i];
-            acck += dsv[i] * qc[i];
+            accv += Load(p.data() + i * sp + j) * doc[i];
+            acck += Load(ds.data() + i * sp + j) * qc[i];
           }
-          Store(dvt.data() + c * sp + j, accv);
-          Store(dkt.data() + c * sp + j, acck);
+          Store(dvc + j, accv);
+          Store(dkc + j, acck);
         }
       }
     }
