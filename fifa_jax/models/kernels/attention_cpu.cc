@@ -150,15 +150,23 @@ void RowsTimesMatrix(const float* const* a, const float* mt, const Dims& d, floa
   }
 }
 
-// out[c] = sum_j x[j] * mt[c][j] for c < h (x: sp floats, zero beyond s).
-void RowTimesMatrixT(const float* x, const float* mt, const Dims& d, float* out) {
-  for (int64_t c0 = 0; c0 < d.hp; c0 += kGroup) {
-    Vec acc[kGroup] = {};
+// out[i][c] = sum_j x_i[j] * mt[c][j] for kRows rows x_i (sp floats each, zero beyond s),
+// c < hp; four rows x four channels accumulate in registers.
+void RowsTimesMatrixT(const float* x, const float* mt, const Dims& d, float* out) {
+  constexpr int64_t kCh = 4;
+  for (int64_t c0 = 0; c0 < d.hp; c0 += kCh) {
+    Vec acc[kRows][kCh] = {};
     for (int64_t j = 0; j < d.sp; j += kLanes) {
-      const Vec xv = Load(x + j);
-      for (int64_t g = 0; g < kGroup; ++g) acc[g] += xv * Load(mt + (c0 + g) * d.sp + j);
+      Vec m[kCh];
+      for (int64_t g = 0; g < kCh; ++g) m[g] = Load(mt + (c0 + g) * d.sp + j);
+      for (int64_t i = 0; i < kRows; ++i) {
+        const Vec xv = Load(x + i * d.sp + j);
+        for (int64_t g = 0; g < kCh; ++g) acc[i][g] += xv * m[g];
+      }
     }
-    for (int64_t g = 0; g < kGroup && c0 + g < d.h; ++g) out[c0 + g] = Sum(acc[g]);
+    for (int64_t i = 0; i < kRows; ++i) {
+      for (int64_t g = 0; g < kCh; ++g) out[i * d.hp + c0 + g] = Sum(acc[i][g]);
+    }
   }
 }
 
@@ -196,7 +204,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
     const int64_t qb = item % nblocks;
     const int64_t head = (item / nblocks) % d.n;
     const int64_t b = item / (nblocks * d.n);
-    std::vector<float> kt(d.hp * d.sp), vt(d.hp * d.sp), p(kRows * d.sp), orow(d.hp);
+    std::vector<float> kt(d.hp * d.sp), vt(d.hp * d.sp), p(kRows * d.sp), orows(kRows * d.hp);
     PackTransposed(kp, d, b, head, kt.data());
     PackTransposed(vp, d, b, head, vt.data());
     const int64_t t0 = qb * block, t1 = std::min(d.t, t0 + block);
@@ -205,7 +213,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
       const float* qrows[kRows];
       RowPointers(qp, d, b, head, r0, nrows, qrows);
       RowsTimesMatrix(qrows, kt.data(), d, scale, p.data());
-      for (int64_t i = 0; i < nrows; ++i) {
+      float row_max[kRows], row_sum[kRows];
+      for (int64_t i = 0; i < kRows; ++i) {  // rows past nrows repeat the last: harmless
         float* pi = p.data() + i * d.sp;
         float m = -INFINITY;  // a NaN score still reaches the output through the sum below
 #pragma omp simd reduction(max : m)
@@ -217,11 +226,15 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
           sum += pi[j];
         }
         std::fill(pi + d.s, pi + d.sp, 0.0f);
-        RowTimesMatrixT(pi, vt.data(), d, orow.data());
-        const float inv = 1.0f / sum;
+        row_max[i] = m;
+        row_sum[i] = sum;
+      }
+      RowsTimesMatrixT(p.data(), vt.data(), d, orows.data());
+      for (int64_t i = 0; i < nrows; ++i) {
+        const float inv = 1.0f / row_sum[i];
         float* out = op + ((b * d.t + r0 + i) * d.n + head) * d.h;
-        for (int64_t c = 0; c < d.h; ++c) out[c] = orow[c] * inv;
-        lp[(b * d.n + head) * d.t + r0 + i] = m + std::log(sum);
+        for (int64_t c = 0; c < d.h; ++c) out[c] = orows[i * d.hp + c] * inv;
+        lp[(b * d.n + head) * d.t + r0 + i] = row_max[i] + std::log(row_sum[i]);
       }
     }
   });
@@ -250,7 +263,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
     const int64_t b = item / d.n;
     const int64_t sp = d.sp;
     std::vector<float> kt(d.hp * sp), vt(d.hp * sp), dkt(d.hp * sp, 0.0f), dvt(d.hp * sp, 0.0f);
-    std::vector<float> p(kRows * sp), ds(kRows * sp), dqrow(d.hp);
+    std::vector<float> p(kRows * sp), ds(kRows * sp), dqrows(kRows * d.hp);
     PackTransposed(kp, d, b, head, kt.data());
     PackTransposed(vp, d, b, head, vt.data());
     for (int64_t r0 = 0; r0 < d.t; r0 += kRows) {
@@ -280,8 +293,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
         }
         std::fill(pi + d.s, pi + sp, 0.0f);
         std::fill(dsi + d.s, dsi + sp, 0.0f);
-        RowTimesMatrixT(dsi, kt.data(), d, dqrow.data());
-        for (int64_t c = 0; c < d.h; ++c) dqp[off + c] = dqrow[c] * scale;
+      }
+      RowsTimesMatrixT(ds.data(), kt.data(), d, dqrows.data());
+      for (int64_t i = 0; i < nrows; ++i) {
+        const int64_t off = ((b * d.t + r0 + i) * d.n + head) * d.h;
+        for (int64_t c = 0; c < d.h; ++c) dqp[off + c] = dqrows[i * d.hp + c] * scale;
       }
       // dv[c][j] += sum_i p_i[j] do_i[c];  dk[c][j] += sum_i ds_i[j] q_i[c] scale
       for (int64_t c = 0; c < d.h; ++c) {
