@@ -137,35 +137,43 @@ void PackTransposed(const float* x, const Dims& d, int64_t b, int64_t head, floa
   }
 }
 
-// out[i][j] = scale * sum_c a_i[c] * mt[c][j] for kRows rows a_i (H floats each), j < sp.
-void RowsTimesMatrix(const float* const* a, const float* mt, const Dims& d, float scale,
-                     float* out) {
-  for (int64_t j = 0; j < d.sp; j += kLanes) {
+// A (channels, columns) slice of a transposed head: row c starts at data + c * stride.
+struct Panel {
+  const float* data;
+  int64_t stride;  // floats between channel rows (the padded key length)
+  int64_t len;     // columns used, a multiple of kLanes
+};
+
+// out[i][j] = scale * sum_c a_i[c] * m[c][j] for kRows rows a_i (h floats each), j < m.len;
+// out rows are `ld` floats apart.
+void RowsTimesMatrix(const float* const* a, Panel m, int64_t h, float scale, float* out,
+                     int64_t ld) {
+  for (int64_t j = 0; j < m.len; j += kLanes) {
     Vec acc[kRows] = {};
-    for (int64_t c = 0; c < d.h; ++c) {
-      const Vec m = Load(mt + c * d.sp + j);
-      for (int64_t i = 0; i < kRows; ++i) acc[i] += a[i][c] * m;
+    for (int64_t c = 0; c < h; ++c) {
+      const Vec mv = Load(m.data + c * m.stride + j);
+      for (int64_t i = 0; i < kRows; ++i) acc[i] += a[i][c] * mv;
     }
-    for (int64_t i = 0; i < kRows; ++i) Store(out + i * d.sp + j, acc[i] * scale);
+    for (int64_t i = 0; i < kRows; ++i) Store(out + i * ld + j, acc[i] * scale);
   }
 }
 
-// out[i][c] = sum_j x_i[j] * mt[c][j] for kRows rows x_i (sp floats each, zero beyond s),
-// c < hp; four rows x four channels accumulate in registers.
-void RowsTimesMatrixT(const float* x, const float* mt, const Dims& d, float* out) {
+// out[i][c] = sum_j x_i[j] * m[c][j] for kRows rows x_i (`ld` floats apart), c < hp (a
+// multiple of 4); four rows x four channels accumulate in registers.
+void RowsTimesMatrixT(const float* x, int64_t ld, Panel m, int64_t hp, float* out) {
   constexpr int64_t kCh = 4;
-  for (int64_t c0 = 0; c0 < d.hp; c0 += kCh) {
+  for (int64_t c0 = 0; c0 < hp; c0 += kCh) {
     Vec acc[kRows][kCh] = {};
-    for (int64_t j = 0; j < d.sp; j += kLanes) {
-      Vec m[kCh];
-      for (int64_t g = 0; g < kCh; ++g) m[g] = Load(mt + (c0 + g) * d.sp + j);
+    for (int64_t j = 0; j < m.len; j += kLanes) {
+      Vec mv[kCh];
+      for (int64_t g = 0; g < kCh; ++g) mv[g] = Load(m.data + (c0 + g) * m.stride + j);
       for (int64_t i = 0; i < kRows; ++i) {
-        const Vec xv = Load(x + i * d.sp + j);
-        for (int64_t g = 0; g < kCh; ++g) acc[i][g] += xv * m[g];
+        const Vec xv = Load(x + i * ld + j);
+        for (int64_t g = 0; g < kCh; ++g) acc[i][g] += xv * mv[g];
       }
     }
     for (int64_t i = 0; i < kRows; ++i) {
-      for (int64_t g = 0; g < kCh; ++g) out[i * d.hp + c0 + g] = Sum(acc[i][g]);
+      for (int64_t g = 0; g < kCh; ++g) out[i * hp + c0 + g] = Sum(acc[i][g]);
     }
   }
 }
@@ -212,7 +220,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
       const int64_t nrows = std::min(kRows, t1 - r0);
       const float* qrows[kRows];
       RowPointers(qp, d, b, head, r0, nrows, qrows);
-      RowsTimesMatrix(qrows, kt.data(), d, scale, p.data());
+      RowsTimesMatrix(qrows, {kt.data(), d.sp, d.sp}, d.h, scale, p.data(), d.sp);
       float row_max[kRows], row_sum[kRows];
       for (int64_t i = 0; i < kRows; ++i) {  // rows past nrows repeat the last: harmless
         float* pi = p.data() + i * d.sp;
@@ -229,7 +237,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
         row_max[i] = m;
         row_sum[i] = sum;
       }
-      RowsTimesMatrixT(p.data(), vt.data(), d, orows.data());
+      RowsTimesMatrixT(p.data(), d.sp, {vt.data(), d.sp, d.sp}, d.hp, orows.data());
       for (int64_t i = 0; i < nrows; ++i) {
         const float inv = 1.0f / row_sum[i];
         float* out = op + ((b * d.t + r0 + i) * d.n + head) * d.h;
@@ -257,68 +265,87 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
   float* dqp = dq->typed_data<float>();
   float* dkp = dk->typed_data<float>();
   float* dvp = dv->typed_data<float>();
-  const int64_t items = d.batch * d.n;  // dk, dv sum over all queries of a head
+  // Work items: (batch, head), since dk and dv sum over all queries of a head. Keys go in
+  // blocks of kKeyBlock, all query rows for each block, so that the block's transposed keys,
+  // values and their gradient accumulators stay in the L1 cache; the probabilities come from
+  // the saved log-sum-exp, so a block needs nothing from the others (dq accumulates).
+  constexpr int64_t kKeyBlock = 256;
+  const int64_t items = d.batch * d.n;
   ParallelFor(pool, items, [&](int64_t item) {
     const int64_t head = item % d.n;
     const int64_t b = item / d.n;
     const int64_t sp = d.sp;
     std::vector<float> kt(d.hp * sp), vt(d.hp * sp), dkt(d.hp * sp, 0.0f), dvt(d.hp * sp, 0.0f);
-    std::vector<float> p(kRows * sp), ds(kRows * sp), dqrows(kRows * d.hp);
+    std::vector<float> p(kRows * kKeyBlock), ds(kRows * kKeyBlock), dqrows(kRows * d.hp);
+    std::vector<float> delta(d.t), dqacc(d.t * d.hp, 0.0f);
     PackTransposed(kp, d, b, head, kt.data());
     PackTransposed(vp, d, b, head, vt.data());
-    for (int64_t r0 = 0; r0 < d.t; r0 += kRows) {
-      const int64_t nrows = std::min(kRows, d.t - r0);
-      const float* qrows[kRows];
-      const float* dorows[kRows];
-      RowPointers(qp, d, b, head, r0, nrows, qrows);
-      RowPointers(dop, d, b, head, r0, nrows, dorows);
-      RowsTimesMatrix(qrows, kt.data(), d, scale, p.data());  // scaled scores
-      RowsTimesMatrix(dorows, vt.data(), d, 1.0f, ds.data());  // do . v
-      for (int64_t i = 0; i < kRows; ++i) {
-        float* pi = p.data() + i * sp;
-        float* dsi = ds.data() + i * sp;
-        if (i >= nrows) {  // a repeated row: contributes nothing
-          std::fill(pi, pi + sp, 0.0f);
-          std::fill(dsi, dsi + sp, 0.0f);
-          continue;
-        }
-        const int64_t off = ((b * d.t + r0 + i) * d.n + head) * d.h;
-        const float l = lp[(b * d.n + head) * d.t + r0 + i];
-        float delta = 0.0f;  // rowsum(do * o)
-        for (int64_t c = 0; c < d.h; ++c) delta += dop[off + c] * op[off + c];
-#pragma omp simd
-        for (int64_t j = 0; j < d.s; ++j) {
-          pi[j] = ExpF(pi[j] - l);             // probabilities
-          dsi[j] = pi[j] * (dsi[j] - delta);   // d scores (before the scale)
-        }
-        std::fill(pi + d.s, pi + sp, 0.0f);
-        std::fill(dsi + d.s, dsi + sp, 0.0f);
-      }
-      RowsTimesMatrixT(ds.data(), kt.data(), d, dqrows.data());
-      for (int64_t i = 0; i < nrows; ++i) {
-        const int64_t off = ((b * d.t + r0 + i) * d.n + head) * d.h;
-        for (int64_t c = 0; c < d.h; ++c) dqp[off + c] = dqrows[i * d.hp + c] * scale;
-      }
-      // dv[c][j] += sum_i p_i[j] do_i[c];  dk[c][j] += sum_i ds_i[j] q_i[c] scale
-      for (int64_t c = 0; c < d.h; ++c) {
-        float doc[kRows], qc[kRows];
+    const float* lrow = lp + (b * d.n + head) * d.t;
+    for (int64_t r = 0; r < d.t; ++r) {  // rowsum(do * o)
+      const int64_t off = ((b * d.t + r) * d.n + head) * d.h;
+      float acc = 0.0f;
+      for (int64_t c = 0; c < d.h; ++c) acc += dop[off + c] * op[off + c];
+      delta[r] = acc;
+    }
+    for (int64_t j0 = 0; j0 < sp; j0 += kKeyBlock) {
+      const int64_t len = std::min(kKeyBlock, sp - j0);
+      const int64_t valid = std::min(len, d.s - j0);  // real keys in the block
+      const Panel kb{kt.data() + j0, sp, len}, vb{vt.data() + j0, sp, len};
+      for (int64_t r0 = 0; r0 < d.t; r0 += kRows) {
+        const int64_t nrows = std::min(kRows, d.t - r0);
+        const float* qrows[kRows];
+        const float* dorows[kRows];
+        RowPointers(qp, d, b, head, r0, nrows, qrows);
+        RowPointers(dop, d, b, head, r0, nrows, dorows);
+        RowsTimesMatrix(qrows, kb, d.h, scale, p.data(), kKeyBlock);  // scaled scores
+        RowsTimesMatrix(dorows, vb, d.h, 1.0f, ds.data(), kKeyBlock);  // do . v
         for (int64_t i = 0; i < kRows; ++i) {
-          doc[i] = dorows[i][c];
-          qc[i] = qrows[i][c] * scale;
-        }
-        float* dvc = dvt.data() + c * sp;
-        float* dkc = dkt.data() + c * sp;
-        for (int64_t j = 0; j < sp; j += kLanes) {
-          Vec accv = Load(dvc + j);
-          Vec acck = Load(dkc + j);
-          for (int64_t i = 0; i < kRows; ++i) {
-            accv += Load(p.data() + i * sp + j) * doc[i];
-            acck += Load(ds.data() + i * sp + j) * qc[i];
+          float* pi = p.data() + i * kKeyBlock;
+          float* dsi = ds.data() + i * kKeyBlock;
+          if (i >= nrows) {  // a repeated row: contributes nothing
+            std::fill(pi, pi + len, 0.0f);
+            std::fill(dsi, dsi + len, 0.0f);
+            continue;
           }
-          Store(dvc + j, accv);
-          Store(dkc + j, acck);
+          const float l = lrow[r0 + i], dl = delta[r0 + i];
+#pragma omp simd
+          for (int64_t j = 0; j < valid; ++j) {
+            pi[j] = ExpF(pi[j] - l);          // probabilities
+            dsi[j] = pi[j] * (dsi[j] - dl);   // d scores (before the scale)
+          }
+          std::fill(pi + valid, pi + len, 0.0f);
+          std::fill(dsi + valid, dsi + len, 0.0f);
+        }
+        RowsTimesMatrixT(ds.data(), kKeyBlock, kb, d.hp, dqrows.data());
+        for (int64_t i = 0; i < nrows; ++i) {
+          float* acc = dqacc.data() + (r0 + i) * d.hp;
+          for (int64_t c = 0; c < d.h; ++c) acc[c] += dqrows[i * d.hp + c];
+        }
+        // dv[c][j] += sum_i p_i[j] do_i[c];  dk[c][j] += sum_i ds_i[j] q_i[c] scale
+        for (int64_t c = 0; c < d.h; ++c) {
+          float doc[kRows], qc[kRows];
+          for (int64_t i = 0; i < kRows; ++i) {
+            doc[i] = dorows[i][c];
+            qc[i] = qrows[i][c] * scale;
+          }
+          float* dvc = dvt.data() + c * sp + j0;
+          float* dkc = dkt.data() + c * sp + j0;
+          for (int64_t j = 0; j < len; j += kLanes) {
+            Vec accv = Load(dvc + j);
+            Vec acck = Load(dkc + j);
+            for (int64_t i = 0; i < kRows; ++i) {
+              accv += Load(p.data() + i * kKeyBlock + j) * doc[i];
+              acck += Load(ds.data() + i * kKeyBlock + j) * qc[i];
+            }
+            Store(dvc + j, accv);
+            Store(dkc + j, acck);
+          }
         }
       }
+    }
+    for (int64_t r = 0; r < d.t; ++r) {
+      const int64_t off = ((b * d.t + r) * d.n + head) * d.h;
+      for (int64_t c = 0; c < d.h; ++c) dqp[off + c] = dqacc[r * d.hp + c] * scale;
     }
     for (int64_t j = 0; j < d.s; ++j) {
       const int64_t off = ((b * d.s + j) * d.n + head) * d.h;
