@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 
 import jax
@@ -82,10 +83,17 @@ def build(cache_dir: str | None = None) -> str:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+_LOCK = threading.Lock()
+
+
 def _load() -> str | None:
-    """Builds and registers the kernel once a process; returns None (with one warning) if the
-    build fails."""
+    with _LOCK:   # one build and one registration a process, whichever thread comes first
+        return _load_once()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_once() -> str | None:
+    """Builds and registers the kernel; returns None (with one warning) if the build fails."""
     import ctypes
     try:
         lib = ctypes.cdll.LoadLibrary(build())
