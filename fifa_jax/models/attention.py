@@ -87,16 +87,12 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = Fa
             impl = "einsum" if jax.default_backend() == "cpu" and einsum_ok else "xla"
             if impl == "einsum" and cpu_attention.available():
                 impl = "fused"
-    if impl == "fused":
+    if impl in ("fused", "einsum"):
         if not einsum_ok:
-            raise ValueError("attention impl 'fused' takes no mask, bias, causal or local "
+            raise ValueError(f"attention impl {impl!r} takes no mask, bias, causal or local "
                              "window and ungrouped heads; use 'xla'")
-        return cpu_attention.fused_attention(q, k, v, scale)
-    if impl == "einsum":
-        if not einsum_ok:
-            raise ValueError("attention impl 'einsum' takes no mask, bias, causal or local "
-                             "window and ungrouped heads; use 'xla'")
-        return einsum_attention(q, k, v, scale)
+        fn = cpu_attention.fused_attention if impl == "fused" else einsum_attention
+        return fn(q, k, v, scale)
     return jax.nn.dot_product_attention(
         q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale,
         implementation=impl, local_window_size=local_window_size)

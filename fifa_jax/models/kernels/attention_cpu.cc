@@ -15,7 +15,7 @@
 // task that has not started. Each item writes its own outputs: results do not depend on the
 // thread count or the scheduling.
 //
-// Per head, keys and values are packed transposed to (H, S), zero-padded to multiples of 8
+// Per head, keys and values are packed transposed to (H, S), zero-padded to multiples of 4
 // and 16, so every inner loop is a unit-stride loop over keys in 16-float vectors (GCC vector
 // extensions; -O3 -march=native); exp is a Cephes-style polynomial (about 2 ulp) that
 // vectorises. Tested against a float64 numpy transcription (tests/models/test_cpu_attention.py).
@@ -38,13 +38,12 @@ namespace {
 
 constexpr int64_t kRows = 4;    // query rows processed together (reuse each key/value load)
 constexpr int64_t kLanes = 16;  // floats a vector (AVX-512; the compiler splits it elsewhere)
-constexpr int64_t kGroup = 8;   // head-size channels accumulated in registers at once
+constexpr int64_t kChannels = 4;  // head-size channels accumulated in registers at once
 
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
 
 inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
 inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
-inline Vec Splat(float x) { return Vec{} + x; }
 inline float Sum(Vec v) {
   float s = 0.0f;
   for (int64_t l = 0; l < kLanes; ++l) s += v[l];
@@ -106,7 +105,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t count, const std::function<void(
 
 struct Dims {
   int64_t batch, t, s, n, h;
-  int64_t sp, hp;  // s rounded up to kLanes, h rounded up to kGroup (zero padding)
+  int64_t sp, hp;  // s rounded up to kLanes, h rounded up to kChannels (zero padding)
 };
 
 // Dims from q (..., T, N, H) and k (..., S, N, H).
@@ -124,7 +123,7 @@ ffi::Error GetDims(ffi::AnyBuffer q, ffi::AnyBuffer k, Dims* d) {
   d->h = qd[r - 1];
   d->s = kd[r - 3];
   d->sp = RoundUp(d->s, kLanes);
-  d->hp = RoundUp(d->h, kGroup);
+  d->hp = RoundUp(d->h, kChannels);
   if (kd[r - 2] != d->n || kd[r - 1] != d->h) {
     return ffi::Error::InvalidArgument("attention_cpu: k must have q's heads and head size");
   }
@@ -163,21 +162,20 @@ void RowsTimesMatrix(const float* const* a, Panel m, int64_t h, float scale, flo
 }
 
 // out[i][c] = sum_j x_i[j] * m[c][j] for kRows rows x_i (`ld` floats apart), c < hp (a
-// multiple of 4); four rows x four channels accumulate in registers.
+// multiple of kChannels); kRows rows x kChannels channels accumulate in registers.
 void RowsTimesMatrixT(const float* x, int64_t ld, Panel m, int64_t hp, float* out) {
-  constexpr int64_t kCh = 4;
-  for (int64_t c0 = 0; c0 < hp; c0 += kCh) {
-    Vec acc[kRows][kCh] = {};
+  for (int64_t c0 = 0; c0 < hp; c0 += kChannels) {
+    Vec acc[kRows][kChannels] = {};
     for (int64_t j = 0; j < m.len; j += kLanes) {
-      Vec mv[kCh];
-      for (int64_t g = 0; g < kCh; ++g) mv[g] = Load(m.data + (c0 + g) * m.stride + j);
+      Vec mv[kChannels];
+      for (int64_t g = 0; g < kChannels; ++g) mv[g] = Load(m.data + (c0 + g) * m.stride + j);
       for (int64_t i = 0; i < kRows; ++i) {
         const Vec xv = Load(x + i * ld + j);
-        for (int64_t g = 0; g < kCh; ++g) acc[i][g] += xv * mv[g];
+        for (int64_t g = 0; g < kChannels; ++g) acc[i][g] += xv * mv[g];
       }
     }
     for (int64_t i = 0; i < kRows; ++i) {
-      for (int64_t g = 0; g < kCh; ++g) out[i * hp + c0 + g] = Sum(acc[i][g]);
+      for (int64_t g = 0; g < kChannels; ++g) out[i * hp + c0 + g] = Sum(acc[i][g]);
     }
   }
 }
