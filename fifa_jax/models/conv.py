@@ -4,13 +4,17 @@ Why not just `lax.conv_general_dilated` and autodiff: inside a whole train step,
 backend leaves the kernel gradient of a convolution in the form `f01b_i01o->01bf` (batch as
 the feature dimension, the whole feature map as the window), which its fast convolution does
 not take; the step then spends ~70% of its time there (benchmarks/RESULTS.md, the train-step
-profile). On the CPU this module computes the gradients itself, from ops XLA runs well:
+profile). On the CPU this module computes the gradients itself:
 
   input gradient   stride 1: the forward convolution of the output gradient with the kernel
                    flipped in space and its in/out axes swapped (padding k - 1 - p); other
                    strides: autodiff of the forward (XLA's own transposed convolution).
-  kernel gradient  one matrix product per kernel tap: dW[i, j] = sum_{b,h,w}
-                   x_pad[b, h*s + i, w*s + j, :]^T g[b, h, w, :]  ((Cin, Cout) each).
+  kernel gradient  dW[i, j] = sum_{b,h,w} x_pad[b, h*s + i, w*s + j, :]^T g[b, h, w, :]
+                   ((Cin, Cout) a tap): our C++ kernel (`kernels/conv_cpu.cc`, a custom
+                   call that reads x and g in place) for kernels larger than 1x1 with Cout a
+                   multiple of 16; otherwise, or without a C++ compiler
+                   (`cpu_kernels.available()`), one XLA matrix product per tap, which makes
+                   XLA copy nine shifted views of x first.
 
 Both are the exact gradients (the same sums in another order: float32 rounding apart). On
 other backends (GPU, TPU) the plain autodiff of the forward is used: cuDNN and the TPU
@@ -23,6 +27,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from fifa_jax.models import cpu_kernels
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -54,6 +61,22 @@ def _input_grad(g, x, w, stride: int, padding: int) -> jax.Array:
 
 
 def _kernel_grad(g, x, w, stride: int, padding: int) -> jax.Array:
+    kh, kw, cin, cout = w.shape
+    if kh * kw > 1 and cout % 16 == 0 and cpu_kernels.available():
+        return _kernel_grad_cpu(g, x, w.shape, stride, padding).astype(w.dtype)
+    return _kernel_grad_taps(g, x, w, stride, padding)
+
+
+def _kernel_grad_cpu(g, x, shape, stride: int, padding: int) -> jax.Array:
+    """The kernel gradient by our C++ kernel, in float32."""
+    call = jax.ffi.ffi_call("fifa_conv_kernel_grad", jax.ShapeDtypeStruct(shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.float32), g.astype(jnp.float32), stride=np.int64(stride),
+                pad=np.int64(padding))
+
+
+def _kernel_grad_taps(g, x, w, stride: int, padding: int) -> jax.Array:
+    """The kernel gradient as one XLA matrix product per kernel tap."""
     kh, kw, cin, _ = w.shape
     b, ho, wo, _ = g.shape
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))

@@ -4,8 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fifa_jax.models import attention, conv
+from fifa_jax.models import attention, conv, cpu_kernels
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
+                                   reason="no C++ compiler: the CPU kernels cannot build")
 
 
 def _reference(x, w, stride, padding):
@@ -27,6 +31,56 @@ def test_conv_gradient_equals_autodiff(kernel, stride, padding, size):
     for got, want in zip(jax.jit(vjp)(g), vjp_ref(g)):
         scale = float(jnp.abs(want).max())
         assert float(jnp.abs(got - want).max()) <= 1e-5 * scale
+
+
+def _numpy_kernel_grad(x, g, kh, kw, stride, padding):
+    """dW[i, j, ci, co] = sum over output pixels of x_pad[b, h*s + i, w*s + j, ci] g[b, h, w, co],
+    float64, one output pixel at a time."""
+    x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    dw = np.zeros((kh, kw, x.shape[3], g.shape[3]))
+    for b in range(g.shape[0]):
+        for h in range(g.shape[1]):
+            for w in range(g.shape[2]):
+                for i in range(kh):
+                    for j in range(kw):
+                        dw[i, j] += np.outer(xp[b, h * stride + i, w * stride + j], g[b, h, w])
+    return dw
+
+
+@needs_kernels
+@pytest.mark.parametrize("kh,kw,stride,padding,size,cin,cout", [
+    (3, 3, 1, 1, 8, 5, 16),     # channel tiles of 4 and 1
+    (3, 3, 2, 1, 9, 12, 80),    # stride 2; 64 + 16 output channels; tiles of 8 and 4
+    (3, 3, 2, 0, 8, 19, 48),    # two channel groups (16 + 3)
+    (2, 3, 1, 2, 5, 3, 32),     # a non-square kernel, padding wider than a tap reaches
+    (3, 3, 1, 0, 7, 8, 64)])
+def test_kernel_gradient_kernel_equals_numpy(kh, kw, stride, padding, size, cin, cout):
+    """Our C++ kernel gradient (the path `conv2d` takes on the CPU) against a float64 loop."""
+    kx, kg = jax.random.split(jax.random.key(kh * 1000 + cin * 10 + stride))
+    x = jax.random.normal(kx, (2, size, size + 1, cin))
+    w = jnp.zeros((kh, kw, cin, cout))
+    g = jax.random.normal(kg, _reference(x, w, stride, padding).shape)
+    got = jax.jit(lambda g_, x_: conv._kernel_grad(g_, x_, w, stride, padding))(g, x)
+    want = _numpy_kernel_grad(x, g, kh, kw, stride, padding)
+    assert float(np.abs(np.asarray(got) - want).max()) <= 1e-5 * float(np.abs(want).max())
+    hlo = jax.jit(jax.grad(lambda w_: jnp.sum(conv.conv2d(x, w_, stride, padding) * g))).lower(
+        w).as_text()
+    assert "fifa_conv_kernel_grad" in hlo
+
+
+@needs_kernels
+def test_kernel_gradient_kernel_sharded_equals_one_device():
+    """8 forced CPU devices, the batch sharded: the same gradient as one device."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+    x = jax.random.normal(jax.random.key(0), (8, 6, 6, 8))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))
+    loss = lambda a, b: jnp.sum(jnp.tanh(conv.conv2d(a, b, 1, 1)))
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    got = fn(jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp")))), w)
+    want = fn(x, w)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 def test_conv_gradient_under_remat_and_second_use():

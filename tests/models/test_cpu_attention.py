@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fifa_jax.models import attention, cpu_attention
+from fifa_jax.models import attention, cpu_attention, cpu_kernels
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(),
                                 reason="no C++ compiler: the kernel cannot build")
@@ -100,12 +100,12 @@ def test_auto_takes_the_kernel_on_cpu_and_refuses_masks():
 def test_build_names_the_missing_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
     with pytest.raises(RuntimeError, match="no-such-c\\+\\+-compiler"):
-        cpu_attention.build(str(tmp_path))
+        cpu_kernels.build(str(tmp_path))
 
 
 def test_without_a_compiler_auto_falls_back_to_einsum(tmp_path):
     """A fresh process with no compiler and an empty kernel cache: one warning, the einsum
-    form, the same values."""
+    form, the same values; convolution kernel gradients take the per-tap form."""
     code = ("import warnings, jax.numpy as jnp\n"
             "from fifa_jax.models import attention, cpu_attention\n"
             "q = jnp.arange(48.0).reshape(1, 6, 1, 8) / 48\n"
@@ -116,6 +116,11 @@ def test_without_a_compiler_auto_falls_back_to_einsum(tmp_path):
             "assert any('einsum' in str(x.message) for x in w), [str(x.message) for x in w]\n"
             "ref = attention.einsum_attention(q, q, q)\n"
             "assert float(abs(out - ref).max()) == 0.0\n"
+            "import jax\n"
+            "from fifa_jax.models import conv\n"
+            "x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 16))\n"
+            "hlo = jax.jit(jax.grad(lambda b: conv.conv2d(x, b, 1, 1).sum())).lower(w).as_text()\n"
+            "assert 'fifa_conv_kernel_grad' not in hlo\n"
             "print('fell back')\n")
     env = dict(os.environ, CXX="no-such-c++-compiler", FIFA_JAX_KERNEL_CACHE=str(tmp_path),
                JAX_PLATFORMS="cpu")

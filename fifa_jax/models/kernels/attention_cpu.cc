@@ -20,36 +20,25 @@
 // extensions; -O3 -march=native); exp is a Cephes-style polynomial (about 2 ulp) that
 // vectorises. Tested against a float64 numpy transcription (tests/models/test_cpu_attention.py).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <mutex>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "common.h"
 
 namespace {
 
+using namespace fifa_kernels;  // Vec, Load, Store, RoundUp, ParallelFor
+
 constexpr int64_t kRows = 4;    // query rows processed together (reuse each key/value load)
-constexpr int64_t kLanes = 16;  // floats a vector (AVX-512; the compiler splits it elsewhere)
 constexpr int64_t kChannels = 4;  // head-size channels accumulated in registers at once
 
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
-
-inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
-inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
 inline float Sum(Vec v) {
   float s = 0.0f;
   for (int64_t l = 0; l < kLanes; ++l) s += v[l];
   return s;
 }
-inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 inline float ExpF(float x) {
   // exp(x) for x <= 0 (softmax arguments); clamps below -87 to ~1e-38.
@@ -69,38 +58,6 @@ inline float ExpF(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return y * scale;
-}
-
-// Runs fn(item) for item in [0, count) on the pool and the calling thread.
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, const std::function<void(int64_t)>& fn) {
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-    int64_t count = 0;
-    const std::function<void(int64_t)>* fn = nullptr;
-  };
-  auto shared = std::make_shared<Shared>();
-  shared->count = count;
-  shared->fn = &fn;
-  auto work = [](Shared* s) {
-    for (int64_t i = s->next.fetch_add(1); i < s->count; i = s->next.fetch_add(1)) {
-      (*s->fn)(i);
-      if (s->done.fetch_add(1) + 1 == s->count) {
-        std::lock_guard<std::mutex> lock(s->mu);
-        s->cv.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    // A late task finds no items left and touches only `shared` (kept alive by the copy).
-    pool.Schedule([shared, work]() { work(shared.get()); });
-  }
-  work(shared.get());
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] { return shared->done.load() == count; });
 }
 
 struct Dims {
