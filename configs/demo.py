@@ -15,7 +15,8 @@ VAE posteriors and text states; train runs Diffusion-DPO on the shipped demo bas
 writes the tuned UNet and pipeline in the diffusers layout; evaluate samples base and tuned
 from the same noise and writes evaluate/report/index.html (true reward from the world's pixel
 oracle, harm rate, PickScore win rate). A second run of the same command skips every finished
-stage. Compiled steps are cached in WORKDIR/jax_cache (`compile_cache`).
+stage. Compiled steps are cached in WORKDIR/jax_cache (`compile_cache`; in
+$JAX_COMPILATION_CACHE_DIR instead when that is set).
 
 No random flips here (`encode.random_flip`): the world's prompts say "on the left" / "on the
 right", and a mirrored image no longer shows what its prompt asks.
@@ -34,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.stages = "ingest,score,select,encode,train,export,evaluate"
-    config.compile_cache = "auto"           # JAX's persistent compilation cache in WORKDIR/jax_cache
+    config.compile_cache = "auto"           # $JAX_COMPILATION_CACHE_DIR, else WORKDIR/jax_cache
     config.mesh = parallel.default_config()
 
     config.data = ingest.default_config()

@@ -23,6 +23,7 @@ import datetime
 import hashlib
 import importlib
 import json
+import os
 import pathlib
 import time
 import uuid
@@ -235,16 +236,18 @@ def _start_devices(config) -> None:
 
 def _compile_cache(config, workdir: pathlib.Path) -> str | None:
     """Turn on JAX's persistent compilation cache when `config.compile_cache` asks for it:
-    "auto" = WORKDIR/jax_cache, a path = that folder, "" = leave JAX's own setting (the
-    JAX_COMPILATION_CACHE_DIR environment variable still works). A rerun, a resumed run and
-    runs of the same shapes (the study's) then load compiled steps instead of compiling."""
+    "auto" = the folder in the JAX_COMPILATION_CACHE_DIR environment variable when it is set
+    (one cache shared by every work directory), else WORKDIR/jax_cache; a path = that folder;
+    "" = leave JAX's own setting. A rerun, a resumed run and runs of the same shapes (the
+    study's) then load compiled steps instead of compiling."""
     spec = str(config.get("compile_cache", "") or "") if hasattr(config, "get") else ""
     if not spec:
         return None
     import jax
-    path = str(workdir / "jax_cache") if spec == "auto" else spec
-    jax.config.update("jax_compilation_cache_dir", path)
-    return path
+    if spec == "auto":
+        spec = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(workdir / "jax_cache")
+    jax.config.update("jax_compilation_cache_dir", spec)
+    return spec
 
 
 def _process_index() -> int:

@@ -273,3 +273,23 @@ def test_force_after_a_killed_run_discards_its_partial_results(fake_stages, tmp_
     (tmp_path / "a" / pipeline.DONE_FILE).unlink()          # as after a kill
     pipeline.run_pipeline(_config("a"), tmp_path, force=["a"], echo=lambda m: None)
     assert discarded == [tmp_path]
+
+
+def test_compile_cache_auto_prefers_the_environment(tmp_path, monkeypatch):
+    """`compile_cache="auto"`: $JAX_COMPILATION_CACHE_DIR when set (one cache for every work
+    directory), else WORKDIR/jax_cache; a path is taken as given; "" leaves JAX alone."""
+    import jax
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "shared"))
+        auto = ml_collections.ConfigDict({"compile_cache": "auto"})
+        assert pipeline._compile_cache(auto, tmp_path / "w") == str(tmp_path / "shared")
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+        assert pipeline._compile_cache(auto, tmp_path / "w") == str(tmp_path / "w" / "jax_cache")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "w" / "jax_cache")
+        given = ml_collections.ConfigDict({"compile_cache": str(tmp_path / "c")})
+        assert pipeline._compile_cache(given, tmp_path / "w") == str(tmp_path / "c")
+        assert pipeline._compile_cache(ml_collections.ConfigDict({"compile_cache": ""}),
+                                       tmp_path / "w") is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
