@@ -1,6 +1,7 @@
 """The fused CPU attention kernel (fifa_jax.models.cpu_attention) against a slow, obvious
 float64 numpy transcription of softmax attention and its gradient, on random inputs."""
 import os
+import platform
 import subprocess
 import sys
 
@@ -48,7 +49,8 @@ def _inputs(seed, b, t, s, heads, dim, spread=3.0):
     (2, 37, 77, 3, 8),     # SD's 77 text tokens (keys padded to 80 inside)
     (1, 64, 64, 2, 40),    # SD1.5's head size
     (2, 5, 3, 1, 5),       # fewer rows than a block, a head size off the register group
-    (1, 130, 17, 2, 12)])
+    (1, 130, 17, 2, 12),
+    (1, 20, 33, 1, 64)])   # SDXL's head size
 def test_fused_attention_equals_numpy(b, t, s, heads, dim):
     q, k, v, g = _inputs(t * s + dim, b, t, s, heads, dim)
     scale = dim ** -0.5
@@ -57,7 +59,7 @@ def test_fused_attention_equals_numpy(b, t, s, heads, dim):
     want = _numpy_attention(q, k, v, g, scale)
     for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
         err = np.abs(np.asarray(x, np.float64) - y).max() / np.abs(y).max()
-        assert err < 2e-6, (name, err)
+        assert err < 4e-6, (name, err)   # float32 sums of up to 64 x 80 products
 
 
 def test_fused_attention_vmap_bf16_and_nan():
@@ -127,3 +129,39 @@ def test_without_a_compiler_auto_falls_back_to_einsum(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "fell back" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
+def test_kernels_built_without_avx512_agree(tmp_path):
+    """The kernels' portable paths (no AVX-512: the exp's integer 2^n, 8-float vectors), built
+    for x86-64-v3 in a fresh process, against the same float64 references."""
+    q, k, v, g = _inputs(7, 2, 37, 77, 2, 8)
+    rng = np.random.default_rng(8)
+    x, gy = rng.standard_normal((2, 6, 6, 24), np.float32), rng.standard_normal((2, 3, 3, 80),
+                                                                               np.float32)
+    np.savez(tmp_path / "in.npz", q=q, k=k, v=v, g=g, x=x, gy=gy)
+    code = ("import sys, numpy as np, jax, jax.numpy as jnp\n"
+            "from fifa_jax.models import cpu_kernels, cpu_attention, conv\n"
+            "cpu_kernels.FLAGS = tuple('-march=x86-64-v3' if f == '-march=native' else f\n"
+            "                          for f in cpu_kernels.FLAGS)\n"
+            "assert cpu_kernels.available()\n"
+            "d = dict(np.load(sys.argv[1] + '/in.npz'))\n"
+            "out, vjp = jax.vjp(lambda a, c, e: cpu_attention.fused_attention(a, c, e, 0.3),\n"
+            "                   d['q'], d['k'], d['v'])\n"
+            "w = jnp.zeros((3, 3, 24, 80))\n"
+            "dw = jax.jit(lambda a, b: conv._kernel_grad(a, b, w, 2, 1))(d['gy'], d['x'])\n"
+            "dq, dk, dv = vjp(d['g'])\n"
+            "np.savez(sys.argv[1] + '/out.npz', out=out, dq=dq, dk=dk, dv=dv, dw=dw)\n")
+    env = dict(os.environ, FIFA_JAX_KERNEL_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "cache").glob("*.so"))
+    got = np.load(tmp_path / "out.npz")
+    want = _numpy_attention(q, k, v, g, 0.3)
+    for name, y in zip(("out", "dq", "dk", "dv"), want):
+        err = np.abs(np.asarray(got[name], np.float64) - y).max() / np.abs(y).max()
+        assert err < 4e-6, (name, err)
+    from tests.models.test_conv import _numpy_kernel_grad
+    want_dw = _numpy_kernel_grad(x, gy, 3, 3, 2, 1)
+    assert np.abs(got["dw"] - want_dw).max() <= 1e-5 * np.abs(want_dw).max()

@@ -5,8 +5,8 @@
 // softmax over them as separate memory-bound passes; in a Diffusion-DPO train step that was
 // about half the step (benchmarks/RESULTS.md). No library gives JAX a fused CPU attention, so
 // this one does the simplest thing that never materialises the scores. Forward: four query
-// rows at a time, their S scores in a small buffer, an exact two-pass softmax (row maximum,
-// then exp and sum), the value product, the log-sum-exp saved. Backward (flash-attention's):
+// rows at a time, their S scores in a small buffer (the row maximum taken as they are
+// stored), then an exact softmax (exp and sum), the value product, the log-sum-exp saved. Backward (flash-attention's):
 // keys in blocks of 256 with every query row for each block, probabilities recomputed from
 // the saved log-sum-exp, so a block's keys, values and gradient accumulators stay in the L1
 // cache. Layouts are the model's: q, o: (..., T, N, H); k, v: (..., S, N, H); leading
@@ -17,13 +17,19 @@
 //
 // Per head, keys and values are packed transposed to (H, S), zero-padded to multiples of 4
 // and 16, so every inner loop is a unit-stride loop over keys in 16-float vectors (GCC vector
-// extensions; -O3 -march=native); exp is a Cephes-style polynomial (about 2 ulp) that
-// vectorises. Tested against a float64 numpy transcription (tests/models/test_cpu_attention.py).
+// extensions; -O3 -march=native); the usual head sizes (8, 40, 64, 80) are compile-time
+// constants of the score products; exp is a Cephes-style polynomial (about 2 ulp) on vectors,
+// with AVX-512's round and scale instructions where the CPU has them. Tested against a
+// float64 numpy transcription (tests/models/test_cpu_attention.py), also built without
+// AVX-512.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 
@@ -40,24 +46,36 @@ inline float Sum(Vec v) {
   return s;
 }
 
-inline float ExpF(float x) {
-  // exp(x) for x <= 0 (softmax arguments); clamps below -87 to ~1e-38.
-  x = x < -87.0f ? -87.0f : x;
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest integer
-  float r = x - n * 0.693359375f;
+inline Vec Splat(float x) { return Vec{} + x; }
+
+// exp(x) of 16 floats, x <= 0 (softmax arguments; below -87 it returns exp(-87) ~ 2e-38):
+// n = round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite), e^r by the Cephes
+// polynomial (about 2 ulp) in Horner form, times 2^n.
+inline Vec ExpV(Vec x) {
+  x = x < -87.0f ? Splat(-87.0f) : x;
+  const Vec t = x * 1.44269504088896341f;
+#ifdef __AVX512F__
+  const Vec n = (Vec)_mm512_roundscale_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  const Vec n = (t + 12582912.0f) - 12582912.0f;  // round to nearest integer
+#endif
+  Vec r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  Vec p = Splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;  // 1 + r + r^2 (0.5 + r / 6 + ...)
+#ifdef __AVX512F__
+  return (Vec)_mm512_scalef_ps((__m512)p, (__m512)n);
+#else
+  typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
+  return p * reinterpret_cast<const Vec&>(bits);
+#endif
 }
 
 struct Dims {
@@ -105,17 +123,66 @@ struct Panel {
 };
 
 // out[i][j] = scale * sum_c a_i[c] * m[c][j] for kRows rows a_i (h floats each), j < m.len;
-// out rows are `ld` floats apart.
-void RowsTimesMatrix(const float* const* a, Panel m, int64_t h, float scale, float* out,
-                     int64_t ld) {
+// out rows are `ld` floats apart. Columns from `valid` on are set to -inf, and row_max[i]
+// (when given) is the row's maximum over the others (NaN scores are left out of it; they
+// reach the output through the sum of exps). H > 0: the head size as a constant (the
+// channel loop unrolled); H = 0: `h` at run time.
+template <int64_t H>
+void RowsTimesMatrixH(const float* const* a, Panel m, int64_t h, float scale, int64_t valid,
+                      float* out, int64_t ld, float* row_max) {
+  if (H > 0) h = H;
+  Vec mx[kRows];
+  for (int64_t i = 0; i < kRows; ++i) mx[i] = Splat(-INFINITY);
+  Vec lane;
+  for (int64_t l = 0; l < kLanes; ++l) lane[l] = static_cast<float>(l);
   for (int64_t j = 0; j < m.len; j += kLanes) {
     Vec acc[kRows] = {};
+#pragma GCC unroll 16
     for (int64_t c = 0; c < h; ++c) {
       const Vec mv = Load(m.data + c * m.stride + j);
       for (int64_t i = 0; i < kRows; ++i) acc[i] += a[i][c] * mv;
     }
-    for (int64_t i = 0; i < kRows; ++i) Store(out + i * ld + j, acc[i] * scale);
+    const bool partial = j + kLanes > valid;
+    for (int64_t i = 0; i < kRows; ++i) {
+      Vec v = acc[i] * scale;
+      if (partial) v = lane < static_cast<float>(valid - j) ? v : Splat(-INFINITY);
+      Store(out + i * ld + j, v);
+      mx[i] = v > mx[i] ? v : mx[i];
+    }
   }
+  if (row_max != nullptr) {
+    for (int64_t i = 0; i < kRows; ++i) {
+      float best = -INFINITY;
+      for (int64_t l = 0; l < kLanes; ++l) best = mx[i][l] > best ? mx[i][l] : best;
+      row_max[i] = best;
+    }
+  }
+}
+
+// RowsTimesMatrixH with the head size as a constant for the usual sizes.
+void RowsTimesMatrix(const float* const* a, Panel m, int64_t h, float scale, int64_t valid,
+                     float* out, int64_t ld, float* row_max = nullptr) {
+  switch (h) {
+    case 8: return RowsTimesMatrixH<8>(a, m, h, scale, valid, out, ld, row_max);
+    case 40: return RowsTimesMatrixH<40>(a, m, h, scale, valid, out, ld, row_max);
+    case 64: return RowsTimesMatrixH<64>(a, m, h, scale, valid, out, ld, row_max);
+    case 80: return RowsTimesMatrixH<80>(a, m, h, scale, valid, out, ld, row_max);
+    default: return RowsTimesMatrixH<0>(a, m, h, scale, valid, out, ld, row_max);
+  }
+}
+
+// x[j] = exp(x[j] - shift) for j < valid and 0 for valid <= j < len (a multiple of kLanes);
+// returns the sum.
+float ExpRow(float* x, int64_t len, int64_t valid, float shift) {
+  Vec lane, sum = {};
+  for (int64_t l = 0; l < kLanes; ++l) lane[l] = static_cast<float>(l);
+  for (int64_t j = 0; j < len; j += kLanes) {
+    Vec e = ExpV(Load(x + j) - shift);
+    if (j + kLanes > valid) e = lane < static_cast<float>(valid - j) ? e : Vec{};
+    Store(x + j, e);
+    sum += e;
+  }
+  return Sum(sum);
 }
 
 // out[i][c] = sum_j x_i[j] * m[c][j] for kRows rows x_i (`ld` floats apart), c < hp (a
@@ -179,22 +246,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
       const int64_t nrows = std::min(kRows, t1 - r0);
       const float* qrows[kRows];
       RowPointers(qp, d, b, head, r0, nrows, qrows);
-      RowsTimesMatrix(qrows, {kt.data(), d.sp, d.sp}, d.h, scale, p.data(), d.sp);
       float row_max[kRows], row_sum[kRows];
+      RowsTimesMatrix(qrows, {kt.data(), d.sp, d.sp}, d.h, scale, d.s, p.data(), d.sp,
+                      row_max);
       for (int64_t i = 0; i < kRows; ++i) {  // rows past nrows repeat the last: harmless
-        float* pi = p.data() + i * d.sp;
-        float m = -INFINITY;  // a NaN score still reaches the output through the sum below
-#pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < d.s; ++j) m = pi[j] > m ? pi[j] : m;
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < d.s; ++j) {
-          pi[j] = ExpF(pi[j] - m);
-          sum += pi[j];
-        }
-        std::fill(pi + d.s, pi + d.sp, 0.0f);
-        row_max[i] = m;
-        row_sum[i] = sum;
+        row_sum[i] = ExpRow(p.data() + i * d.sp, d.sp, d.s, row_max[i]);
       }
       RowsTimesMatrixT(p.data(), d.sp, {vt.data(), d.sp, d.sp}, d.hp, orows.data());
       for (int64_t i = 0; i < nrows; ++i) {
@@ -246,6 +302,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
       for (int64_t c = 0; c < d.h; ++c) acc += dop[off + c] * op[off + c];
       delta[r] = acc;
     }
+    Vec lane;
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] = static_cast<float>(l);
     for (int64_t j0 = 0; j0 < sp; j0 += kKeyBlock) {
       const int64_t len = std::min(kKeyBlock, sp - j0);
       const int64_t valid = std::min(len, d.s - j0);  // real keys in the block
@@ -256,8 +314,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
         const float* dorows[kRows];
         RowPointers(qp, d, b, head, r0, nrows, qrows);
         RowPointers(dop, d, b, head, r0, nrows, dorows);
-        RowsTimesMatrix(qrows, kb, d.h, scale, p.data(), kKeyBlock);  // scaled scores
-        RowsTimesMatrix(dorows, vb, d.h, 1.0f, ds.data(), kKeyBlock);  // do . v
+        RowsTimesMatrix(qrows, kb, d.h, scale, valid, p.data(), kKeyBlock);  // scaled scores
+        RowsTimesMatrix(dorows, vb, d.h, 1.0f, len, ds.data(), kKeyBlock);   // do . v
         for (int64_t i = 0; i < kRows; ++i) {
           float* pi = p.data() + i * kKeyBlock;
           float* dsi = ds.data() + i * kKeyBlock;
@@ -267,13 +325,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
             continue;
           }
           const float l = lrow[r0 + i], dl = delta[r0 + i];
-#pragma omp simd
-          for (int64_t j = 0; j < valid; ++j) {
-            pi[j] = ExpF(pi[j] - l);          // probabilities
-            dsi[j] = pi[j] * (dsi[j] - dl);   // d scores (before the scale)
+          for (int64_t j = 0; j < len; j += kLanes) {
+            Vec pv = ExpV(Load(pi + j) - l);                       // probabilities
+            if (j + kLanes > valid) pv = lane < static_cast<float>(valid - j) ? pv : Vec{};
+            Store(pi + j, pv);
+            Store(dsi + j, pv * (Load(dsi + j) - dl));  // d scores (before the scale)
           }
-          std::fill(pi + valid, pi + len, 0.0f);
-          std::fill(dsi + valid, dsi + len, 0.0f);
         }
         RowsTimesMatrixT(ds.data(), kKeyBlock, kb, d.hp, dqrows.data());
         for (int64_t i = 0; i < nrows; ++i) {
