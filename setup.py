@@ -11,8 +11,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fifa_jax", "fifa_jax.*"]),
     package_data={
-        # the fused CPU attention kernel, compiled on first use (fifa_jax/models/cpu_attention.py)
-        "fifa_jax.models": ["kernels/*.cc"],
+        # the C++ CPU kernels and their header, compiled on first use (models/cpu_kernels.py)
+        "fifa_jax.models": ["kernels/*.cc", "kernels/*.h"],
         # the demo world's pretrained models (python -m fifa_jax.demo.build_models), about 6.5 MB
         "fifa_jax.demo": [
             "models/*.json", "models/*.png",

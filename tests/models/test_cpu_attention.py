@@ -165,3 +165,16 @@ def test_kernels_built_without_avx512_agree(tmp_path):
     from tests.models.test_conv import _numpy_kernel_grad
     want_dw = _numpy_kernel_grad(x, gy, 3, 3, 2, 1)
     assert np.abs(got["dw"] - want_dw).max() <= 1e-5 * np.abs(want_dw).max()
+
+
+def test_setup_ships_every_kernel_file():
+    """A wheel must carry every file the kernel build reads (the .cc sources and the header)."""
+    import fnmatch
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "setup.py"), encoding="utf-8") as f:
+        patterns = re.findall(r'"(kernels/[^"]+)"', f.read())
+    shipped = [os.path.relpath(p, os.path.join(root, "fifa_jax", "models"))
+               for p in cpu_kernels.SOURCES + cpu_kernels.HEADERS]
+    assert shipped and all(any(fnmatch.fnmatch(p, pat) for pat in patterns) for p in shipped), (
+        shipped, patterns)
