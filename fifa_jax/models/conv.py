@@ -61,7 +61,7 @@ def _input_grad(g, x, w, stride: int, padding: int) -> jax.Array:
 
 
 def _kernel_grad(g, x, w, stride: int, padding: int) -> jax.Array:
-    kh, kw, cin, cout = w.shape
+    kh, kw, _, cout = w.shape
     if kh * kw > 1 and cout % 16 == 0 and cpu_kernels.available():
         return _kernel_grad_cpu(g, x, w.shape, stride, padding).astype(w.dtype)
     return _kernel_grad_taps(g, x, w, stride, padding)
