@@ -48,6 +48,13 @@ inline float Sum(Vec v) {
 
 inline Vec Splat(float x) { return Vec{} + x; }
 
+// v with its lanes from n on replaced by `fill` (the zero-padded tail of a key row).
+inline Vec KeepFirst(Vec v, int64_t n, float fill) {
+  Vec lane;
+  for (int64_t l = 0; l < kLanes; ++l) lane[l] = static_cast<float>(l);
+  return lane < static_cast<float>(n) ? v : Splat(fill);
+}
+
 // exp(x) of 16 floats, x <= 0 (softmax arguments; below -87 it returns exp(-87) ~ 2e-38):
 // n = round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite), e^r by the Cephes
 // polynomial (about 2 ulp) in Horner form, times 2^n.
@@ -133,8 +140,6 @@ void RowsTimesMatrixH(const float* const* a, Panel m, int64_t h, float scale, in
   if (H > 0) h = H;
   Vec mx[kRows];
   for (int64_t i = 0; i < kRows; ++i) mx[i] = Splat(-INFINITY);
-  Vec lane;
-  for (int64_t l = 0; l < kLanes; ++l) lane[l] = static_cast<float>(l);
   for (int64_t j = 0; j < m.len; j += kLanes) {
     Vec acc[kRows] = {};
 #pragma GCC unroll 16
@@ -145,7 +150,7 @@ void RowsTimesMatrixH(const float* const* a, Panel m, int64_t h, float scale, in
     const bool partial = j + kLanes > valid;
     for (int64_t i = 0; i < kRows; ++i) {
       Vec v = acc[i] * scale;
-      if (partial) v = lane < static_cast<float>(valid - j) ? v : Splat(-INFINITY);
+      if (partial) v = KeepFirst(v, valid - j, -INFINITY);
       Store(out + i * ld + j, v);
       mx[i] = v > mx[i] ? v : mx[i];
     }
@@ -174,11 +179,10 @@ void RowsTimesMatrix(const float* const* a, Panel m, int64_t h, float scale, int
 // x[j] = exp(x[j] - shift) for j < valid and 0 for valid <= j < len (a multiple of kLanes);
 // returns the sum.
 float ExpRow(float* x, int64_t len, int64_t valid, float shift) {
-  Vec lane, sum = {};
-  for (int64_t l = 0; l < kLanes; ++l) lane[l] = static_cast<float>(l);
+  Vec sum = {};
   for (int64_t j = 0; j < len; j += kLanes) {
     Vec e = ExpV(Load(x + j) - shift);
-    if (j + kLanes > valid) e = lane < static_cast<float>(valid - j) ? e : Vec{};
+    if (j + kLanes > valid) e = KeepFirst(e, valid - j, 0.0f);
     Store(x + j, e);
     sum += e;
   }
@@ -302,8 +306,6 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
       for (int64_t c = 0; c < d.h; ++c) acc += dop[off + c] * op[off + c];
       delta[r] = acc;
     }
-    Vec lane;
-    for (int64_t l = 0; l < kLanes; ++l) lane[l] = static_cast<float>(l);
     for (int64_t j0 = 0; j0 < sp; j0 += kKeyBlock) {
       const int64_t len = std::min(kKeyBlock, sp - j0);
       const int64_t valid = std::min(len, d.s - j0);  // real keys in the block
@@ -327,7 +329,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
           const float l = lrow[r0 + i], dl = delta[r0 + i];
           for (int64_t j = 0; j < len; j += kLanes) {
             Vec pv = ExpV(Load(pi + j) - l);                       // probabilities
-            if (j + kLanes > valid) pv = lane < static_cast<float>(valid - j) ? pv : Vec{};
+            if (j + kLanes > valid) pv = KeepFirst(pv, valid - j, 0.0f);
             Store(pi + j, pv);
             Store(dsi + j, pv * (Load(dsi + j) - dl));  // d scores (before the scale)
           }
