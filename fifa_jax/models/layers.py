@@ -27,14 +27,21 @@ class GroupNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_channels,), PARAM_DTYPE))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        shape = x.shape
-        g = self.num_groups
-        xg = x.astype(jnp.float32).reshape(shape[0], -1, g, shape[-1] // g)
-        mean = xg.mean(axis=(1, 3), keepdims=True)
-        var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
-        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
-        y = y * self.scale[...] + self.bias[...]
-        return y.astype(self.dtype)
+        # Statistics as per-channel sums over the positions (C stays the contiguous axis, so
+        # the large reductions vectorise; reducing a (B, HW, G, C/G) view over axes 1 and 3
+        # runs 2-2.5x slower on the CPU for SD's 32 groups), then summed within each group.
+        b, c, g = x.shape[0], x.shape[-1], self.num_groups
+        xf = x.astype(jnp.float32).reshape(b, -1, c)
+        count = xf.shape[1] * (c // g)
+
+        def group_mean(channel_sums):  # (B, C) -> (B, C): each channel's group total / count
+            total = channel_sums.reshape(b, g, c // g).sum(-1, keepdims=True) / count
+            return jnp.broadcast_to(total, (b, g, c // g)).reshape(b, c)
+
+        centred = xf - group_mean(xf.sum(axis=1))[:, None, :]
+        var = group_mean(jnp.square(centred).sum(axis=1))
+        y = centred * (jax.lax.rsqrt(var + self.eps) * self.scale[...])[:, None, :]
+        return (y + self.bias[...]).reshape(x.shape).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
