@@ -4,10 +4,15 @@ Why not just `lax.conv_general_dilated` and autodiff: inside a whole train step,
 backend leaves the kernel gradient of a convolution in the form `f01b_i01o->01bf` (batch as
 the feature dimension, the whole feature map as the window), which its fast convolution does
 not take; the step then spends ~70% of its time there (benchmarks/RESULTS.md, the train-step
-profile). On the CPU this module computes the gradients itself:
+profile), and its convolutions (YNNPACK) run at 100-160 GFLOP/s on two AVX-512 cores where
+PyTorch's oneDNN reaches 200-300. On the CPU this module therefore runs them itself:
 
-  input gradient   stride 1: the forward convolution of the output gradient with the kernel
-                   flipped in space and its in/out axes swapped (padding k - 1 - p); other
+  forward          stride 1 with Cout a multiple of 16: our C++ kernel (`kernels/conv_cpu.cc`,
+                   output pixels x output channels in registers; 1.5-2.5x XLA's on SD-sized
+                   layers); other strides or channel counts, or without a C++ compiler: XLA.
+
+  input gradient   stride 1: the forward convolution (above) of the output gradient with the
+                   kernel flipped in space and its in/out axes swapped (padding k - 1 - p); other
                    strides: autodiff of the forward (XLA's own transposed convolution).
   kernel gradient  dW[i, j] = sum_{b,h,w} x_pad[b, h*s + i, w*s + j, :]^T g[b, h, w, :]
                    ((Cin, Cout) a tap): our C++ kernel (`kernels/conv_cpu.cc`, a custom
@@ -40,22 +45,33 @@ def _forward(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array
         dimension_numbers=DIMENSIONS)
 
 
+def _forward_cpu(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
+    """The forward on the CPU: our kernel where it applies, XLA's convolution otherwise."""
+    kh, kw, _, cout = w.shape
+    ho, wo = x.shape[1] + 2 * padding - kh + 1, x.shape[2] + 2 * padding - kw + 1
+    if stride != 1 or cout % 16 or ho < 1 or wo < 1 or not cpu_kernels.available():
+        return _forward(x, w, stride, padding)
+    call = jax.ffi.ffi_call("fifa_conv_forward",
+                            jax.ShapeDtypeStruct((x.shape[0], ho, wo, cout), jnp.float32),
+                            vmap_method="sequential")
+    y = call(x.astype(jnp.float32), w.astype(jnp.float32), pad=np.int64(padding))
+    return y.astype(jnp.result_type(x.dtype, w.dtype))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_cpu_grad(x, w, stride, padding):
-    return _forward(x, w, stride, padding)
+    return _forward_cpu(x, w, stride, padding)
 
 
 def _fwd(x, w, stride, padding):
-    return _forward(x, w, stride, padding), (x, w)
+    return _forward_cpu(x, w, stride, padding), (x, w)
 
 
 def _input_grad(g, x, w, stride: int, padding: int) -> jax.Array:
     kh, kw = w.shape[:2]
     if stride == 1 and kh == kw and padding <= kh - 1:
         flipped = jnp.swapaxes(w[::-1, ::-1], 2, 3)           # (kh, kw, Cout, Cin)
-        q = kh - 1 - padding
-        return jax.lax.conv_general_dilated(g, flipped, (1, 1), ((q, q), (q, q)),
-                                            dimension_numbers=DIMENSIONS)
+        return _forward_cpu(g, flipped, 1, kh - 1 - padding)
     _, vjp = jax.vjp(lambda x_: _forward(x_, w, stride, padding), x)
     return vjp(g)[0]
 

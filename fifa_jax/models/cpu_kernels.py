@@ -32,6 +32,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17
 # jax.ffi target name -> exported handler symbol
 TARGETS = {"fifa_attention_fwd": "FifaAttentionForward",
            "fifa_attention_bwd": "FifaAttentionBackward",
+           "fifa_conv_forward": "FifaConvForward",
            "fifa_conv_kernel_grad": "FifaConvKernelGrad"}
 
 

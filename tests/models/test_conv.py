@@ -1,5 +1,6 @@
-"""The CPU convolution gradient (fifa_jax.models.conv) against autodiff of XLA's convolution,
-and the einsum attention against jax.nn.dot_product_attention, on random inputs."""
+"""The CPU convolutions (fifa_jax.models.conv: our forward and kernel-gradient kernels, the
+flipped-kernel input gradient) against float64 loops and autodiff of XLA's convolution, and
+the einsum attention against jax.nn.dot_product_attention, on random inputs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,20 +18,69 @@ def _reference(x, w, stride, padding):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@pytest.mark.parametrize("kernel,stride,padding,size", [
-    (3, 1, 1, 8), (3, 2, 1, 9), (3, 2, 0, 8), (1, 1, 0, 6), (3, 1, 0, 7), (3, 1, 2, 5)])
-def test_conv_gradient_equals_autodiff(kernel, stride, padding, size):
+@pytest.mark.parametrize("kernel,stride,padding,size,cin,cout", [
+    (3, 1, 1, 8, 5, 7), (3, 2, 1, 9, 5, 7), (3, 2, 0, 8, 5, 7), (1, 1, 0, 6, 5, 7),
+    (3, 1, 0, 7, 5, 7), (3, 1, 2, 5, 5, 7),
+    (3, 1, 1, 8, 16, 32),     # forward and input gradient both through our forward kernel
+    (1, 1, 0, 6, 32, 16),     # a 1x1 convolution through it
+    (3, 2, 1, 9, 16, 32)])    # stride 2: XLA's forward, our kernel gradient
+def test_conv_gradient_equals_autodiff(kernel, stride, padding, size, cin, cout):
     assert jax.default_backend() == "cpu"        # the custom gradient is the one under test
     kx, kw, kg = jax.random.split(jax.random.key(kernel * 100 + stride * 10 + padding), 3)
-    x = jax.random.normal(kx, (2, size, size + 1, 5))
-    w = jax.random.normal(kw, (kernel, kernel, 5, 7))
+    x = jax.random.normal(kx, (2, size, size + 1, cin))
+    w = jax.random.normal(kw, (kernel, kernel, cin, cout))
     y_ref, vjp_ref = jax.vjp(lambda a, b: _reference(a, b, stride, padding), x, w)
     y, vjp = jax.vjp(lambda a, b: conv.conv2d(a, b, stride, padding), x, w)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(y_ref).max()))
     g = jax.random.normal(kg, y.shape)
     for got, want in zip(jax.jit(vjp)(g), vjp_ref(g)):
         scale = float(jnp.abs(want).max())
         assert float(jnp.abs(got - want).max()) <= 1e-5 * scale
+
+
+def _numpy_conv(x, w, padding):
+    """y[b, h, w] = sum_{i, j} x_pad[b, h + i, w + j] @ k[i, j], stride 1, float64."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    kh, kw = w.shape[:2]
+    ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    y = np.zeros((x.shape[0], ho, wo, w.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            y += xp[:, i:i + ho, j:j + wo] @ w[i, j]
+    return y
+
+
+@needs_kernels
+@pytest.mark.parametrize("kh,kw,padding,height,width,cin,cout", [
+    (3, 3, 1, 8, 32, 64, 64),     # pixel blocks of 6 (+ 2) x 64 channels
+    (3, 3, 1, 5, 29, 19, 48),     # 32 + 16 channels: blocks of 12 (+ 5), odd Cin
+    (3, 3, 0, 6, 7, 3, 112),      # 64 + 32 + 16 channels, no padding
+    (1, 1, 0, 4, 13, 40, 80),     # a 1x1 convolution, 64 + 16 channels
+    (2, 3, 2, 5, 4, 8, 16),       # a non-square kernel, padding wider than a tap reaches
+    (3, 3, 1, 1, 1, 4, 32)])      # one pixel: only the centre tap meets the image
+def test_forward_kernel_equals_numpy(kh, kw, padding, height, width, cin, cout):
+    """Our forward kernel (what `conv2d` runs on the CPU for stride 1, Cout % 16 == 0)
+    against a float64 loop: every pixel-block remainder, channel tile and padding case."""
+    kx, kk = jax.random.split(jax.random.key(kh * 1000 + cin * 10 + cout))
+    x = jax.random.normal(kx, (2, height, width, cin))
+    w = jax.random.normal(kk, (kh, kw, cin, cout))
+    fn = jax.jit(lambda a, b: conv.conv2d(a, b, 1, padding))
+    assert "fifa_conv_forward" in fn.lower(x, w).as_text()
+    got = np.asarray(fn(x, w), np.float64)
+    want = _numpy_conv(x, w, padding)
+    assert got.shape == want.shape
+    assert float(np.abs(got - want).max()) <= 1e-5 * float(np.abs(want).max())
+
+
+def test_forward_kernel_skipped_where_it_does_not_apply():
+    """Stride 2 or Cout not a multiple of 16: XLA's convolution, the same values."""
+    x = jax.random.normal(jax.random.key(0), (1, 6, 6, 16))
+    for w, stride in ((jnp.ones((3, 3, 16, 8)), 1), (jnp.ones((3, 3, 16, 16)), 2)):
+        fn = jax.jit(lambda a, b, s=stride: conv.conv2d(a, b, s, 1))
+        assert "fifa_conv_forward" not in fn.lower(x, w).as_text()
+        np.testing.assert_array_equal(np.asarray(fn(x, w)), np.asarray(_reference(x, w, stride, 1)))
 
 
 def _numpy_kernel_grad(x, g, kh, kw, stride, padding):

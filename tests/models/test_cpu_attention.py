@@ -107,7 +107,7 @@ def test_build_names_the_missing_compiler(tmp_path, monkeypatch):
 
 def test_without_a_compiler_auto_falls_back_to_einsum(tmp_path):
     """A fresh process with no compiler and an empty kernel cache: one warning, the einsum
-    form, the same values; convolution kernel gradients take the per-tap form."""
+    form, the same values; convolutions take XLA's forward and the per-tap kernel gradient."""
     code = ("import warnings, jax.numpy as jnp\n"
             "from fifa_jax.models import attention, cpu_attention\n"
             "q = jnp.arange(48.0).reshape(1, 6, 1, 8) / 48\n"
@@ -122,7 +122,7 @@ def test_without_a_compiler_auto_falls_back_to_einsum(tmp_path):
             "from fifa_jax.models import conv\n"
             "x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 16))\n"
             "hlo = jax.jit(jax.grad(lambda b: conv.conv2d(x, b, 1, 1).sum())).lower(w).as_text()\n"
-            "assert 'fifa_conv_kernel_grad' not in hlo\n"
+            "assert 'fifa_conv_kernel_grad' not in hlo and 'fifa_conv_forward' not in hlo\n"
             "print('fell back')\n")
     env = dict(os.environ, CXX="no-such-c++-compiler", FIFA_JAX_KERNEL_CACHE=str(tmp_path),
                JAX_PLATFORMS="cpu")
@@ -139,7 +139,8 @@ def test_kernels_built_without_avx512_agree(tmp_path):
     rng = np.random.default_rng(8)
     x, gy = rng.standard_normal((2, 6, 6, 24), np.float32), rng.standard_normal((2, 3, 3, 80),
                                                                                np.float32)
-    np.savez(tmp_path / "in.npz", q=q, k=k, v=v, g=g, x=x, gy=gy)
+    kern = rng.standard_normal((3, 3, 24, 48), np.float32)
+    np.savez(tmp_path / "in.npz", q=q, k=k, v=v, g=g, x=x, gy=gy, kern=kern)
     code = ("import sys, numpy as np, jax, jax.numpy as jnp\n"
             "from fifa_jax.models import cpu_kernels, cpu_attention, conv\n"
             "cpu_kernels.FLAGS = tuple('-march=x86-64-v3' if f == '-march=native' else f\n"
@@ -150,8 +151,9 @@ def test_kernels_built_without_avx512_agree(tmp_path):
             "                   d['q'], d['k'], d['v'])\n"
             "w = jnp.zeros((3, 3, 24, 80))\n"
             "dw = jax.jit(lambda a, b: conv._kernel_grad(a, b, w, 2, 1))(d['gy'], d['x'])\n"
+            "y = jax.jit(lambda a, b: conv.conv2d(a, b, 1, 1))(d['x'], d['kern'])\n"
             "dq, dk, dv = vjp(d['g'])\n"
-            "np.savez(sys.argv[1] + '/out.npz', out=out, dq=dq, dk=dk, dv=dv, dw=dw)\n")
+            "np.savez(sys.argv[1] + '/out.npz', out=out, dq=dq, dk=dk, dv=dv, dw=dw, y=y)\n")
     env = dict(os.environ, FIFA_JAX_KERNEL_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300)
@@ -162,9 +164,11 @@ def test_kernels_built_without_avx512_agree(tmp_path):
     for name, y in zip(("out", "dq", "dk", "dv"), want):
         err = np.abs(np.asarray(got[name], np.float64) - y).max() / np.abs(y).max()
         assert err < 4e-6, (name, err)
-    from tests.models.test_conv import _numpy_kernel_grad
+    from tests.models.test_conv import _numpy_conv, _numpy_kernel_grad
     want_dw = _numpy_kernel_grad(x, gy, 3, 3, 2, 1)
     assert np.abs(got["dw"] - want_dw).max() <= 1e-5 * np.abs(want_dw).max()
+    want_y = _numpy_conv(x, kern, 1)
+    assert np.abs(got["y"] - want_y).max() <= 1e-5 * np.abs(want_y).max()
 
 
 def test_setup_ships_every_kernel_file():
