@@ -41,9 +41,13 @@ constexpr int64_t kRows = 4;    // query rows processed together (reuse each key
 constexpr int64_t kChannels = 4;  // head-size channels accumulated in registers at once
 
 inline float Sum(Vec v) {
+#ifdef __AVX512F__
+  return _mm512_reduce_add_ps((__m512)v);
+#else
   float s = 0.0f;
   for (int64_t l = 0; l < kLanes; ++l) s += v[l];
   return s;
+#endif
 }
 
 inline Vec Splat(float x) { return Vec{} + x; }
