@@ -11,6 +11,54 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# jemalloc's settings for `--allocator jemalloc`: never hand freed pages back to the kernel.
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
+                  "/usr/local/lib/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2")
+
+
+def find_jemalloc() -> str | None:
+    """$FIFA_JAX_JEMALLOC, else the usual library paths (Debian/Ubuntu: libjemalloc2)."""
+    for path in (os.environ.get("FIFA_JAX_JEMALLOC"),) + JEMALLOC_PATHS:
+        if path and os.path.exists(path):
+            return path
+    return None
+
+
+def use_allocator(argv: list[str]) -> None:
+    """`--allocator jemalloc`: re-run this process with jemalloc preloaded (LD_PRELOAD) and
+    JEMALLOC_CONF, so every side of a comparison allocates through it. glibc's malloc hands
+    XLA's large per-step buffers back to the kernel after each step, so every step
+    page-faults them in again (~100k faults a train step on the CPU); jemalloc with decay off
+    keeps them. Exits with a message naming the package when the library is missing."""
+    want = "system"
+    for i, a in enumerate(argv):
+        if a == "--allocator" and i + 1 < len(argv):
+            want = argv[i + 1]
+        elif a.startswith("--allocator="):
+            want = a.split("=", 1)[1]
+    if want not in ("system", "jemalloc"):
+        sys.exit(f"--allocator: 'system' or 'jemalloc', not {want!r}")
+    if want == "system" or os.environ.get("FIFA_JAX_ALLOCATOR") == "jemalloc":
+        return
+    lib = find_jemalloc()
+    if lib is None:
+        sys.exit("--allocator jemalloc: libjemalloc.so.2 not found (Debian/Ubuntu: apt install "
+                 "libjemalloc2; or set FIFA_JAX_JEMALLOC to the library's path)")
+    env = dict(os.environ, FIFA_JAX_ALLOCATOR="jemalloc", MALLOC_CONF=JEMALLOC_CONF,
+               LD_PRELOAD=" ".join(x for x in (lib, os.environ.get("LD_PRELOAD", "")) if x))
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable] + argv, env)
+
+
+def allocator() -> str:
+    """The allocator this process runs with, for the results."""
+    if os.environ.get("FIFA_JAX_ALLOCATOR") == "jemalloc":
+        return f"jemalloc ({os.environ.get('LD_PRELOAD', '')}, MALLOC_CONF={JEMALLOC_CONF})"
+    return "system malloc"
+
+
 def environment() -> dict:
     """Device and library versions for the results table."""
     import jax
@@ -18,7 +66,7 @@ def environment() -> dict:
     env = {"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__,
            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
            "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
-           "machine": platform.machine()}
+           "machine": platform.machine(), "allocator": allocator()}
     try:
         import jaxlib
         env["jaxlib"] = jaxlib.__version__

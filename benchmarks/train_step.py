@@ -14,6 +14,12 @@ Dtypes: on the CPU float32 everywhere; on a GPU bf16 compute with float32 master
 (ours: `dtype=bfloat16`, params and optimiser state float32; torch: float32 modules under
 `torch.autocast(bfloat16)`, SDPA attention). Inputs arrive from numpy every step on both sides.
 
+Allocator: `--allocator jemalloc` re-runs the script with libjemalloc preloaded and its decay
+off, so both sides allocate through it (recorded as `environment.allocator`). On the CPU
+glibc's malloc returns XLA's large step buffers to the kernel after every step and the next
+step page-faults them in again (about 100k faults, 15-20% of our step); PyTorch's step is
+unaffected within noise. Both allocators are reported in benchmarks/RESULTS.md.
+
 Timing: `--rounds` rounds of `--iters` back-to-back steps after `--warmup` steps, one device
 sync a round; pairs/s = pairs a step / median seconds a step. Compile time is reported apart
 (ours: `Trainer.compiled_step`; torch.compile: its first steps). Model FLOPs per pair = 8 UNet
@@ -25,6 +31,7 @@ GEMMs may be missing on GPU) are reported beside them. Peak memory: torch's
 XLA_PYTHON_CLIENT_PREALLOCATE=false) and XLA's memory analysis of the compiled step.
 
     python benchmarks/train_step.py --out /tmp/train_cpu.json          # CPU: small UNet, 32x32
+    python benchmarks/train_step.py --allocator jemalloc --out /tmp/train_cpu_je.json   # CPU
     python benchmarks/train_step.py --out $OUT/train_step.json         # GPU: SD1.5, B = 8, 64x64
     python benchmarks/train_step.py --sdxl-only --sdxl-max-batch --out $OUT/sdxl.json   # GPU
     python benchmarks/train_step.py --toy --out /tmp/toy.json          # smoke test (seconds)
@@ -59,7 +66,10 @@ if "--xla-defaults" not in sys.argv and "xla_gpu_enable_triton_gemm" not in \
         os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + GEMM_FLAG).strip()
 
-from _common import environment, print_table, write_json  # noqa: E402
+from _common import environment, print_table, use_allocator, write_json  # noqa: E402
+
+if __name__ == "__main__":
+    use_allocator(sys.argv)     # `--allocator jemalloc`: re-runs this script with it preloaded
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -521,6 +531,9 @@ def main(argv=None) -> dict:
     p.add_argument("--compile-cache", default="",
                    help="JAX persistent compilation cache folder (smoke tests; compile times "
                         "then measure cache loads)")
+    p.add_argument("--allocator", default="system", choices=("system", "jemalloc"),
+                   help="jemalloc: re-run with libjemalloc preloaded, decay off (both sides; "
+                        "glibc malloc page-faults XLA's buffers in again every step)")
     p.add_argument("--out", default="", help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.compile_cache:
