@@ -48,7 +48,10 @@ if "--xla-defaults" not in sys.argv and "xla_gpu_enable_triton_gemm" not in \
         os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + GEMM_FLAG).strip()
 
-from _common import environment, print_table, write_json  # noqa: E402
+from _common import environment, print_table, use_allocator, write_json  # noqa: E402
+
+if __name__ == "__main__":
+    use_allocator(sys.argv)     # `--allocator jemalloc`: re-runs this script with it preloaded
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -206,6 +209,8 @@ def main(argv=None) -> dict:
     p.add_argument("--compile-cache", default="",
                    help="JAX persistent compilation cache folder (smoke tests; compile times "
                         "then measure cache loads)")
+    p.add_argument("--allocator", default="system", choices=("system", "jemalloc"),
+                   help="jemalloc: re-run with libjemalloc preloaded, decay off (both sides)")
     p.add_argument("--out", default="", help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.compile_cache:
