@@ -179,6 +179,8 @@ void ForwardRun(int64_t n, const float* rows, int64_t row_len, const float* k, i
   const int64_t rest = n - p;
   rows += p * cin;
   y += p * cout;
+  // rest < NB: one block size per case (R >= NB cannot happen; those cases instantiate the
+  // 1-pixel block only to keep the switch uniform)
 #define FIFA_REST(R) \
   case R: return ForwardBlock<(R < NB ? R : 1), NV>(rows, row_len, k, kh, kw, cin, cout, y);
   switch (rest) {
