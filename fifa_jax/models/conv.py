@@ -21,10 +21,12 @@ PyTorch's oneDNN reaches 200-300. On the CPU this module therefore runs them its
                    (`cpu_kernels.available()`), one XLA matrix product per tap, which makes
                    XLA copy nine shifted views of x first.
 
-Both are the exact gradients (the same sums in another order: float32 rounding apart). On
-other backends (GPU, TPU) the plain autodiff of the forward is used: cuDNN and the TPU
-compiler handle convolution gradients themselves. Tested against autodiff of
-`lax.conv_general_dilated` in tests/models/test_conv.py.
+Both are the exact gradients (the same sums in another order: float32 rounding apart). On other
+backends (GPU, TPU) the plain autodiff of the forward is used: cuDNN and the TPU compiler
+handle convolution gradients themselves. The C++ kernels are custom calls that XLA does not
+partition: under a sharded `jit` on several CPU devices their operands are gathered onto every
+device (the same values, the work repeated on each), as with the CPU attention kernel. Tested
+against autodiff of `lax.conv_general_dilated` in tests/models/test_conv.py.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file
 
-from fifa_jax.models import torch_names
+from fifa_jax.models import cpu_kernels, torch_names
 from fifa_jax.models.pipeline import load_pipeline
 from fifa_jax.models.unet_io import load_unet, save_unet
 from fifa_jax.parallel.param_sharding import describe, param_shardings
@@ -57,6 +57,10 @@ def test_sharded_load_places_each_param_and_matches_unsharded(unet_dir, monkeypa
         return real(arr, sharding)
 
     monkeypatch.setattr(torch_names, "put_global", recording)
+    # XLA's forms throughout, so that the forward below stays batch-sharded: our CPU kernels
+    # (attention, convolutions, linear weight gradients) are custom calls that XLA does not
+    # partition (it gathers their operands onto every device: same values, repeated work).
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     model = load_unet(path, attention_impl="xla", mesh=mesh)
     plain = load_unet(path, attention_impl="xla")
     got, want = _flat(model), _flat(plain)
