@@ -130,21 +130,23 @@ def train_step(state: TrainState, ref_params, batch: dict, consts: dict, *,
     keys = pair_keys(state.key, state.step, a * b).reshape(a, b)
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
+    def named(loss, aux):  # one micro-batch's loss and aux metrics, by name
+        return {"loss": loss, **{m: aux[m] for m in AUX_METRICS}}
+
     def body(carry, xs):
         grads, sums = carry
         k, micro = xs
         (loss, aux), g = grad_fn(state.params, ref_params, k, micro, consts, unet_fn,
                                  schedule, cfg)
         grads = jax.tree.map(jnp.add, grads, g)
-        sums = {n: sums[n] + v for n, v in
-                [("loss", loss)] + [(m, aux[m]) for m in AUX_METRICS]}
+        sums = {n: sums[n] + v for n, v in named(loss, aux).items()}
         return (grads, sums), None
 
     if a == 1:     # no accumulation: the same values without a loop, zeros and a division
         (loss, aux), grads = grad_fn(state.params, ref_params, keys[0],
                                      jax.tree.map(lambda x: x[0], batch), consts, unet_fn,
                                      schedule, cfg)
-        metrics = {n: v for n, v in [("loss", loss)] + [(m, aux[m]) for m in AUX_METRICS]}
+        metrics = named(loss, aux)
     else:
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         sums0 = {n: jnp.zeros((), jnp.float32) for n in ("loss",) + AUX_METRICS}
