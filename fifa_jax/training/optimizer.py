@@ -1,8 +1,9 @@
 """The optimiser of the DPO trainer (method.md §3 step 6), built with optax.
 
-    adamw:     optax.adamw(b1, b2, eps, weight_decay)       (the SD1.5 recipe: 0.9, 0.999, 1e-8,
-               1e-2): m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2,
-               p <- p - lr (m_hat / (sqrt(v_hat) + eps) + wd p)   (= torch.optim.AdamW)
+    adamw:     `adamw` below (the SD1.5 recipe: b1 0.9, b2 0.999, eps 1e-8, wd 1e-2):
+               m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2, m_hat = m / (1 - b1^t),
+               v_hat = v / (1 - b2^t), p <- p - lr (m_hat / (sqrt(v_hat) + eps) + wd p)
+               (= torch.optim.AdamW; optax.adamw's chain with accurate bias corrections)
     adafactor: `adafactor` below (the SDXL recipe): HF transformers.Adafactor(lr,
                relative_step=False, scale_parameter=False, warmup_init=False,
                clip_threshold=1.0, weight_decay=wd), eps (1e-30, 1e-3), decay_rate -0.8, no
@@ -26,13 +27,12 @@ lr * min(1, s / warmup), as PyTorch's LambdaLR with diffusers' `constant_with_wa
 Parity with the PyTorch references after 10 updates (the warm-up schedule set per step on
 the torch side) is tested in tests/training/test_optimizer.py: Adafactor = transformers'
 Adafactor with the settings above, on the torch layout of each tensor, to 1e-6 relative
-(seen: 3e-7); AdamW = torch.optim.AdamW to 5e-6 relative in the parameters, 3e-5 in their
-displacement (seen: 2.5e-6, 1.4e-5: optax computes the bias correction 1 - b2^t in float32,
-1-2e-5 below torch's float64 value at small t, so its steps are ~7e-6 relative smaller);
-global-norm clipping = clip_grad_norm_ within the same bounds.
+(seen: 3e-7); AdamW = torch.optim.AdamW to 1e-6 relative; global-norm clipping =
+clip_grad_norm_ within the same bounds.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -166,13 +166,50 @@ def adafactor(learning_rate: float | Callable, *, weight_decay: float = 0.0,
     return optax.GradientTransformation(init, update)
 
 
+def _one_minus_power(decay: float, count: jax.Array) -> jax.Array:
+    """1 - decay^count in float32 to a few ulps: -expm1(count * log(decay)), the logarithm
+    taken in float64 on the host. (optax's 1 - decay^count in float32 rounds decay = 0.999
+    first and then the power near 1: 1-2e-5 low at small counts, so its Adam steps were ~7e-6
+    relative smaller than torch's, which computes it in float64.)"""
+    return -jnp.expm1(count.astype(jnp.float32) * jnp.float32(math.log(decay)))
+
+
+def scale_by_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam's direction m_hat / (sqrt(v_hat) + eps) as torch.optim.Adam(W) computes it, with
+    accurate bias corrections (`_one_minus_power`). State: optax's ScaleByAdamState (count,
+    mu, nu), so it is laid out, sharded and checkpointed as optax.scale_by_adam's."""
+    def init(params):
+        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros,
+                                      nu=jax.tree.map(jnp.zeros_like, zeros))
+
+    def update(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * jnp.square(g), state.nu, updates)
+        count = optax.safe_increment(state.count)
+        bc1, bc2 = _one_minus_power(b1, count), _one_minus_power(b2, count)
+        out = jax.tree.map(lambda m, v: (m / bc1) / (jnp.sqrt(v / bc2) + eps), mu, nu)
+        return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def adamw(learning_rate, *, b1: float, b2: float, eps: float, weight_decay: float
+          ) -> optax.GradientTransformation:
+    """AdamW equal to torch.optim.AdamW: p <- p - lr (m_hat / (sqrt(v_hat) + eps) + wd p);
+    the same chain (and state) as optax.adamw, with `scale_by_adam` above."""
+    return optax.chain(scale_by_adam(b1, b2, eps), optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_learning_rate(learning_rate))
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
     """The optimiser of `cfg` (the train section): clipping, then AdamW or Adafactor."""
     lr = learning_rate_schedule(float(cfg.learning_rate), int(cfg.warmup_steps))
     name = cfg.optimizer
     if name == "adamw":
-        core = optax.adamw(lr, b1=float(cfg.adam_b1), b2=float(cfg.adam_b2),
-                           eps=float(cfg.adam_eps), weight_decay=float(cfg.weight_decay))
+        core = adamw(lr, b1=float(cfg.adam_b1), b2=float(cfg.adam_b2),
+                     eps=float(cfg.adam_eps), weight_decay=float(cfg.weight_decay))
     elif name == "adafactor":
         core = adafactor(lr, weight_decay=float(cfg.weight_decay), clip_threshold=1.0)
     else:
