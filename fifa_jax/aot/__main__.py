@@ -1,0 +1,84 @@
+"""`python -m fifa_jax.aot --config CONFIG --topology v5e:4x4 [--num_slices N] [--json FILE]
+[--hbm_gib G] [--knn_rows N] [--programs a,b] [--config.key=value ...]`
+
+Prints a table (one row a program: per-chip GiB against HBM, XLA's TFLOP a chip and estimated
+seconds, collective counts); a program that does not compile or does not fit ends in one
+`error:` line naming it, the bytes needed and available and the settings to change, and the
+exit code is 1. Config mistakes: one line, exit code 2. Every figure is a compiler estimate.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from fifa_jax import config_check
+from fifa_jax.errors import InputError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/pickapic_sd15.py:ROOT.",
+    lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology (v5e:4x4, v5p:2x2x1) or slice "
+                                "name (v5e-16, v5p-8, v6e-8).")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of that topology (multi-slice).")
+_JSON = flags.DEFINE_string("json", None, "Write the results here (a JSON list).")
+_HBM = flags.DEFINE_float("hbm_gib", None, "HBM a chip in GiB instead of the chip's own.")
+_KNN_ROWS = flags.DEFINE_integer("knn_rows", None, "Rows of the k-NN (default: Pick-a-Pic's "
+                                 "unique prompts, 58,960).")
+_PROGRAMS = flags.DEFINE_list("programs", [], "Only these programs (e.g. train_step,sample).")
+
+
+def _run(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    if config is None or not _TOPOLOGY.value:
+        print("error: --config and --topology are required, e.g. --config "
+              "configs/pickapic_sd15.py:ROOT --topology v5e-8", file=sys.stderr)
+        return 2
+    from fifa_jax import aot, pipeline
+    from fifa_jax.aot.topology import TopologyError
+    try:
+        config_check.validate(config)
+        print(f"compiling for {_TOPOLOGY.value}"
+              f"{f' x {_SLICES.value} slices' if _SLICES.value > 1 else ''} "
+              f"(compile-only devices; every figure is a compiler estimate)", flush=True)
+        print(aot.table_header(), flush=True)
+        results = aot.run_check(config, _TOPOLOGY.value, num_slices=_SLICES.value,
+                                hbm_gib=_HBM.value, knn_rows=_KNN_ROWS.value,
+                                only=tuple(_PROGRAMS.value),
+                                echo=lambda line: print(line, flush=True))
+    except (InputError, TopologyError, config_check.ConfigError, pipeline.PipelineError,
+            FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if _JSON.value:
+        with open(_JSON.value, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1, default=str)
+    failures = [line for line in map(aot.failure_line, results) if line]
+    for line in failures:
+        print(line, file=sys.stderr)
+    if not failures:
+        print(f"ok: {len(results)} program(s) compiled and fit on "
+              f"{results[0]['chips'] if results else 0} x "
+              f"{results[0]['device_kind'] if results else '?'}")
+    return 1 if failures else 0
+
+
+def main() -> None:
+    try:
+        config_check.check_overrides(sys.argv)
+        argv = flags.FLAGS(sys.argv, known_only=False)
+    except config_check.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (flags.Error, KeyError, AttributeError) as e:
+        print(f"error: {config_check.explain_flag_error(e)}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(_run(argv))
+
+
+if __name__ == "__main__":
+    main()
