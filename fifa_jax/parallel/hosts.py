@@ -2,7 +2,9 @@
 
 Hosts can see shared files differently (stale NFS attribute caches, local copies), so every
 decision that must be the same everywhere is taken on process 0 and broadcast. Each helper is a
-no-op on a single process (no collective is started).
+no-op on a single process (no collective is started); on several, each is a collective: every
+process must call it at the same point of the program, so whether to call it may depend only
+on what every process knows alike (e.g. the step number, never a signal that reached one).
 """
 from __future__ import annotations
 

@@ -8,6 +8,16 @@ Layout (`WORKDIR/train/checkpoints/<step>/`), one item each:
                the finite-checked metrics of the step
 The reference parameters are not saved (they are the base model's, reloaded on resume).
 
+Sharded state, several hosts: `save` hands Orbax the state's jax.Arrays as they lie on the
+devices; each process writes the shards it holds (a replicated array once), so no process
+ever holds the whole model and nothing is gathered, also when FSDP splits the parameters
+over hosts. The finiteness guard is a jitted reduction on the devices (one replicated
+boolean comes back), and the step and RNG key are read from this process's copy (they are
+replicated). `restore` places every array by the given shardings (each process reads its
+shards). Every call here that reaches Orbax (`save`, `restore`, `read_meta`, and the
+manager's `delete`, `wait_until_finished`, `close`) is collective: every process must make
+it, in the same order (Orbax synchronises the processes inside them).
+
 Saves are asynchronous: the step after a save may start while Orbax writes; the arrays it
 writes are the state's at save time (Orbax copies device buffers to the host before
 returning from `save`, so the donated step cannot change what is written).
@@ -18,10 +28,12 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from fifa_jax.errors import InputError
+from fifa_jax.parallel.mesh import put_global
 from fifa_jax.training.train_state import TrainState
 
 ITEMS = ("params", "opt_state", "meta")
@@ -36,19 +48,40 @@ def manager(directory, *, max_to_keep: int, async_save: bool = True,
                                  item_names=ITEMS)
 
 
+@jax.jit
+def _finite(tree) -> jax.Array:
+    """() bool: every float leaf of `tree` is finite (reduced where the leaves lie)."""
+    flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(flags).all() if flags else jnp.bool_(True)
+
+
+def replicated_value(x) -> np.ndarray:
+    """The value of a replicated array from this process's first shard (no gather: works
+    when the array spans several hosts); a host value is returned as numpy."""
+    if not isinstance(x, jax.Array):
+        return np.asarray(x)
+    if not x.is_fully_replicated:
+        raise ValueError(f"expected a replicated array, got sharding {x.sharding} of shape "
+                         f"{x.shape}")
+    return np.asarray(x.addressable_data(0))
+
+
 def all_finite(tree) -> bool:
-    return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(tree)
-               if np.issubdtype(np.asarray(x).dtype, np.floating))
+    """Every float leaf of `tree` is finite; computed on the devices holding the leaves (a
+    sharded model is never copied to the host). Every process must call it (collective when
+    the leaves span several hosts)."""
+    return bool(replicated_value(_finite(tree)))
 
 
 def save(mgr: ocp.CheckpointManager, state: TrainState, meta: dict, *, force: bool = False,
          check_finite: bool = True) -> bool:
-    """Save `state` at its step (asynchronously). Refuses non-finite parameters (the loop
-    stops before such a state is kept; this is the last guard)."""
-    step = int(jax.device_get(state.step))
-    if check_finite and not all_finite(jax.device_get(state.params)):
+    """Save `state` at its step (asynchronously; every process calls it). Refuses non-finite
+    parameters (the loop stops before such a state is kept; this is the last guard)."""
+    step = int(replicated_value(state.step))
+    if check_finite and not all_finite(state.params):
         raise FloatingPointError(f"refusing to save step {step}: non-finite parameters")
-    meta = dict(meta, step=step, key=np.asarray(jax.device_get(state.key)).tolist())
+    meta = dict(meta, step=step, key=replicated_value(state.key).tolist())
     return mgr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),
@@ -72,8 +105,8 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract: TrainState,
         opt_state=ocp.args.StandardRestore(_abstract(abstract.opt_state, shardings.opt_state)),
         meta=ocp.args.JsonRestore()))
     meta = got["meta"]
-    key = jax.device_put(np.asarray(meta["key"], np.uint32), shardings.key)
-    state = TrainState(step=jax.device_put(np.int32(meta["step"]), shardings.step),
+    key = put_global(np.asarray(meta["key"], np.uint32), shardings.key)
+    state = TrainState(step=put_global(np.asarray(meta["step"], np.int32), shardings.step),
                        params=got["params"], opt_state=got["opt_state"], key=key)
     return state, meta
 

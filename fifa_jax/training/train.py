@@ -19,6 +19,14 @@ every setting that changes the trajectory, must match; checkpoints of other sett
 removed with a message). Raising `num_steps` continues a finished run. SIGTERM / SIGINT: the
 current step ends, a checkpoint is saved, the stage raises `Interrupted` (exit code 128 +
 signal) and the runner does not mark the stage done.
+Several hosts: every process runs the same checkpoint calls in the same order (Orbax's save,
+restore, delete, wait and close are collective); which checkpoints exist, and so whether to
+resume, from which step or to discard them, is process 0's view, given to all. Each process
+writes and reads only its own shards (FSDP may split the parameters over hosts; nothing is
+gathered). The hosts exchange nothing between steps but at log, eval and checkpoint steps
+(every `log_every` steps, default 10): there they also agree whether a signal reached any of
+them, so a SIGTERM / SIGINT that reached any host stops every host at the next such step, all
+saving the same checkpoint (one process checks for signals after every step).
 Faults: a non-finite loss or gradient stops the run naming the step and the metric (that step
 is not applied and nothing non-finite is saved); a step that does not fit in device memory
 names the settings to change.
@@ -331,19 +339,9 @@ def run(config, workdir) -> dict:
     val = _validation(encode_dir, spec, tc, micro)
 
     compat = trajectory_hash(config, workdir)
-    mgr = checkpoints.manager(out / CKPT_DIR, max_to_keep=int(tc.keep_checkpoints),
-                              async_save=bool(tc.async_checkpoints))
-    start = _resume(mgr, trainer, loader, compat, int(tc.num_steps), out)
-    writer = metrics_lib.MetricWriter(out, resume_step=start)
-    summary = {"start_step": start, "resumed": start > 0,
-               "effective_batch": micro * accum, "micro_batch": micro, "grad_accum": accum,
+    summary = {"effective_batch": micro * accum, "micro_batch": micro, "grad_accum": accum,
                "devices": int(mesh.size), "mesh": dict(mesh.shape)}
-    try:
-        summary.update(_loop(config, trainer, loader, val, mgr, writer, compat, start, out))
-    finally:
-        mgr.wait_until_finished()
-        mgr.close()
-        writer.close()
+    summary.update(fit(config, trainer, loader, val, out, compat))
     if leader:
         tmp = out / (REPORT + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
@@ -360,10 +358,50 @@ def _validation(encode_dir, spec, tc, micro):
                       flip="none", num_threads=int(tc.loader_threads))
 
 
-def _resume(mgr, trainer: Trainer, loader: PairLoader, compat: str, num_steps: int,
-            out: pathlib.Path) -> int:
-    """Restore the latest compatible checkpoint at or below num_steps; returns its step."""
+def fit(config, trainer: Trainer, loader, val, out: pathlib.Path, compat: str) -> dict:
+    """Resume from out/checkpoints (or discard other settings' checkpoints), train to
+    train.num_steps, wait for the last save; every process calls it (the checkpoint calls
+    are collective). `loader` yields this host's rows of each micro-batch and keeps a
+    host-count-free position (get_state / set_state); `val` the held-out pairs or None."""
+    tc = config.train
+    mgr = checkpoints.manager(out / CKPT_DIR, max_to_keep=int(tc.keep_checkpoints),
+                              async_save=bool(tc.async_checkpoints))
+    try:
+        start = _resume(mgr, trainer, loader, compat, int(tc.num_steps), out)
+        writer = metrics_lib.MetricWriter(out, resume_step=start)
+        try:
+            result = _loop(config, trainer, loader, val, mgr, writer, compat, start, out)
+        finally:
+            writer.close()
+    finally:
+        mgr.wait_until_finished()
+        mgr.close()
+    return {"start_step": start, "resumed": start > 0, **result}
+
+
+def _leader_steps(mgr, directory) -> list[int]:
+    """Process 0's saved steps, the same list on every process. Raises (on every process)
+    when some process's manager does not see them all (a stale view of shared storage):
+    Orbax's restore and delete are collective and would leave the others waiting."""
     steps = sorted(mgr.all_steps())
+    if jax.process_count() == 1:
+        return steps
+    steps = [int(s) for s in json.loads(hosts.bytes_from_leader(json.dumps(steps).encode()))]
+    if not hosts.on_all_hosts(set(steps) <= set(mgr.all_steps())):
+        raise InputError(f"train: the processes see different checkpoints in {directory} "
+                         f"(process 0: {steps}, process {jax.process_index()}: "
+                         f"{sorted(mgr.all_steps())}); every host must see the same "
+                         f"storage (or rerun with --force=train)")
+    return steps
+
+
+def _resume(mgr, trainer: Trainer, loader, compat: str, num_steps: int,
+            out: pathlib.Path) -> int:
+    """Restore the latest compatible checkpoint at or below num_steps; returns its step.
+
+    Every process calls it and takes the same decisions (process 0's steps; the meta every
+    process reads is the same file): Orbax's restore and delete are collective."""
+    steps = _leader_steps(mgr, out / CKPT_DIR)
     if not steps:
         return 0
     meta = checkpoints.read_meta(mgr, steps[-1])
@@ -371,11 +409,8 @@ def _resume(mgr, trainer: Trainer, loader: PairLoader, compat: str, num_steps: i
         logging.warning("train: the checkpoints in %s were made with other settings (%s, now "
                         "%s); starting from the base model", out / CKPT_DIR,
                         meta.get("compat"), compat)
-        hosts.barrier("train:stale")
-        if jax.process_index() == 0:
-            for s in steps:
-                mgr.delete(s)
-        hosts.barrier("train:stale-removed")
+        for s in steps:          # Orbax: process 0 removes the files, all wait for it
+            mgr.delete(s)
         return 0
     usable = [s for s in steps if s <= num_steps]
     if not usable:
@@ -404,6 +439,17 @@ def _check_finite(step: int, values: dict) -> None:
                              f"saved; lower train.learning_rate or train.beta")
 
 
+def _stop_for_signal(got: list, sync_step: bool) -> bool:
+    """Whether a SIGTERM / SIGINT stops the run after this step; the same answer on every
+    process. One process: whenever a signal has arrived (checked after every step). Several:
+    the hosts compare only at `sync_step`s (log, eval, checkpoint steps: decided by the step
+    number alone, so every process makes the collective at the same steps), where a signal
+    that reached any of them stops all; elsewhere the hosts run without exchanging anything."""
+    if jax.process_count() == 1:
+        return bool(got)
+    return bool(sync_step) and hosts.on_any_host(bool(got))
+
+
 def _loop(config, trainer: Trainer, loader, val, mgr, writer, compat, start, out) -> dict:
     tc = config.train
     num_steps, accum = int(tc.num_steps), int(tc.grad_accum)
@@ -429,18 +475,30 @@ def _loop(config, trainer: Trainer, loader, val, mgr, writer, compat, start, out
         writer.write(step, res, kind="eval")
         return res
 
-    if start == 0 and val is not None:
-        final_eval = evaluate(0)
-    step = start
+    def on_device(fn, batch):
+        try:
+            return fn(batch)
+        except Exception as e:  # noqa: BLE001 (re-raised unless it is device memory)
+            if _memory_error(e):
+                raise _too_large(tc, trainer.mesh, e) from e
+            raise
+
+    step, batch = start, None
     with _signals() as got:
-        while step < num_steps:
+        if step < num_steps and jax.process_count() > 1:
+            # every host compiles the step (long, and unevenly), then they meet: the step's
+            # collectives connect the hosts on first use, and on CPU (gloo) a host that
+            # comes 30 s after the others fails the run
             batch = _host_batch([next(loader) for _ in range(accum)])
-            try:
-                metrics = trainer.step(batch)
-            except Exception as e:  # noqa: BLE001 (re-raised unless it is device memory)
-                if _memory_error(e):
-                    raise _too_large(tc, trainer.mesh, e) from e
-                raise
+            on_device(trainer.compiled_step, batch)
+            hosts.barrier("train:step-compiled")
+        if start == 0 and val is not None:
+            final_eval = evaluate(0)
+        while step < num_steps:
+            if batch is None:
+                batch = _host_batch([next(loader) for _ in range(accum)])
+            metrics = on_device(trainer.step, batch)
+            batch = None
             step += 1
             # fetch the previous step's metrics while this one runs (one step of lag)
             if pending is not None:
@@ -449,9 +507,13 @@ def _loop(config, trainer: Trainer, loader, val, mgr, writer, compat, start, out
             pending = (step, metrics)
             n_window += 1
             want_log = step % int(tc.log_every) == 0 or step == num_steps
-            want_ckpt = (every_ckpt and step % every_ckpt == 0) or step == num_steps or got
-            want_eval = (int(tc.eval_every) and step % int(tc.eval_every) == 0) \
+            want_ckpt = bool(every_ckpt and step % every_ckpt == 0) or step == num_steps
+            want_eval = bool(int(tc.eval_every) and step % int(tc.eval_every) == 0) \
                 or step == num_steps
+            # several hosts: the step number alone says where they exchange anything
+            stop = step < num_steps and _stop_for_signal(got, want_log or want_ckpt or
+                                                         want_eval)
+            want_ckpt = want_ckpt or stop
             if want_log or want_ckpt or want_eval:
                 last = _fetch(metrics)
                 _check_finite(step, last)
@@ -471,7 +533,7 @@ def _loop(config, trainer: Trainer, loader, val, mgr, writer, compat, start, out
             if want_ckpt:
                 save(step, force=True)
             bar.update(1)
-            if step < num_steps and hosts.on_any_host(bool(got)):
+            if stop:
                 mgr.wait_until_finished()
                 bar.close()
                 raise Interrupted(got[0] if got else signal.SIGTERM, step)

@@ -9,7 +9,12 @@ processes. Checked against one process with 4 devices:
     select/manifest.parquet bytes, the same score/margins.parquet values, the same encoded
     pairs, and after 3 train steps parameters equal to the one-process run's (the exported
     UNet);
-  - a failure in a process-0-only stage stops every process at once (no barrier hang).
+  - a failure in a process-0-only stage stops every process at once (no barrier hang);
+  - FSDP training split over both processes (the tiny UNet through `train.fit`): every process
+    writes its own shards of the checkpoints, a run killed (SIGKILL) after a checkpoint resumes
+    from it, a SIGTERM that reached one process stops both at the next log / checkpoint step,
+    checkpoints of other settings are removed by both (no hang), and the parameters equal a
+    one-process run's.
 Every subprocess runs under a deadline and is killed (its process group) on the way out.
 """
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from fifa_jax.errors import InputError
 from fifa_jax.parallel import mesh as mesh_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -66,9 +72,11 @@ def _env(n_devices: int, **extra) -> dict:
 
 
 def _run_all(cmds: list[list[str]], envs: list[dict], logs: pathlib.Path,
-             timeout: float) -> list[int]:
+             timeout: float, until=None) -> list[int]:
     """Start every command at once, wait for all under one deadline; returns exit codes.
 
+    `until`: a callable polled while they run; once it returns True every process is killed
+    (SIGKILL) and the codes are returned (a process that exits before is a failure).
     Each process gets its own session (process group), killed at the deadline or on error.
     """
     logs.mkdir(parents=True, exist_ok=True)
@@ -79,6 +87,15 @@ def _run_all(cmds: list[list[str]], envs: list[dict], logs: pathlib.Path,
                 procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
                                               stderr=subprocess.STDOUT, start_new_session=True))
         deadline = time.monotonic() + timeout
+        while until is not None and not until():
+            if any(p.poll() is not None for p in procs):
+                pytest.fail("a process ended before it was to be killed:\n"
+                            + _tails(logs, len(cmds)))
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(cmds[0], timeout)
+            time.sleep(0.1)
+        for p in procs if until is not None else ():
+            os.killpg(p.pid, signal.SIGKILL)
         for p in procs:
             p.wait(timeout=max(deadline - time.monotonic(), 0.1))
         return [p.returncode for p in procs]
@@ -100,14 +117,20 @@ def _tails(logs: pathlib.Path, n: int, chars: int = 3000) -> str:
     return "\n".join(out)
 
 
-def _multiprocess(cmd: list[str], logs: pathlib.Path, timeout: float, **extra) -> list[int]:
-    """Run `cmd` as N_PROC processes of one distributed job (coordinator on 127.0.0.1)."""
+def _full_logs(logs: pathlib.Path) -> list[str]:
+    return [(logs / f"proc{i}.log").read_text(errors="replace") for i in range(N_PROC)]
+
+
+def _multiprocess(cmd: list[str], logs: pathlib.Path, timeout: float, until=None,
+                 **extra) -> list[int]:
+    """Run `cmd` as N_PROC processes of one distributed job (coordinator on 127.0.0.1);
+    `until`: see `_run_all`."""
     coord = f"127.0.0.1:{_free_port()}"
     envs = [_env(LOCAL_DEVICES, JAX_COORDINATOR_BIND_ADDRESS=coord,  # loopback only
                  **{mesh_lib.ENV_COORDINATOR: coord, mesh_lib.ENV_NUM_PROCESSES: N_PROC,
                     mesh_lib.ENV_PROCESS_ID: i}, **extra)
             for i in range(N_PROC)]
-    return _run_all([cmd] * N_PROC, envs, logs, timeout)
+    return _run_all([cmd] * N_PROC, envs, logs, timeout, until)
 
 
 def test_env_variables_give_initialize_arguments(monkeypatch):
@@ -126,6 +149,61 @@ def test_env_variables_give_initialize_arguments(monkeypatch):
     monkeypatch.setenv(mesh_lib.ENV_PROCESS_ID, "x")
     with pytest.raises(ValueError, match="FIFA_JAX_PROCESS_ID must be an integer"):
         mesh_lib._explicit_args()
+
+
+def test_hosts_compare_signals_only_at_sync_steps(monkeypatch):
+    """Several processes: whether a signal stops the run is one all-gather, made only at the
+    steps every process syncs at anyway (the step number decides, never a local signal);
+    one process: any signal stops after the current step, no collective."""
+    import jax
+
+    from fifa_jax.training import train
+
+    calls = []
+
+    def on_any_host(flag):
+        calls.append(flag)
+        return True                      # some other process got a signal
+
+    monkeypatch.setattr(train.hosts, "on_any_host", on_any_host)
+    assert train._stop_for_signal([], sync_step=True) is False      # one process
+    assert train._stop_for_signal([signal.SIGTERM], sync_step=False) is True
+    assert calls == []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert train._stop_for_signal([signal.SIGTERM], sync_step=False) is False
+    assert train._stop_for_signal([], sync_step=False) is False
+    assert calls == []                   # no collective between sync steps, signal or not
+    assert train._stop_for_signal([], sync_step=True) is True
+    assert train._stop_for_signal([signal.SIGINT], sync_step=True) is True
+    assert calls == [False, True]
+
+
+def test_processes_that_see_other_checkpoints_stop_with_one_line(monkeypatch, tmp_path):
+    """Resume decisions are process 0's steps; a process whose manager does not list them
+    (stale view of shared storage) makes every process stop before Orbax's collective calls."""
+    import jax
+
+    from fifa_jax.training import train
+
+    class Manager:
+        def __init__(self, steps):
+            self.steps = steps
+
+        def all_steps(self):
+            return self.steps
+
+    assert train._leader_steps(Manager([4, 2]), tmp_path) == [2, 4]     # one process
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(train.hosts, "bytes_from_leader", lambda data: b"[2, 4]")
+    monkeypatch.setattr(train.hosts, "on_all_hosts", lambda flag: flag)
+    assert train._leader_steps(Manager([2, 4, 6]), tmp_path) == [2, 4]
+    with pytest.raises(InputError) as e:
+        train._leader_steps(Manager([2]), tmp_path)
+    assert "\n" not in str(e.value)
+    assert str(e.value) == (f"train: the processes see different checkpoints in {tmp_path} "
+                            f"(process 0: [2, 4], process 1: [2]); every host must see the "
+                            f"same storage (or rerun with --force=train)")
 
 
 def test_knn_on_two_processes_equals_one_process(tmp_path):
@@ -226,3 +304,88 @@ def test_failure_on_process_0_stops_every_process(tmp_path):
     assert "stage 'ingest' failed on its input" in logs
     assert "stage 'ingest' failed on process 0" in logs
     assert time.monotonic() - t0 < 60, logs
+
+
+# the FSDP train check: sync (log / checkpoint) steps 3, 5 and 6
+FSDP_TRAIN = {"seed": 1, "num_steps": 6, "checkpoint_every": 3, "log_every": 5}
+
+
+def test_fsdp_training_killed_resumed_and_restarted_on_two_processes(tmp_path):
+    """Parameters split between the processes (mesh data 1 x fsdp 4, through `train.fit`):
+    each process saves its own shards (the old save gathered the model: impossible here); a
+    checkpoint of other settings is removed by both processes (Orbax's delete is collective:
+    process 0 alone hung); a run killed after its step-3 checkpoint resumes from it; a SIGTERM
+    that reached process 1 before step 4 stops both processes after step 5 (the next step
+    where the hosts compare: they exchange nothing at step 4) with the same checkpoint. The
+    parameters at steps 3 and 5 equal a one-process run's."""
+    import jax
+
+    from fifa_jax.training import checkpoints, train
+    from tests.parallel import _fsdp_train_worker as worker
+
+    work, one = tmp_path / "two", tmp_path / "one"
+    ckpt = work / train.STAGE / train.CKPT_DIR
+    # one process, 4 devices, the same schedule to step 5
+    trainer = worker.make_trainer(FSDP_TRAIN, jax.devices()[:N_PROC * LOCAL_DEVICES])
+    ref = worker.run(one, dict(FSDP_TRAIN, num_steps=5), trainer)
+    assert (ref["start_step"], ref["final_step"], ref["checkpoints"]) == (0, 5, [3, 5])
+    # in the two-process work dir: a checkpoint of other settings (its settings hash is a
+    # seed-0 run's; the hash alone decides whether a checkpoint can be resumed)
+    mgr = checkpoints.manager(ckpt, max_to_keep=1)
+    other = train.trajectory_hash(worker.config(dict(FSDP_TRAIN, seed=0)), work)
+    checkpoints.save(mgr, trainer.state, {"compat": other, "loader": {"position": 5}})
+    mgr.wait_until_finished()
+    mgr.close()
+    del trainer
+
+    def cmd(**over):
+        return [sys.executable, "-m", "tests.parallel._fsdp_train_worker", str(work),
+                json.dumps(dict(FSDP_TRAIN, **over))]
+
+    # 1. both processes remove that checkpoint, train 3 steps, save step 3; their loaders then
+    # block on step 4's pairs and both processes are killed
+    def saved_3_and_blocked():
+        return (ckpt / "3").is_dir() and all((work / f"hang_{i}.txt").exists()
+                                             for i in range(N_PROC))
+    rcs = _multiprocess(cmd(hang_at=3), tmp_path / "logs_kill", timeout=300,
+                        until=saved_3_and_blocked)
+    logs = _tails(tmp_path / "logs_kill", N_PROC)
+    assert rcs == [-signal.SIGKILL] * N_PROC, logs
+    assert sorted(p.name for p in ckpt.iterdir()) == ["3"], logs
+    assert all("made with other settings" in text
+               for text in _full_logs(tmp_path / "logs_kill")), logs
+    for i in range(N_PROC):
+        layout = json.loads((work / f"layout_{i}.json").read_text())
+        assert layout["mesh"] == {"data": 1, "fsdp": N_PROC * LOCAL_DEVICES}
+        # the kernels are split between the processes (biases and norm scales replicated):
+        # each holds little more than half of the parameters
+        assert layout["split"] > layout["params"] // 4, layout
+        assert layout["held"] < 0.6, layout
+
+    # 2. rerun: resumes from step 3; process 1 gets SIGTERM while reading step 4's pairs
+    rcs = _multiprocess(cmd(signal_at={"position": 3, "process": 1}),
+                        tmp_path / "logs_resume", timeout=300)
+    logs = _tails(tmp_path / "logs_resume", N_PROC)
+    assert rcs == [128 + signal.SIGTERM] * N_PROC, logs
+    assert all("resumed from step 3" in text
+               for text in _full_logs(tmp_path / "logs_resume")), logs
+    for i in range(N_PROC):
+        got = json.loads((work / f"result_{i}.json").read_text())
+        assert got["step"] == 5, got
+    assert sorted(int(p.name) for p in ckpt.iterdir()) == [3, 5], logs
+
+    abstract = worker.abstract_params()
+    here = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+    for step in (3, 5):
+        two_params, _ = checkpoints.restore_params(ckpt, step, abstract, here)
+        one_params, _ = checkpoints.restore_params(one / train.STAGE / train.CKPT_DIR, step,
+                                                   abstract, here)
+        two_flat, one_flat = jax.tree.leaves(two_params), jax.tree.leaves(one_params)
+        assert len(two_flat) == len(one_flat) == len(jax.tree.leaves(abstract))
+        for a, b in zip(two_flat, one_flat):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6,
+                                       err_msg=f"step {step}")
+        if step == 3:
+            at_3 = one_flat
+    assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4      # training moved them
+               for a, b in zip(at_3, one_flat))

@@ -66,3 +66,46 @@ def test_non_finite_parameters_are_never_saved(tmp_path):
         checkpoints.save(mgr, bad, {})
     mgr.wait_until_finished()
     assert mgr.all_steps() == []
+
+
+def test_fsdp_sharded_state_is_saved_shard_by_shard_and_restored_in_place(tmp_path,
+                                                                         monkeypatch):
+    """Parameters split over 8 devices (mesh data 1 x fsdp 8): `save` never makes a host copy
+    of a sharded array (Orbax writes each device's shard; the finiteness check is reduced on
+    the devices; step and key come from this process's copy), and `restore` places every
+    array by the given shardings with the saved values."""
+    from jax._src.array import ArrayImpl
+
+    tr = _tiny.trainer(mesh_shape=(1, 8))
+    leaves = jax.tree.leaves(tr.state.params)
+    assert sum(not x.sharding.is_fully_replicated for x in leaves) > len(leaves) // 4
+    want = jax.tree.map(np.array, jax.device_get(tr.state))
+
+    whole = ArrayImpl.__array__
+    copied = []
+
+    def no_whole_copy(self, *args, **kwargs):   # np.asarray / jax.device_get of an array
+        if len(self.sharding.device_set) > 1 and not self.is_fully_replicated:
+            copied.append(self.shape)
+            raise AssertionError(f"a sharded array {self.shape} was copied to the host whole")
+        return whole(self, *args, **kwargs)
+
+    monkeypatch.setattr(ArrayImpl, "__array__", no_whole_copy)
+    mgr = checkpoints.manager(tmp_path, max_to_keep=1)
+    checkpoints.save(mgr, tr.state, {"compat": "x", "loader": {"position": 3}})
+    mgr.wait_until_finished()
+    with pytest.raises(AssertionError, match="copied to the host whole"):   # the guard works
+        jax.device_get(tr.state.params)
+    monkeypatch.undo()
+    assert len(copied) == 1
+
+    state, meta = checkpoints.restore(mgr, 0, tr.abstract_state, tr.state_shardings)
+    assert meta["loader"] == {"position": 3} and meta["step"] == 0
+    assert meta["key"] == want.key.tolist()
+    _same(state, want)
+    for got, shard in zip(jax.tree.leaves(state), jax.tree.leaves(tr.state_shardings),
+                          strict=True):
+        assert got.sharding == shard, (got.shape, got.sharding, shard)
+    with pytest.raises(ValueError, match="expected a replicated array"):
+        checkpoints.replicated_value(next(x for x in jax.tree.leaves(state.params)
+                                          if not x.sharding.is_fully_replicated))
