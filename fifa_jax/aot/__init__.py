@@ -22,6 +22,7 @@ def run_check(config, topology: str, *, num_slices: int = 1, hbm_gib: float | No
               knn_rows: int | None = None, only: tuple[str, ...] = (),
               echo: Callable[[str], None] | None = None) -> list[dict]:
     """Compile the programs of `config.stages` for `topology`; one result dict a program."""
+    import jax
     from fifa_jax.aot import analysis, programs
     devices = tpu_devices(topology, num_slices)
     mesh = mesh_over(devices, config.get("mesh"))
@@ -29,13 +30,20 @@ def run_check(config, topology: str, *, num_slices: int = 1, hbm_gib: float | No
     progs = programs.stage_programs(config, mesh, only=tuple(only),
                                     knn_rows=knn_rows or programs.PICKAPIC_PROMPTS)
     out = []
-    for p in progs:
-        res = analysis.check(p, hbm)
-        res.update(topology=topology, num_slices=int(num_slices), chips=len(devices),
-                   device_kind=devices[0].device_kind)
-        out.append(res)
-        if echo is not None:
-            echo(row(res))
+    # compile-only executables cannot be loaded from (or usefully stored in) the persistent
+    # compilation cache: keep it off while checking
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        for p in progs:
+            res = analysis.check(p, hbm)
+            res.update(topology=topology, num_slices=int(num_slices), chips=len(devices),
+                       device_kind=devices[0].device_kind)
+            out.append(res)
+            if echo is not None:
+                echo(row(res))
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
     return out
 
 
@@ -62,6 +70,11 @@ def table_header() -> str:
     return "| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER)
 
 
+def size(n: float) -> str:
+    """Bytes as GiB (or MiB below one GiB)."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2 ** 20:.1f} MiB"
+
+
 def failure_line(res: dict) -> str | None:
     """One line for a program that did not compile or does not fit (None when it is fine)."""
     where = f"{res.get('chips')} x {res.get('device_kind')} ({res.get('topology')})"
@@ -69,6 +82,6 @@ def failure_line(res: dict) -> str | None:
         return None
     if res["bytes_per_chip"] is not None and not res["fits"]:
         return (f"error: {res['program']} does not fit on {where}: needs "
-                f"{res['bytes_per_chip'] / GIB:.2f} GiB a chip, "
-                f"{res['hbm_bytes'] / GIB:.2f} GiB available; {res['advice']}")
+                f"{size(res['bytes_per_chip'])} a chip, {size(res['hbm_bytes'])} available; "
+                f"{res['advice']}")
     return f"error: {res['program']} did not compile for {where}: {res['error']}"

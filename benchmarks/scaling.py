@@ -1,0 +1,196 @@
+"""Scaling study across TPU pod slices, from XLA's compiler estimates (no TPU needed).
+
+    python benchmarks/scaling.py --out benchmarks/scaling [--models sd15,sdxl,score]
+        [--families v5e,v5p,v6e] [--chips 4,8,16,32,64,128,256] [--root MODELS]
+
+For every (model, chip family, chip count) it compiles, for the compile-only devices of that
+slice (`fifa_jax.aot`), the SD1.5 or SDXL Diffusion-DPO train step with the settings of the
+configs' recipe for the slice (`fifa_jax/aot/recipes.py`: pairs a chip, remat, FSDP split,
+reference dtype; the effective batch kept by accumulation), or the score step with the
+ViT-H/14 reward (PickScore's layout, 256 images a chip, bfloat16). It writes
+OUT/scaling.csv (one row a compile; rerunning skips the rows already there, so a long sweep
+resumes) and OUT/scaling.png: per-chip memory against HBM, XLA's estimated step time, the
+implied pairs a second and chip-hours for FiFA's budget (the config's updates x effective
+batch) and for the full-data run (2,048 pairs x 2,000 updates), and the collective bytes a
+step. Every figure is a compiler estimate (XLA's cost and memory analysis of the compiled
+program), not a measurement.
+
+Model folders: --root holds diffusers / CLIP folders (a download, or the config-only layouts
+of `python -m fifa_jax.aot.layouts ROOT`, written to a temporary folder when --root is not
+given). One full-size train step compile takes 10-15 minutes on two CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+FULL_DATA_PAIR_STEPS = 2048 * 2000          # the official full-data Diffusion-DPO run
+CONFIGS = {"sd15": "configs/pickapic_sd15.py", "sdxl": "configs/pickapic_sdxl.py",
+           "score": "configs/pickapic_sd15.py"}
+FIELDS = ("model", "program", "family", "chips", "topology", "data", "fsdp", "pairs_per_chip",
+          "micro_batch", "grad_accum", "effective_batch", "remat", "ref_dtype", "compiled",
+          "fits", "gib_per_chip", "hbm_gib", "tflop_per_chip", "est_step_s",
+          "est_pairs_per_s", "est_chip_hours_fifa", "est_chip_hours_full",
+          "collective_gib_per_step", "all_gather", "reduce_scatter", "all_reduce",
+          "all_to_all", "compile_s", "error")
+
+
+def _target(family: str, chips: int) -> str:
+    """Cloud TPU slice name: v4 / v5p count TensorCores (two a chip), v5e / v6e chips."""
+    return f"{family}-{chips * 2 if family in ('v4', 'v5p') else chips}"
+
+
+def _config(model: str, root: str, target: str):
+    from fifa_jax.config_check import load_config_file
+    config = load_config_file(os.path.join(REPO, CONFIGS[model]) + f":{root},{target}")
+    if model == "score":
+        config.stages = "score"
+        config.score.reward.batch_size = 256
+        config.score.reward.dtype = "bfloat16"
+    else:
+        config.stages = "train"
+    return config
+
+
+def one(model: str, family: str, chips: int, root: str) -> dict:
+    from fifa_jax.aot import run_check
+    from fifa_jax.aot.topology import GIB, slice_name
+    target = _target(family, chips)
+    config = _config(model, root, target)
+    program = "score_step" if model == "score" else "train_step"
+    t0 = time.time()
+    res = run_check(config, slice_name(target), only=(program,))[0]
+    s = res["settings"]
+    row = {"model": model, "program": program, "family": family, "chips": chips,
+           "topology": slice_name(target), "data": s["mesh"]["data"], "fsdp": s["mesh"]["fsdp"],
+           "compiled": res["compiled"], "fits": res["fits"],
+           "gib_per_chip": _r(res["bytes_per_chip"], GIB), "hbm_gib": _r(res["hbm_bytes"], GIB),
+           "tflop_per_chip": _r(res["flops"], 1e12), "est_step_s": res["estimated_seconds"],
+           "compile_s": round(time.time() - t0, 1), "error": res["error"] or ""}
+    col = res.get("collectives") or {}
+    for key in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all"):
+        row[key.replace("-", "_")] = col.get(key, {}).get("count")
+    row["collective_gib_per_step"] = (_r(sum(v["bytes"] for v in col.values()), GIB)
+                                      if col else None)
+    if model != "score":
+        tc = config.train
+        eff = int(tc.batch_size) * int(tc.grad_accum)
+        row.update(pairs_per_chip=s["pairs_per_chip"], micro_batch=int(tc.batch_size),
+                   grad_accum=int(tc.grad_accum), effective_batch=eff, remat=tc.remat,
+                   ref_dtype=tc.ref_dtype)
+        est = res["estimated_seconds"]
+        if est:
+            pps = eff / est
+            fifa_pair_steps = eff * int(tc.num_steps)
+            row.update(est_pairs_per_s=round(pps, 2),
+                       est_chip_hours_fifa=round(fifa_pair_steps / pps / 3600 * chips, 3),
+                       est_chip_hours_full=round(FULL_DATA_PAIR_STEPS / pps / 3600 * chips, 2))
+    else:
+        row.update(pairs_per_chip=s["images_per_chip"] / 2, micro_batch=None)
+        if res["estimated_seconds"]:       # images a second -> pairs (two images) a second
+            row["est_pairs_per_s"] = round(s["images_per_chip"] * chips / 2
+                                           / res["estimated_seconds"], 1)
+    return row
+
+
+def _r(x, unit):
+    return None if x is None else round(x / unit, 3)
+
+
+def read_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def val(r, k):
+        try:
+            return float(r[k])
+        except (TypeError, ValueError, KeyError):
+            return None
+
+    panels = [("gib_per_chip", "GiB a chip (dashed: HBM)", "log"),
+              ("est_step_s", "estimated seconds an update", "log"),
+              ("est_pairs_per_s", "estimated pairs a second", "log"),
+              ("est_chip_hours_fifa", "estimated chip-hours, FiFA budget", "log"),
+              ("est_chip_hours_full", "estimated chip-hours, 2,048 x 2,000 pair-steps", "log"),
+              ("collective_gib_per_step", "collective GiB a step (a chip)", "log")]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    keys = sorted({(r["model"], r["family"]) for r in rows})
+    for ax, (field, title, scale) in zip(axes.flat, panels):
+        for model, family in keys:
+            pts = sorted((int(r["chips"]), val(r, field)) for r in rows
+                         if r["model"] == model and r["family"] == family
+                         and val(r, field) is not None and r["compiled"] == "True")
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{model} {family}")
+            if field == "gib_per_chip":
+                hbm = [val(r, "hbm_gib") for r in rows if r["family"] == family]
+                if hbm and hbm[0]:
+                    ax.axhline(hbm[0], ls="--", lw=0.8, color="grey")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale(scale)
+        ax.set_xlabel("chips")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("FiFA Diffusion-DPO on TPU slices: XLA compiler estimates (compile-only "
+                 "devices; nothing was run)", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "scaling"))
+    ap.add_argument("--models", default="sd15,sdxl,score")
+    ap.add_argument("--families", default="v5e,v5p,v6e")
+    ap.add_argument("--chips", default="4,8,16,32,64,128,256")
+    ap.add_argument("--root", default="", help="model folders (default: config-only layouts)")
+    ap.add_argument("--plot_only", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "scaling.csv")
+    rows = read_rows(csv_path)
+    if not args.plot_only:
+        root = args.root
+        if not root:
+            from fifa_jax.aot import layouts
+            root = tempfile.mkdtemp(prefix="fifa_layouts_")
+            layouts.write(root)
+        done = {(r["model"], r["family"], r["chips"]) for r in rows}
+        for model in args.models.split(","):
+            for family in args.families.split(","):
+                for chips in (int(c) for c in args.chips.split(",")):
+                    if (model, family, str(chips)) in done:
+                        continue
+                    row = one(model, family, chips, root)
+                    print(", ".join(f"{k}={row.get(k)}" for k in FIELDS if row.get(k)
+                                    not in (None, "")), flush=True)
+                    rows.append({k: ("" if row.get(k) is None else str(row.get(k)))
+                                 for k in FIELDS})
+                    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+                        w = csv.DictWriter(f, fieldnames=FIELDS)
+                        w.writeheader()
+                        w.writerows(rows)
+    if rows:
+        plot(rows, os.path.join(args.out, "scaling.png"))
+        print(f"wrote {csv_path} and {os.path.join(args.out, 'scaling.png')} "
+              f"(compiler estimates)")
+
+
+if __name__ == "__main__":
+    main()
