@@ -19,3 +19,15 @@ _CACHE = os.environ.get("FIFA_JAX_TEST_CACHE",
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["auto", "accelerator"])
+def forms(request):
+    """Run the test in both layer forms: "auto" (on the CPU: our C++ kernels) and
+    "accelerator" (what GPUs and TPUs run: XLA convolution, dot and attention)."""
+    from fifa_jax.models import platform
+    with platform.forms(request.param):
+        yield request.param

@@ -8,8 +8,13 @@ One function every model calls, so the attention kernel is chosen in one place:
                        (no mask, bias, causal or local window; heads not grouped)
     impl = "fused"  -> our C++ CPU kernel (`cpu_attention.py`): the scores are never
                        materialised; same restrictions as "einsum"; CPU only
-    impl = "auto"   -> cuDNN on GPU when dtype and shapes allow it; on the CPU "fused" where
-                       it applies and compiled (else "einsum", with a warning); XLA otherwise.
+    impl = "auto"   -> chosen when the program is lowered, by the platform it is lowered for
+                       (`platform.py`): on the CPU "fused" where it applies and compiled (else
+                       "einsum", with a warning); on a TPU Pallas flash attention
+                       (`tpu_attention.py`) where its shape rules allow; on a GPU cuDNN
+                       (`gpu_attention.py`: half precision, odd key lengths padded and masked);
+                       XLA's attention otherwise, and on every platform under the accelerator
+                       forms (except the TPU / GPU kernels, which stay theirs).
 
 Why "einsum" on the CPU: in a train step XLA's CPU backend ran `jax.nn.dot_product_attention`
 about 2x slower than this form (the 1024-token self-attention of a 32 x 32 latent: 847 ms
@@ -27,24 +32,32 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fifa_jax.models import cpu_attention
+from fifa_jax.models import cpu_attention, gpu_attention, platform, tpu_attention
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "einsum", "fused")
+# implementations that exist on one platform only (the CPU kernel's custom call; cuDNN)
+PLATFORM_ONLY = {"fused": "cpu", "cudnn": "gpu"}
 
 
-def _cudnn_ok(q: jax.Array, k: jax.Array, bias, mask, local_window_size) -> bool:
-    """cuDNN's fused attention: GPU, half precision, head_dim a multiple of 8 up to 128,
-    no bias, and a mask (if any) that already has the full (T, S) extent."""
-    if jax.default_backend() != "gpu":
-        return False
+def platform_error(impl: str, platform_name: str, key: str) -> str | None:
+    """The one-line config error for attention `impl` on devices of `platform_name`, or None
+    when it runs there. `key` names the config key."""
+    need = PLATFORM_ONLY.get(impl)
+    if need is None or need == platform_name:
+        return None
+    return (f"config key {key!r} = {impl!r} runs on {need.upper()} devices only, but the mesh "
+            f"is on {platform_name.upper()}; use 'auto' (each platform its fastest form)")
+
+
+def _cudnn_masked_ok(q, k, bias, mask, local_window_size) -> bool:
+    """cuDNN's fused attention with a mask or causal: half precision, head_dim a multiple of 8
+    up to 128, no bias, and a mask (if any) that already has the full (T, S) extent."""
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return False
     head_dim = q.shape[-1]
     if head_dim % 8 or head_dim > 128 or bias is not None or local_window_size is not None:
         return False
-    if mask is not None and tuple(mask.shape[-2:]) != (q.shape[1], k.shape[1]):
-        return False
-    return True
+    return mask is None or tuple(mask.shape[-2:]) == (q.shape[1], k.shape[1])
 
 
 def _einsum_ok(q, k, bias, mask, is_causal, local_window_size) -> bool:
@@ -80,19 +93,40 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = Fa
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     einsum_ok = _einsum_ok(q, k, bias, mask, is_causal, local_window_size)
-    if impl == "auto":
-        if _cudnn_ok(q, k, bias, mask, local_window_size):
-            impl = "cudnn"
-        else:
-            impl = "einsum" if jax.default_backend() == "cpu" and einsum_ok else "xla"
-            if impl == "einsum" and cpu_attention.available():
-                impl = "fused"
     if impl in ("fused", "einsum"):
         if not einsum_ok:
             raise ValueError(f"attention impl {impl!r} takes no mask, bias, causal or local "
                              "window and ungrouped heads; use 'xla'")
         fn = cpu_attention.fused_attention if impl == "fused" else einsum_attention
         return fn(q, k, v, scale)
-    return jax.nn.dot_product_attention(
-        q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale,
-        implementation=impl, local_window_size=local_window_size)
+
+    def library(implementation):
+        return lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale,
+            implementation=implementation, local_window_size=local_window_size)
+
+    xla = library("xla")
+    if impl != "auto":
+        return library(impl)(q, k, v)
+    if not einsum_ok:      # masks, causal (the text towers): cuDNN on GPUs where it takes them
+        cudnn = library("cudnn") if _cudnn_masked_ok(q, k, bias, mask,
+                                                     local_window_size) else None
+        return platform.choose(q, k, v, default=xla, cuda=cudnn)
+    cpu = (lambda q, k, v: cpu_attention.fused_attention(q, k, v, scale)) \
+        if cpu_attention.available() else (lambda q, k, v: einsum_attention(q, k, v, scale))
+    return platform.choose(q, k, v, cpu=cpu, default=xla, tpu=_tpu_branch(q, k, scale),
+                           cuda=_cuda_branch(q, k, scale))
+
+
+def _tpu_branch(q, k, scale):
+    """Pallas flash attention where its shape rules allow, else None (XLA's attention)."""
+    if not tpu_attention.applies(q, k):
+        return None
+    return lambda q, k, v: tpu_attention.flash_attention(q, k, v, scale)
+
+
+def _cuda_branch(q, k, scale):
+    """cuDNN attention where its rules allow (half precision, ...), else None."""
+    if not gpu_attention.applies(q, k):
+        return None
+    return lambda q, k, v: gpu_attention.cudnn_attention(q, k, v, scale)

@@ -22,8 +22,9 @@ PyTorch's oneDNN reaches 200-300. On the CPU this module therefore runs them its
                    XLA copy nine shifted views of x first.
 
 Both are the exact gradients (the same sums in another order: float32 rounding apart). On other
-backends (GPU, TPU) the plain autodiff of the forward is used: cuDNN and the TPU compiler
-handle convolution gradients themselves. The C++ kernels are custom calls that XLA does not
+platforms (GPU, TPU), and on the CPU under the accelerator forms, the plain autodiff of the
+forward is used: cuDNN and the TPU compiler handle convolution gradients themselves. The form
+is chosen when the program is lowered, by the platform it is lowered for (`platform.py`). The C++ kernels are custom calls that XLA does not
 partition: under a sharded `jit` on several CPU devices their operands are gathered onto every
 device (the same values, the work repeated on each), as with the CPU attention kernel. Tested
 against autodiff of `lax.conv_general_dilated` in tests/models/test_conv.py.
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fifa_jax.models import cpu_kernels
+from fifa_jax.models import cpu_kernels, platform
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -120,8 +121,9 @@ _conv_cpu_grad.defvjp(_fwd, _bwd)
 def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding: int = 0) -> jax.Array:
     """(B, H, W, Cin) x (kh, kw, Cin, Cout) -> (B, Ho, Wo, Cout); `padding` pixels each side.
 
-    The CPU-friendly gradient above when the default backend is the CPU, autodiff otherwise.
+    Lowered for the CPU: the CPU-friendly gradient above; for other platforms (and under the
+    accelerator forms): XLA's convolution and its autodiff.
     """
-    if jax.default_backend() == "cpu":
-        return _conv_cpu_grad(x, w, int(stride), int(padding))
-    return _forward(x, w, stride, padding)
+    stride, padding = int(stride), int(padding)
+    return platform.choose(x, w, cpu=lambda x, w: _conv_cpu_grad(x, w, stride, padding),
+                           default=lambda x, w: _forward(x, w, stride, padding))

@@ -37,11 +37,6 @@ class Attention(nnx.Module):
         split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.head_dim)
         q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
         impl = self.impl
-        if impl == "auto" and jax.default_backend() == "gpu" and (q.shape[1] % 2
-                                                               or k.shape[1] % 2):
-            # cuDNN's fused attention rejects odd lengths when differentiated (seen on an H200,
-            # jax 0.11.2: "Unsupported sequence length Q 1024, KV 77"): SD's 77 tokens.
-            impl = "xla"
         if self.upcast and q.dtype == jnp.float16:
             # diffusers' upcast_attention guards fp16 overflow; bf16 has float32's range.
             q, k, v = (a.astype(jnp.float32) for a in (q, k, v))

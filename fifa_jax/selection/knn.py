@@ -49,6 +49,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fifa_jax.errors import InputError
+from fifa_jax.models.platform import device_platform
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,10 @@ CERT_SIGMAS = 4.0
 _SENTINEL = np.iinfo(np.int32).max
 
 
-def default_tile() -> int:
-    """Tile edge for the current default backend (GPU/TPU big tiles, CPU cache-sized)."""
-    return 8192 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else 5120
+def default_tile(mesh: Optional[Mesh] = None) -> int:
+    """Tile edge for the platform of `mesh`'s devices (None: the default device's): GPU / TPU
+    big tiles, CPU cache-sized."""
+    return 5120 if device_platform(mesh) == "cpu" else 8192
 
 
 def _check_finite(x) -> None:
@@ -179,7 +181,7 @@ def _build(n_pad: int, d: int, k: int, kc: int, tile: int, exact: bool, direct: 
     certify = exact and not direct
     # On the CPU a lax.cond skips the column pass of diagonal tiles (about 1/nt of the pairs);
     # on accelerators a conditional costs a host round trip per step, so the pass is masked.
-    skip_by_cond = jax.default_backend() == "cpu"
+    skip_by_cond = device_platform(mesh) == "cpu"
     cert_c = CERT_SIGMAS * math.sqrt(_round_up(d + 2, 16)) * 2.0 ** -24
 
     def operands(x, mean, n):
@@ -359,7 +361,7 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
     else:
         mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
     if exact_f32 is None:
-        exact_f32 = jax.default_backend() == "cpu"
+        exact_f32 = device_platform(mesh) == "cpu"
     if margin is None:
         margin = 2 if exact_f32 else 5
     direct = d <= direct_max_dim
@@ -368,7 +370,7 @@ def knn(x, k: int, *, mesh: Optional[Mesh] = None, tile: Optional[int] = None,
     # not depend on the device count, so every device count computes the same tiles and gives
     # bit-identical results. Devices get whole tiles: the tile count rounds up to n_dev.
     # A tile must hold k + 1 + margin candidates per row; the shrinking below can halve it.
-    ntiles = -(-n // max(int(tile or default_tile()), 2 * (k + 1 + margin)))
+    ntiles = -(-n // max(int(tile or default_tile(mesh)), 2 * (k + 1 + margin)))
     tile = -(-n // ntiles)
     tile = _round_up(tile, 128 if tile >= 1024 else 8)
     ntd = -(-(-(-n // tile)) // n_dev)

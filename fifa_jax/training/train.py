@@ -53,6 +53,8 @@ from fifa_jax import errors, parallel
 from fifa_jax.errors import InputError
 from fifa_jax.files import file_stats
 from fifa_jax.models.attention import IMPLEMENTATIONS
+from fifa_jax.models.attention import platform_error as attention_platform_error
+from fifa_jax.models.platform import device_platform
 from fifa_jax.models.diffusers_io import read_config
 from fifa_jax.parallel import hosts, param_sharding
 from fifa_jax.training import (checkpoints, demo_base, metrics as metrics_lib,
@@ -122,7 +124,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dtype = "bfloat16"       # compute dtype (parameters and optimiser state stay float32)
     c.ref_dtype = "float32"    # reference parameters: float32 | bfloat16 (half the memory)
     c.remat = "none"           # none | a jax.checkpoint_policies name (per UNet block)
-    c.attention_impl = "auto"  # auto | xla | cudnn | einsum
+    c.attention_impl = "auto"  # auto | xla | cudnn (GPU) | einsum | fused (CPU)
     c.eval_every = 100         # held-out loss / implicit accuracy every N steps (0 = end only)
     c.eval_pairs = 0           # held-out pairs used (0 = all the encode stage holds)
     c.checkpoint_every = 250   # steps between checkpoints (0 = only the last)
@@ -299,6 +301,10 @@ def run(config, workdir) -> dict:
     spec = pair_dataset.read_spec(encode_dir)
     base = _base_model(config, workdir)
     mesh = parallel.make_mesh(config.get("mesh"))
+    bad_impl = attention_platform_error(tc.attention_impl, device_platform(mesh),
+                                        "train.attention_impl")
+    if bad_impl:
+        raise InputError(bad_impl)
     leader = jax.process_index() == 0
     if leader:
         out.mkdir(parents=True, exist_ok=True)

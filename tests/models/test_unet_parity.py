@@ -104,11 +104,11 @@ def cases(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_parity(cases, name):
+def test_parity(cases, name, forms):
     case = cases(name)
     x, t, ctx, added = case["args"]
     with jax.default_matmul_precision("highest"):
-        out = jit_forward(load_unet(case["path"], attention_impl="xla"))(
+        out = jit_forward(load_unet(case["path"], attention_impl="auto"))(
             x, t, ctx, added_cond_kwargs=added)
     assert out.shape == case["ref"].shape
     err = np.abs(out - case["ref"]).max()

@@ -1,5 +1,7 @@
 """The train stage's faults are one line naming what to change: a base model that does not
 fit the encoded data, a non-finite step, a step that does not fit in memory."""
+import pathlib
+
 import pytest
 
 from fifa_jax.errors import InputError
@@ -54,3 +56,22 @@ def test_caption_dropout_outside_0_1_is_refused():
     tc.caption_dropout = 1.5
     with pytest.raises(ConfigError, match="train.caption_dropout"):
         train.check_config(tc)
+
+
+def test_platform_only_attention_off_its_platform_is_one_line(monkeypatch, tmp_path):
+    from fifa_jax import config_check
+    from fifa_jax.models.attention import platform_error
+    assert platform_error("fused", "cpu", "k") is None
+    assert platform_error("auto", "tpu", "k") is None and platform_error("xla", "gpu", "k") is None
+    assert "GPU devices only" in platform_error("cudnn", "tpu", "k")
+    # the train stage refuses it on an accelerator mesh before loading anything
+    config = config_check.load_config_file(
+        str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "demo.py"))
+    config.train.base_model, config.train.attention_impl = "/nowhere", "fused"
+    monkeypatch.setattr(train.pair_dataset, "read_spec", lambda d: {})
+    monkeypatch.setattr(train, "device_platform", lambda mesh: "tpu")
+    with pytest.raises(InputError) as e:
+        train.run(config, tmp_path)
+    assert str(e.value).startswith("config key 'train.attention_impl' = 'fused' runs on CPU "
+                                   "devices only, but the mesh is on TPU")
+    assert "\n" not in str(e.value)
