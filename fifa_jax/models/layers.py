@@ -1,5 +1,7 @@
 """Small layers shared by the UNet and the VAE (channels-last, NHWC).
 
+Under a mesh in context (`jax.set_mesh`), the outputs of Linear and Conv2D are constrained
+to the batch axes (`parallel.mesh.constrain_batch`): FSDP gathers weights, never activations.
 Norms compute in float32 (two-pass variance, like PyTorch) and return the compute dtype, so
 bfloat16 compute keeps float32 statistics. Parameter names follow nnx (`scale`, `bias`,
 `kernel`); `torch_names.py` maps them to PyTorch's.
@@ -12,6 +14,7 @@ from flax import nnx
 
 from fifa_jax.models.conv import conv2d
 from fifa_jax.models.dense import dense
+from fifa_jax.parallel.mesh import constrain_batch
 
 PARAM_DTYPE = jnp.float32
 
@@ -93,7 +96,7 @@ class Linear(nnx.Module):
         y = dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return y
+        return constrain_batch(y)
 
 
 class Conv2D(nnx.Module):
@@ -110,7 +113,7 @@ class Conv2D(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride,
                    self.padding)
-        return y + self.bias[...].astype(self.dtype)
+        return constrain_batch(y + self.bias[...].astype(self.dtype))
 
 
 def gelu(x: jax.Array) -> jax.Array:

@@ -30,7 +30,8 @@ def squared_error(pred, target):
     return jnp.mean(jnp.square(d), axis=tuple(range(1, d.ndim)))
 
 
-def dpo_loss(policy_pred, ref_pred, target, beta: float, weights=None):
+def dpo_loss(policy_pred, ref_pred, target, beta: float, weights=None,
+             interleaved: bool = False):
     """Diffusion-DPO loss on (2B, C, H, W) arrays, winners first.
 
     Args:
@@ -38,6 +39,8 @@ def dpo_loss(policy_pred, ref_pred, target, beta: float, weights=None):
       beta: the official beta (e.g. 5000; diffusers' beta_dpo = beta / 2).
       weights: optional (B,) per-pair weights (1: counted, 0: padding); the mean is over
         the weighted pairs.
+      interleaved: rows are (winner 0, loser 0, winner 1, ...) instead of winners first (the
+        train step's layout: a device that holds a pair holds both its images).
     Returns:
       (loss scalar float32, aux) with aux: `inside` (B,), `implicit_acc` (ties 0.5),
       `implicit_acc_strict`, `se_pol_w`, `se_pol_l`, `se_ref_w`, `se_ref_l` (batch means),
@@ -51,6 +54,8 @@ def dpo_loss(policy_pred, ref_pred, target, beta: float, weights=None):
     b = n // 2
     se_pol = squared_error(policy_pred, target)
     se_ref = jax.lax.stop_gradient(squared_error(ref_pred, target))
+    if interleaved:     # (2B,) errors, pairs adjacent -> winners first (2B scalars move)
+        se_pol, se_ref = (x.reshape(b, 2).T.reshape(n) for x in (se_pol, se_ref))
     pol_diff = se_pol[:b] - se_pol[b:]
     ref_diff = se_ref[:b] - se_ref[b:]
     inside = -0.5 * beta * (pol_diff - ref_diff)

@@ -33,7 +33,8 @@ def peak_flops_per_device(device=None) -> float | None:
 
 
 def step_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled function (XLA's cost analysis; None if absent)."""
+    """FLOPs of one call of a compiled (or lowered) function (XLA's cost analysis; None if
+    absent). A loop body counts once, whatever its trip count."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 (some backends have none)

@@ -91,16 +91,21 @@ def prepare_pair(key, pair: dict, consts: dict, schedule: ns.NoiseSchedule, cfg:
 
 
 def micro_batch_inputs(keys, micro: dict, consts, schedule, cfg, train: bool):
-    """(2B, ...) model inputs, winners first, from B pairs and their (B,) keys."""
+    """(2B, ...) model inputs from B pairs and their (B,) keys, interleaved: rows 2j and
+    2j + 1 are pair j's winner and loser. (Winners first would make every device that holds
+    pair j send its rows to others: with the pairs split over the devices, concatenating the
+    winners and the losers moves half the batch across devices, and splitting the predictions
+    again moves it back.)"""
     pairs = {k: v for k, v in micro.items() if k != "weights"}
     xt, t, ctx, tgt = jax.vmap(
         lambda kk, p: prepare_pair(kk, p, consts, schedule, cfg, train))(keys, pairs)
 
-    def stack(a):                         # (B, 2, ...) -> (2B, ...) winners first
-        return jnp.concatenate([a[:, 0], a[:, 1]], axis=0)
+    def pairs_adjacent(a):                # (B, 2, ...) -> (2B, ...): w0, l0, w1, l1, ...
+        return a.reshape((-1,) + a.shape[2:])
 
-    ctx2 = jax.tree.map(lambda a: jnp.concatenate([a, a], axis=0), ctx)
-    return stack(xt), jnp.concatenate([t, t]).astype(jnp.float32), ctx2, stack(tgt)
+    ctx2 = jax.tree.map(lambda a: jnp.repeat(a, 2, axis=0), ctx)
+    return (pairs_adjacent(xt), jnp.repeat(t, 2).astype(jnp.float32), ctx2,
+            pairs_adjacent(tgt))
 
 
 def call_unet(unet_fn: Callable, params, xt, t, ctx):
@@ -114,7 +119,7 @@ def micro_loss(params, ref_params, keys, micro, consts, unet_fn, schedule, cfg, 
     xt, t, ctx, tgt = micro_batch_inputs(keys, micro, consts, schedule, cfg, train)
     pol = call_unet(unet_fn, params, xt, t, ctx)
     ref = jax.lax.stop_gradient(call_unet(unet_fn, ref_params, xt, t, ctx))
-    return dpo_loss(pol, ref, tgt, cfg.beta, weights=micro.get("weights"))
+    return dpo_loss(pol, ref, tgt, cfg.beta, weights=micro.get("weights"), interleaved=True)
 
 
 AUX_METRICS = ("implicit_acc", "implicit_acc_strict", "se_pol_w", "se_pol_l", "se_ref_w",
@@ -134,13 +139,17 @@ def train_step(state: TrainState, ref_params, batch: dict, consts: dict, *,
         return {"loss": loss, **{m: aux[m] for m in AUX_METRICS}}
 
     def body(carry, xs):
-        grads, sums = carry
+        grads, sums, params, ref = carry
+        # The parameters ride in the carry through an optimisation barrier, so XLA cannot see
+        # that they are loop-invariant: otherwise it hoists the FSDP all-gathers of every
+        # weight out of the loop and holds the whole unsharded policy and reference for it
+        # (seen on 8 CPU devices: all 185 gathers of a small UNet moved before the loop).
+        params, ref = jax.lax.optimization_barrier((params, ref))
         k, micro = xs
-        (loss, aux), g = grad_fn(state.params, ref_params, k, micro, consts, unet_fn,
-                                 schedule, cfg)
+        (loss, aux), g = grad_fn(params, ref, k, micro, consts, unet_fn, schedule, cfg)
         grads = jax.tree.map(jnp.add, grads, g)
         sums = {n: sums[n] + v for n, v in named(loss, aux).items()}
-        return (grads, sums), None
+        return (grads, sums, params, ref), None
 
     if a == 1:     # no accumulation: the same values without a loop, zeros and a division
         (loss, aux), grads = grad_fn(state.params, ref_params, keys[0],
@@ -150,7 +159,8 @@ def train_step(state: TrainState, ref_params, batch: dict, consts: dict, *,
     else:
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         sums0 = {n: jnp.zeros((), jnp.float32) for n in ("loss",) + AUX_METRICS}
-        (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), (keys, batch))
+        (grads, sums, _, _), _ = jax.lax.scan(
+            body, (zeros, sums0, state.params, ref_params), (keys, batch))
         grads = jax.tree.map(lambda g: g / a, grads)
         metrics = {n: v / a for n, v in sums.items()}
     grad_norm = optax.tree.norm(grads)

@@ -8,7 +8,10 @@
 reference is its parameters as loaded (cast to `ref_dtype`), the policy a float32 copy in new
 buffers. Parameters and optimiser state follow `param_shardings(rules)` (FSDP over the mesh's
 "fsdp" axis where the rules say so, `parallel/param_sharding.py`), the layout `load_unet(mesh=,
-rules=)` reads them into; batches are split over every device along the pair axis. The step donates the state. Every host calls every method (SPMD).
+rules=)` reads them into; batches are split over every device along the pair axis, and the
+step is traced under the mesh (`jax.set_mesh`), where the models keep activations split by
+batch (`parallel.mesh.constrain_batch`): FSDP gathers weights, never activations. The step
+donates the state. Every host calls every method (SPMD).
 """
 from __future__ import annotations
 
@@ -94,17 +97,34 @@ class Trainer:
         self.state = state
 
     def compiled_step(self, host_batch: dict):
-        """The compiled step for this batch's shapes (compiled once; its cost analysis gives
-        `step_flops`, its memory analysis the device memory)."""
+        """The compiled step for this batch's shapes (compiled once; `step_flops` from the cost
+        analysis of one micro-batch's step, its memory analysis the device memory)."""
         batch = to_global(host_batch, self.mesh)
         sig = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
         if sig not in self._compiled:
-            self._compiled[sig] = self._step.lower(self.state, self.ref_params, batch,
-                                                   self.consts).compile()
+            self._compiled[sig] = self.lower_step(batch).compile()
             if self.step_flops is None:
-                from fifa_jax.training.metrics import step_flops
-                self.step_flops = step_flops(self._compiled[sig])
+                self.step_flops = self._step_flops(batch)
         return self._compiled[sig], batch
+
+    def _step_flops(self, batch: dict) -> float | None:
+        """FLOPs of one update: those of a one-micro-batch step times the A micro-batches.
+        (XLA's cost analysis counts a loop body once, so the A-step program's own figure is
+        about one micro-batch's; the optimiser update, counted A times here, is well under
+        0.1% of a UNet step.) From the lowered program, before XLA's optimisations: the
+        model's FLOPs, as MFU counts them (remat's recomputation included when it is on)."""
+        from fifa_jax.training.metrics import step_flops
+        a = int(batch["moments_w"].shape[0])
+        one = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype, sharding=v.sharding)
+               for k, v in batch.items()}
+        flops = step_flops(self.lower_step(one))
+        return None if flops is None else flops * a
+
+    def lower_step(self, batch: dict):
+        """The step lowered for `batch` (global arrays or ShapeDtypeStructs) under the mesh,
+        so the models' activation constraints apply (FSDP gathers weights, not activations)."""
+        with jax.set_mesh(self.mesh):
+            return self._step.lower(self.state, self.ref_params, batch, self.consts)
 
     def step(self, host_batch: dict) -> dict:
         """One optimiser update; returns the step's metrics as device scalars."""
@@ -117,8 +137,9 @@ class Trainer:
         key_data = jax.random.key_data(jax.random.key(key_seed)).astype(jnp.uint32)
         sums = None
         for i, hb in enumerate(host_batches):
-            out = self._eval(self.state.params, self.ref_params, to_global(hb, self.mesh),
-                             self.consts, key_data, jnp.uint32(i))
+            with jax.set_mesh(self.mesh):
+                out = self._eval(self.state.params, self.ref_params, to_global(hb, self.mesh),
+                                 self.consts, key_data, jnp.uint32(i))
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         if sums is None:
             return {}

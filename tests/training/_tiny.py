@@ -20,19 +20,25 @@ SCHED = ns.from_scheduler_config({"beta_schedule": "scaled_linear", "beta_start"
 L, D, C, H = 3, 6, 4, 4
 
 
-def unet(seed=0):
-    return UNet2DConditionModel(TINY, rngs=nnx.Rngs(seed), attention_impl="xla")
+# 16 channels: the widths our CPU kernels take (Cout % 16), so the CPU form of the step calls
+# them (convolution, linear weight gradient, attention) and the accelerator form does not
+TINY16 = dict(TINY, block_out_channels=[16])
 
 
-def pairs(n, seed=0, separable=False):
-    """n pairs as flat (n, ...) arrays; `separable`: winners' means near +1, losers' near -1."""
+def unet(seed=0, cfg=None, attention_impl="xla"):
+    return UNet2DConditionModel(cfg or TINY, rngs=nnx.Rngs(seed), attention_impl=attention_impl)
+
+
+def pairs(n, seed=0, separable=False, size=H):
+    """n pairs as flat (n, ...) arrays of size x size latents; `separable`: winners' means
+    near +1, losers' near -1."""
     rng = np.random.default_rng(seed)
-    mean_w = rng.standard_normal((n, C, H, H)).astype(np.float32) * 0.3
-    mean_l = rng.standard_normal((n, C, H, H)).astype(np.float32) * 0.3
+    mean_w = rng.standard_normal((n, C, size, size)).astype(np.float32) * 0.3
+    mean_l = rng.standard_normal((n, C, size, size)).astype(np.float32) * 0.3
     if separable:
         mean_w += 1.0
         mean_l -= 1.0
-    logvar = np.full((n, C, H, H), -6.0, np.float32)
+    logvar = np.full((n, C, size, size), -6.0, np.float32)
     out = {"moments_w": np.concatenate([mean_w, logvar], 1),
            "moments_l": np.concatenate([mean_l, logvar], 1),
            "prompt_embeds": rng.standard_normal((n, L, D)).astype(np.float32),
@@ -51,7 +57,10 @@ CONSTS = {"empty_embeds": np.zeros((L, D), np.float32)}
 
 
 def trainer(mesh_shape=(1, 1), optimizer=None, lr=1e-3, seed=0, beta=50.0, dropout=0.2,
-            ref_dtype=jnp.float32, model_seed=0):
+            ref_dtype=jnp.float32, model_seed=0, kernels=False, unet_cfg=None):
+    """A Trainer of the tiny UNet; `kernels`: the 16-channel UNet with "auto" attention, whose
+    CPU form takes our CPU kernels (the form in force decides: tests' `forms` fixture);
+    `unet_cfg`: another UNet config (with "auto" attention)."""
     devices = jax.devices()[: mesh_shape[0] * mesh_shape[1]]
     cfg = mesh_lib.default_config()
     cfg.data, cfg.fsdp = mesh_shape
@@ -59,7 +68,9 @@ def trainer(mesh_shape=(1, 1), optimizer=None, lr=1e-3, seed=0, beta=50.0, dropo
     optimizer = optimizer or optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr))
     step_cfg = StepConfig(beta=beta, caption_dropout=dropout, scaling_factor=0.5,
                           random_flip=True)
-    return Trainer(unet(model_seed), SCHED, step_cfg, optimizer, mesh, seed=seed,
+    model = (unet(model_seed, unet_cfg or TINY16, "auto") if kernels or unet_cfg
+             else unet(model_seed))
+    return Trainer(model, SCHED, step_cfg, optimizer, mesh, seed=seed,
                    lr_fn=learning_rate_schedule(lr, 0), consts=CONSTS, ref_dtype=ref_dtype,
                    min_size=64)
 

@@ -49,6 +49,29 @@ def test_matches_the_official_formula(seed):
     np.testing.assert_allclose(float(aux["se_ref_l"]), se(ref)[4:].mean(), rtol=1e-5)
 
 
+def test_interleaved_rows_equal_winners_first():
+    """The train step's layout (pair j at rows 2j, 2j + 1) gives the official loss of the
+    same pairs written winners first."""
+    rng = np.random.default_rng(3)
+    pol, ref, tgt = (rng.standard_normal((8, 4, 5, 3)).astype(np.float32) for _ in range(3))
+    weights = np.array([1, 1, 0, 1], np.float32)
+
+    def interleave(a):     # winners first (w0..w3, l0..l3) -> w0, l0, w1, l1, ...
+        return np.stack(np.split(a, 2), axis=1).reshape(a.shape)
+
+    loss, aux = dpo_loss(*(interleave(a) for a in (pol, ref, tgt)), 50.0, weights=weights,
+                         interleaved=True)
+    want, inside, _ = _official(pol.astype(np.float64), ref, tgt, 50.0)
+    np.testing.assert_allclose(np.asarray(aux["inside"]), inside, rtol=2e-4, atol=1e-3)
+    per_pair = np.logaddexp(0.0, -inside)
+    np.testing.assert_allclose(float(loss), (per_pair * weights).sum() / weights.sum(),
+                               rtol=1e-4)
+    assert abs(float(loss) - want) > 1e-3        # the weights matter here
+    # the same arrays read winners first are other pairs: a different loss
+    other, _ = dpo_loss(*(interleave(a) for a in (pol, ref, tgt)), 50.0, weights=weights)
+    assert abs(float(other) - float(loss)) > 1e-3
+
+
 def test_mean_of_losses_not_loss_of_mean():
     """Bug B1: -logsigmoid(mean(inside)) is not the loss."""
     rng = np.random.default_rng(3)

@@ -17,17 +17,18 @@ def test_winner_and_loser_share_noise_and_timestep():
                            random_flip=False)
     xt, t, ctx, tgt = tstep.micro_batch_inputs(keys, flat, _tiny.CONSTS, _tiny.SCHED, cfg,
                                                train=True)
-    b = 4
-    np.testing.assert_array_equal(np.asarray(t[:b]), np.asarray(t[b:]))
-    np.testing.assert_array_equal(np.asarray(tgt[:b]), np.asarray(tgt[b:]))  # epsilon target
-    assert len(set(np.asarray(t[:b]).tolist())) > 1           # pairs draw their own t
-    abar = _tiny.SCHED.alphas_cumprod[np.asarray(t[:b]).astype(int)][:, None, None, None]
+    w, lo = slice(0, None, 2), slice(1, None, 2)       # rows 2j, 2j + 1: pair j (interleaved)
+    np.testing.assert_array_equal(np.asarray(t[w]), np.asarray(t[lo]))
+    np.testing.assert_array_equal(np.asarray(tgt[w]), np.asarray(tgt[lo]))  # epsilon target
+    assert len(set(np.asarray(t[w]).tolist())) > 1           # pairs draw their own t
+    abar = _tiny.SCHED.alphas_cumprod[np.asarray(t[w]).astype(int)][:, None, None, None]
     # the implied noise of each image is the shared target (std of the posterior ~ 0.05)
-    for half, m in ((slice(0, b), flat["moments_w"]), (slice(b, 2 * b), flat["moments_l"])):
+    for half, m in ((w, flat["moments_w"]), (lo, flat["moments_l"])):
         x0 = np.asarray(xt[half]) - np.sqrt(1 - abar) * np.asarray(tgt[half])
         np.testing.assert_allclose(x0 / np.sqrt(abar), m[:, :4] * 0.5, atol=0.05 * 0.5 * 5)
-    np.testing.assert_array_equal(np.asarray(ctx["encoder_hidden_states"][:b]),
-                                  flat["prompt_embeds"])
+    for half in (w, lo):
+        np.testing.assert_array_equal(np.asarray(ctx["encoder_hidden_states"][half]),
+                                      flat["prompt_embeds"])
 
 
 def test_draws_do_not_depend_on_the_micro_batch_split():
@@ -41,12 +42,12 @@ def _params(tr):
     return jax.tree.map(np.asarray, jax.device_get(tr.state.params))
 
 
-def test_accumulation_equals_one_large_batch():
+def test_accumulation_equals_one_large_batch(forms):
     flat = _tiny.pairs(8, seed=1)
     sgd = optax.sgd(1.0)
-    one = _tiny.trainer(optimizer=sgd)
+    one = _tiny.trainer(optimizer=sgd, kernels=True)
     m1 = one.step(_tiny.as_steps(flat, 1))
-    four = _tiny.trainer(optimizer=sgd)
+    four = _tiny.trainer(optimizer=sgd, kernels=True)
     m4 = four.step(_tiny.as_steps(flat, 4))
     np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
@@ -58,10 +59,10 @@ def test_accumulation_equals_one_large_batch():
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1), (2, 4)])
-def test_sharded_equals_single_device(mesh_shape):
+def test_sharded_equals_single_device(mesh_shape, forms):
     flat = _tiny.pairs(16, seed=2)
-    single = _tiny.trainer((1, 1))
-    sharded = _tiny.trainer(mesh_shape)
+    single = _tiny.trainer((1, 1), kernels=True)
+    sharded = _tiny.trainer(mesh_shape, kernels=True)
     if mesh_shape[1] > 1:       # FSDP: some parameter is really split over "fsdp"
         specs = [s.spec for s in jax.tree.leaves(sharded.param_shardings)]
         assert any("fsdp" in str(s) for s in specs)
@@ -70,11 +71,12 @@ def test_sharded_equals_single_device(mesh_shape):
         ms, mm = single.step(batch), sharded.step(batch)
         np.testing.assert_allclose(float(mm["loss"]), float(ms["loss"]), rtol=1e-5)
     # Adam divides each gradient by its own scale, so float32 reduction order (ulps of the
-    # gradients) moves a parameter by a small fraction of lr (1e-3) per step: 3% bound, and
-    # almost all parameters agree to 1e-7
+    # gradients) moves a parameter whose gradient is near 0 by a small fraction of lr (1e-3)
+    # per step: a 10% bound (seen: 5.5e-5 with the CPU kernels, which sum in another order
+    # than XLA), and almost all parameters agree to 1e-6
     diffs = []
     for a, b in zip(jax.tree.leaves(_params(sharded)), jax.tree.leaves(_params(single))):
-        np.testing.assert_allclose(a, b, rtol=0, atol=3e-5)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
         diffs.append(np.abs(a - b).ravel())
     assert np.quantile(np.concatenate(diffs), 0.99) < 1e-6
     assert int(sharded.state.step) == 3
@@ -139,3 +141,13 @@ def test_sdxl_added_conditioning_reaches_the_unet():
     m2 = tr2.step(_tiny.as_steps(other, 1))
     assert float(m1["finite"]) == 1.0
     assert abs(float(m1["grad_norm"]) - float(m2["grad_norm"])) > 1e-6
+
+
+def test_step_flops_count_every_micro_batch():
+    """MFU's FLOPs: 4 micro-batches of 2 pairs cost 4 times one (XLA's cost analysis alone
+    counts the accumulation loop's body once)."""
+    one, four = _tiny.trainer(), _tiny.trainer()
+    one.compiled_step(_tiny.as_steps(_tiny.pairs(2), 1))
+    four.compiled_step(_tiny.as_steps(_tiny.pairs(8), 4))
+    assert one.step_flops > 0
+    np.testing.assert_allclose(four.step_flops / one.step_flops, 4.0, rtol=0.01)
