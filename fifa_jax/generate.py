@@ -28,7 +28,8 @@ _SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "euler", "euler_a", "dp
                              "sampler")
 _STEPS = flags.DEFINE_integer("steps", 50, "sampling steps")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "guidance scale (default 7.5 SD, 5.0 SDXL)")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                            "compute dtype (auto: bfloat16 on GPUs / TPUs, float32 on the CPU)")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "images per step")
 
 

@@ -43,6 +43,7 @@ from fifa_jax import parallel
 from fifa_jax.errors import InputError
 from fifa_jax.evaluation import prompt_sets, report as report_lib, stats
 from fifa_jax.files import file_stats
+from fifa_jax.models import platform
 from fifa_jax.parallel import hosts
 from fifa_jax.sampling import SAMPLERS
 from fifa_jax.sampling.pipeline import TextToImage
@@ -55,7 +56,7 @@ SPEED_ONLY = ("batch_size", "n_boot_workers")
 MODELS = ("base", "tuned")
 RULES = {"sampler": ("choice", tuple(SAMPLERS)), "num_steps": ("min", 1),
          "images_per_prompt": ("min", 1), "max_prompts": ("min", 0), "batch_size": ("min", 1),
-         "dtype": ("choice", ("float32", "bfloat16")), "n_boot": ("min", 100),
+         "dtype": ("choice", ("auto", "float32", "bfloat16")), "n_boot": ("min", 100),
          "grid_prompts": ("min", 0)}
 KINDS = prompt_sets.KINDS + ("demo",)
 
@@ -70,7 +71,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.sampler = "ddim"          # ddim | euler | euler_a | dpmpp_2m
     c.num_steps = 50
     c.guidance_scale = -1.0     # -1: 7.5 for SD1.x / 2.x, 5.0 for SDXL (method.md section 4)
-    c.dtype = "float32"         # compute dtype of the UNet, VAE and text encoders
+    c.dtype = "auto"            # compute dtype of the UNet, VAE, text encoders and scorers:
+    #                             auto = bfloat16 on GPUs / TPUs, float32 on the CPU
     c.batch_size = 8            # images per step (speed only)
     c.base_model = ""           # "" = the train stage's base model
     c.scorers = ml_collections.ConfigDict()
@@ -158,8 +160,9 @@ def load_sets(ec) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------ generation
-def _gen_fingerprint(ec, model_dir: str, base: str) -> str:
-    payload = {k: ec[k] for k in ("sampler", "num_steps", "guidance_scale", "dtype")}
+def _gen_fingerprint(ec, model_dir: str, base: str, dtype: str) -> str:
+    payload = {k: ec[k] for k in ("sampler", "num_steps", "guidance_scale")}
+    payload["dtype"] = dtype              # as resolved ("auto": by the platform)
     payload["seed"] = int(ec.get("noise_seed", 0))
     payload["files"] = file_stats(model_dir)
     payload["base"] = {p: file_stats(os.path.join(base, p))
@@ -375,11 +378,12 @@ def run(config, workdir) -> dict:
                                noise_seed=int(config.seed), mesh=mesh)
         guidance_used = gen.guidance_scale
         counts[model] = generate_all(gen, model, sets, ec, out,
-                                     _gen_fingerprint(ec, unet_dir, base))
+                                     _gen_fingerprint(ec, unet_dir, base, gen.dtype))
         del gen
     rows = _rows(sets, ec, out)
-    scorers, not_configured = scorers_lib.build(ec.scorers, workdir=workdir, base_model=base,
-                                                dtype=ec.dtype)
+    scorers, not_configured = scorers_lib.build(
+        ec.scorers, workdir=workdir, base_model=base,
+        dtype=platform.compute_dtype_name(ec.dtype, mesh))
     scores = score_all({m: s for m, s in scorers.items() if m != "nsfw"}, rows, out,
                        int(ec.batch_size) * 4)
     nsfw = {}

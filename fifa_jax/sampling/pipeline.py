@@ -29,6 +29,7 @@ from flax import nnx
 
 from fifa_jax import parallel
 from fifa_jax.errors import InputError
+from fifa_jax.models import platform
 from fifa_jax.sampling.denoise import make_denoise
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -78,17 +79,20 @@ class TextToImage:
     mesh: object
     batch_size: int = 8
     noise_seed: int = 0
+    dtype: str = "float32"       # the compute dtype in use ("auto" resolved)
 
     @classmethod
     def load(cls, path: str, *, unet_dir: str | None = None, sampler: str = "ddim",
              num_steps: int = 50, guidance_scale: float | None = None,
-             dtype: str = "float32", attention_impl: str = "auto", batch_size: int = 8,
+             dtype: str = "auto", attention_impl: str = "auto", batch_size: int = 8,
              noise_seed: int = 0, mesh=None) -> "TextToImage":
         """`path`: a diffusers pipeline folder; `unet_dir`: another UNet folder (e.g. a tuned
-        one) to use instead of path/unet; guidance None: the model's default."""
+        one) to use instead of path/unet; guidance None: the model's default; dtype "auto":
+        bfloat16 on accelerators, float32 on the CPU."""
         from fifa_jax.models.pipeline import load_pipeline
         from fifa_jax.models.unet_io import load_unet
         mesh = mesh if mesh is not None else parallel.make_mesh(None)
+        dtype = platform.compute_dtype_name(dtype, mesh)
         pipe = load_pipeline(path, dtype=DTYPES[dtype], attention_impl=attention_impl,
                              components=("vae", "scheduler", "unet") if unet_dir is None
                              else ("vae", "scheduler"))
@@ -110,7 +114,7 @@ class TextToImage:
                    guidance_scale=float(default_guidance(pipe.is_sdxl) if guidance_scale is None
                                         else guidance_scale),
                    is_sdxl=pipe.is_sdxl, mesh=mesh, batch_size=int(batch_size),
-                   noise_seed=int(noise_seed))
+                   noise_seed=int(noise_seed), dtype=dtype)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -173,10 +177,11 @@ class TextToImage:
             return np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
         cond, uncond = jax.tree.map(padded, cond), jax.tree.map(padded, uncond)
         sharded = lambda x: parallel.shard_batch(np.asarray(x), self.mesh)  # noqa: E731
-        latents = self._denoise(self.unet_params, sharded(padded(noise)),
-                                jax.tree.map(sharded, cond), jax.tree.map(sharded, uncond),
-                                jax.random.key(step_key) if self.sampler == "euler_a"
-                                else None)
+        with jax.set_mesh(self.mesh):     # the models keep activations split by batch
+            latents = self._denoise(self.unet_params, sharded(padded(noise)),
+                                    jax.tree.map(sharded, cond), jax.tree.map(sharded, uncond),
+                                    jax.random.key(step_key) if self.sampler == "euler_a"
+                                    else None)
         return to_uint8(parallel.to_host(self._decode(latents)))[:n]   # gathered over hosts
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
