@@ -32,8 +32,8 @@ run knn 150 python3 benchmarks/knn.py --gpu-size 1048576 --no-faiss --no-sklearn
   --out "$out/knn.json"
 run greedy 90 python3 benchmarks/greedy.py --gpu-size --out "$out/greedy.json"
 run score 150 python3 benchmarks/score.py --profile --out "$out/score.json"
-run gpu_tests 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -x -p no:cacheprovider tests/models/test_unet_gpu.py \
-  tests/models/test_llm_gpu.py
+run gpu_tests 200 env JAX_PLATFORMS=cuda python3 -m pytest -q -x -p no:cacheprovider tests/models/test_unet_gpu.py \
+  tests/models/test_llm_gpu.py tests/models/test_accelerator_attention.py
 run decode 40 python3 benchmarks/decode.py --images 512 --out "$out/decode.json"
 # Diffusion-DPO train step (issue 10 (b)): SD1.5-sized UNet, B = 8, 64x64 latents, ours against
 # PyTorch eager and torch.compile in one run (SD1.5 save/load ~30 s, our compile, torch.compile
