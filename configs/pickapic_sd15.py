@@ -5,11 +5,35 @@ Command (ROOT as in configs/pickapic.py, plus ROOT/stable-diffusion-v1-5/, the d
 pipeline folder of runwayml/stable-diffusion-v1-5):
     python -m fifa_jax.main --config configs/pickapic_sd15.py:ROOT --workdir /runs/fifa_sd15
 
-Hardware assumed: one host with 8 GPUs of 40-80 GB (or a TPU v4-8 / v5p-8 slice), bfloat16
-compute; the defaults give each device 2 pairs per micro-batch (`train.batch_size=16` global)
-and 8 micro-batches per update. On fewer devices keep the product batch_size x grad_accum
-(the effective batch) and raise grad_accum; out of memory: `--config.train.remat=
-nothing_saveable`, `--config.mesh.fsdp=8`, `--config.train.ref_dtype=bfloat16`.
+Hardware assumed by the defaults: a TPU v5p-8 slice (4 chips of 95 GiB) or 8 GPUs of 80 GB,
+bfloat16 compute; `train.batch_size=16` pairs a micro-batch (global) and 8 micro-batches per
+update, parameters replicated. (A v4-8 does not hold them: jax presents it as 8 TensorCore
+devices of 15.25 GiB, less than the replicated float32 policy, AdamW state and reference.)
+For any other slice or host name it after the root and the recipe sets pairs a chip, remat,
+the FSDP split and the reference dtype, keeping the effective batch through grad_accum
+(`fifa_jax/aot/recipes.py`):
+    --config configs/pickapic_sd15.py:ROOT,v5e-8      (also v5e-16 ... v5e-256, v5p-8, v6e-8,
+                                                       v4-8, h100-8, h200-8; ROOT,greedy,v5e-8)
+Check a recipe on a CPU before renting the slice (README, "Checking a config for a TPU
+slice before renting it"):
+    python -m fifa_jax.aot --config configs/pickapic_sd15.py:ROOT,v5e-8 --topology v5e-8
+Compiler figures (XLA's memory analysis a chip; `python -m fifa_jax.aot`, jax 0.10.2 / libtpu
+0.0.42.1, 512 px = 64 x 64 latents, bf16 compute, AdamW, float32 policy and optimiser state):
+  v5e-8 recipe (fsdp 8, 2 pairs a chip, remat nothing_saveable, bf16 reference), train step:
+    compile not finished in this repository's session (over 90 minutes on two shared cores,
+    stopped); the recipe is sized from the replicated figures below divided by the FSDP
+    split (about 1.5 GiB state and 1.7 GiB gradient and update buffers a chip, plus about
+    3 GiB of remat activations at 2 pairs): run the check above before renting.
+  v5e 2x2, 2 pairs a chip, no remat, replicated, float32 reference: 23.3 GiB of temporaries
+    alone against 15.75 GiB: does not fit (18.6 GiB with nothing_saveable).
+  v5p 2x2x1, 4 pairs a chip, nothing_saveable, replicated, bf16 reference: 11.25 GiB
+    arguments + 20.9 GiB temporaries of 95.74; XLA's estimate 0.242 s and 31 TFLOP a chip
+    per micro-batch (shared/reference/tpu_aot.md).
+  h100-8 / h200-8: the v5p settings (4 pairs a device, replicated, nothing_saveable); memory
+    about that of the v5p row above (the same per-device shapes): an estimate from the TPU
+    compile, not measured on a GPU.
+Out of memory elsewhere: `--config.train.remat=nothing_saveable`, `--config.mesh.fsdp=8`,
+`--config.train.ref_dtype=bfloat16`, or fewer pairs a chip with more grad_accum.
 
 The recipe (method.md section 3.6, the official SD1.5 settings): AdamW (0.9, 0.999, 1e-2,
 1e-8), learning rate 1e-8 per pair of the effective batch, linear warm-up then constant,
@@ -26,14 +50,15 @@ import os
 
 import ml_collections
 
+from fifa_jax.aot import recipes
 from fifa_jax.config_check import load_config_file
 from fifa_jax.training import encode, export, train
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    root = (arg or "/data/fifa").partition(",")[0]
+    root, rest, target = recipes.split_arg(arg)
     here = os.path.dirname(os.path.abspath(__file__))
-    config = load_config_file(os.path.join(here, "pickapic.py") + (f":{arg}" if arg else ""))
+    config = load_config_file(os.path.join(here, "pickapic.py") + ":" + ",".join([root] + rest))
     config.stages = "ingest,score,select,encode,train,export"
 
     config.encode = encode.default_config()
@@ -53,6 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.dtype = "bfloat16"
     config.train.eval_every = 50
     config.train.checkpoint_every = 50
+
+    if target:                  # settings that fit the named slice / host (docstring)
+        recipes.apply(config, "sd15", target)
 
     config.export = export.default_config()
     config.export.variants = "fp16"

@@ -5,9 +5,22 @@ Command (ROOT as in configs/pickapic.py, plus ROOT/stable-diffusion-xl-base-1.0/
 diffusers pipeline folder, and ROOT/sdxl-vae-fp16-fix/, the fp16-fix VAE folder):
     python -m fifa_jax.main --config configs/pickapic_sdxl.py:ROOT --workdir /runs/fifa_sdxl
 
-Hardware assumed: 8 GPUs of 80 GB (or a TPU v5p-8 / v4-16 slice), bfloat16 compute, the UNet
-(2.6 B parameters) FSDP-sharded over all 8 devices with per-block remat and a bfloat16
-reference; 1 pair per device per micro-batch.
+Hardware assumed by the defaults: 8 GPUs of 80 GB (or a TPU v5p-16 slice, 8 chips),
+bfloat16 compute, the UNet (2.6 B parameters) FSDP-sharded over 8 devices with per-block remat
+and a bfloat16 reference; 1 pair per device per micro-batch. For any other slice or host name
+it after the root and the recipe sets pairs a chip, remat, the FSDP split and the reference
+dtype, keeping the effective batch through grad_accum (`fifa_jax/aot/recipes.py`):
+    --config configs/pickapic_sdxl.py:ROOT,v5p-8      (also v5e-8 ... v5e-256, v6e-8, v4-8,
+                                                       h100-8, h200-8)
+Check it on a CPU first: `python -m fifa_jax.aot --config configs/pickapic_sdxl.py:ROOT,v5p-8
+--topology v5p-8` (README, "Checking a config for a TPU slice before renting it"). The SDXL
+recipes (1 pair a chip, nothing_saveable, bf16 reference; fsdp 16 on v5e / v4, 8 on v6e and
+8-GPU hosts, 4 on v5p) are sized from the parameter bytes (2.6 B parameters: 10.3 GB float32
+policy, as much again for its gradient, 5.2 GB bfloat16 reference, a factored Adafactor state
+of a few MB), divided by the FSDP split, plus one pair's remat activations at 128 x 128
+latents. They have not been compile-checked at full size in this repository yet (a full-size
+compile takes 10-40 minutes on two CPU cores): run the command above before renting. GPU
+memory: an estimate from the TPU compile of the same per-device shapes, not measured.
 
 The recipe (method.md section 3.6, the official SDXL settings): Adafactor (no relative step,
 no parameter scaling, clip threshold 1.0, weight decay 1e-2), 200 warm-up steps scaled down
@@ -23,14 +36,15 @@ import os
 
 import ml_collections
 
+from fifa_jax.aot import recipes
 from fifa_jax.config_check import load_config_file
 from fifa_jax.training import encode, export, train
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    root = (arg or "/data/fifa").partition(",")[0]
+    root, rest, target = recipes.split_arg(arg)
     here = os.path.dirname(os.path.abspath(__file__))
-    config = load_config_file(os.path.join(here, "pickapic.py") + (f":{arg}" if arg else ""))
+    config = load_config_file(os.path.join(here, "pickapic.py") + ":" + ",".join([root] + rest))
     config.stages = "ingest,score,select,encode,train,export"
     config.mesh.fsdp = 8
     config.mesh.data = -1
@@ -56,6 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.remat = "nothing_saveable"
     config.train.eval_every = 50
     config.train.checkpoint_every = 50
+
+    if target:                  # settings that fit the named slice / host (docstring)
+        recipes.apply(config, "sdxl", target)
 
     config.export = export.default_config()
     config.export.variants = "fp16"
