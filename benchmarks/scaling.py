@@ -13,7 +13,9 @@ resumes) and OUT/scaling.png: per-chip memory against HBM, XLA's estimated step 
 implied pairs a second and chip-hours for FiFA's budget (the config's updates x effective
 batch) and for the full-data run (2,048 pairs x 2,000 updates), and the collective bytes a
 step. Every figure is a compiler estimate (XLA's cost and memory analysis of the compiled
-program), not a measurement.
+program), not a measurement; where XLA gives no time estimate of its own (est_source
+"roofline") the time is max(FLOPs / peak, bytes / HBM bandwidth) from XLA's counts and the
+chip's datasheet peaks, a lower bound.
 
 Model folders: --root holds diffusers / CLIP folders (a download, or the config-only layouts
 of `python -m fifa_jax.aot.layouts ROOT`, written to a temporary folder when --root is not
@@ -36,7 +38,7 @@ CONFIGS = {"sd15": "configs/pickapic_sd15.py", "sdxl": "configs/pickapic_sdxl.py
            "score": "configs/pickapic_sd15.py"}
 FIELDS = ("model", "program", "family", "chips", "topology", "data", "fsdp", "pairs_per_chip",
           "micro_batch", "grad_accum", "effective_batch", "remat", "ref_dtype", "compiled",
-          "fits", "gib_per_chip", "hbm_gib", "tflop_per_chip", "est_step_s",
+          "fits", "gib_per_chip", "hbm_gib", "tflop_per_chip", "est_step_s", "est_source",
           "est_pairs_per_s", "est_chip_hours_fifa", "est_chip_hours_full",
           "collective_gib_per_step", "all_gather", "reduce_scatter", "all_reduce",
           "all_to_all", "compile_s", "error")
@@ -72,7 +74,11 @@ def one(model: str, family: str, chips: int, root: str) -> dict:
            "topology": slice_name(target), "data": s["mesh"]["data"], "fsdp": s["mesh"]["fsdp"],
            "compiled": res["compiled"], "fits": res["fits"],
            "gib_per_chip": _r(res["bytes_per_chip"], GIB), "hbm_gib": _r(res["hbm_bytes"], GIB),
-           "tflop_per_chip": _r(res["flops"], 1e12), "est_step_s": res["estimated_seconds"],
+           "tflop_per_chip": _r(res["flops"], 1e12),
+           # XLA's own estimate; where it gives none, the roofline of XLA's FLOPs and bytes
+           "est_step_s": res["estimated_seconds"] or res.get("roofline_seconds"),
+           "est_source": "xla" if res["estimated_seconds"] else (
+               "roofline" if res.get("roofline_seconds") else ""),
            "compile_s": round(time.time() - t0, 1), "error": res["error"] or ""}
     col = res.get("collectives") or {}
     for key in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all"):
@@ -85,7 +91,7 @@ def one(model: str, family: str, chips: int, root: str) -> dict:
         row.update(pairs_per_chip=s["pairs_per_chip"], micro_batch=int(tc.batch_size),
                    grad_accum=int(tc.grad_accum), effective_batch=eff, remat=tc.remat,
                    ref_dtype=tc.ref_dtype)
-        est = res["estimated_seconds"]
+        est = row["est_step_s"]
         if est:
             pps = eff / est
             fifa_pair_steps = eff * int(tc.num_steps)
@@ -94,9 +100,9 @@ def one(model: str, family: str, chips: int, root: str) -> dict:
                        est_chip_hours_full=round(FULL_DATA_PAIR_STEPS / pps / 3600 * chips, 2))
     else:
         row.update(pairs_per_chip=s["images_per_chip"] / 2, micro_batch=None)
-        if res["estimated_seconds"]:       # images a second -> pairs (two images) a second
+        if row["est_step_s"]:              # images a second -> pairs (two images) a second
             row["est_pairs_per_s"] = round(s["images_per_chip"] * chips / 2
-                                           / res["estimated_seconds"], 1)
+                                           / row["est_step_s"], 1)
     return row
 
 

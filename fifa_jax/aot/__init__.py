@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from fifa_jax.aot.topology import GIB, hbm_bytes, mesh_over, tpu_devices
+from fifa_jax.aot.topology import GIB, PEAKS, hbm_bytes, mesh_over, tpu_devices
 
 
 def run_check(config, topology: str, *, num_slices: int = 1, hbm_gib: float | None = None,
@@ -38,13 +38,23 @@ def run_check(config, topology: str, *, num_slices: int = 1, hbm_gib: float | No
         for p in progs:
             res = analysis.check(p, hbm)
             res.update(topology=topology, num_slices=int(num_slices), chips=len(devices),
-                       device_kind=devices[0].device_kind)
+                       device_kind=devices[0].device_kind,
+                       roofline_seconds=roofline(res, devices[0].device_kind))
             out.append(res)
             if echo is not None:
                 echo(row(res))
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
     return out
+
+
+def roofline(res: dict, device_kind: str) -> float | None:
+    """max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) a chip, from XLA's cost
+    analysis and the chip's datasheet peaks: a lower bound, for where XLA gives no estimate."""
+    if device_kind not in PEAKS or not res.get("flops"):
+        return None
+    flops, bw = PEAKS[device_kind]
+    return max(res["flops"] / flops, (res.get("bytes_accessed") or 0.0) / bw)
 
 
 HEADER = ("program", "compiled", "fits", "GiB/chip", "HBM GiB", "args", "temps", "out",

@@ -23,6 +23,10 @@ GIB = 2 ** 30
 # available HBM (Y G)"), seen on this jax/libtpu (0.10.2 / 0.0.42.1). v4 topologies come as
 # one device per TensorCore (8 devices for v4:2x2x1), each with half the chip's 32 GiB.
 HBM_GIB = {"TPU v5 lite": 15.75, "TPU v6 lite": 31.25, "TPU v5": 95.74, "TPU v4": 15.25}
+# datasheet peaks a device (bf16 FLOP/s, HBM bytes/s), for a roofline time from XLA's FLOPs
+# and bytes where XLA gives no estimate of its own; v4: per TensorCore device (half a chip)
+PEAKS = {"TPU v5 lite": (197e12, 819e9), "TPU v6 lite": (918e12, 1640e9),
+         "TPU v5": (459e12, 2765e9), "TPU v4": (137.5e12, 614e9)}
 # rental name prefix -> (jax topology prefix, chips of the slice name's count): v4 and v5p
 # slice names count TensorCores (2 a chip), v5e and v6e count chips.
 _FAMILIES = {"v5e": ("v5e", 1), "v5litepod": ("v5e", 1), "v6e": ("v6e", 1),
