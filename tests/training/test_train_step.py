@@ -128,8 +128,8 @@ def test_sdxl_added_conditioning_reaches_the_unet():
                            random_flip=False)
     _, _, ctx, _ = tstep.micro_batch_inputs(keys, flat, _tiny.CONSTS_XL, _tiny.SCHED, cfg,
                                             train=True)
-    dropped = np.asarray(ctx["encoder_hidden_states"][:4]).std(axis=(1, 2)) == 0
-    pooled = np.asarray(ctx["text_embeds"][:4])
+    dropped = np.asarray(ctx["encoder_hidden_states"][::2]).std(axis=(1, 2)) == 0  # winners
+    pooled = np.asarray(ctx["text_embeds"][::2])
     assert 0 < dropped.sum() < 4                       # some prompts dropped, not all
     np.testing.assert_array_equal(pooled[dropped], 0.0)
     np.testing.assert_array_equal(pooled[~dropped], flat["pooled"][~dropped])
