@@ -3,7 +3,7 @@
 One step = B pairs: winner and loser latents sampled from their VAE moments, one timestep and
 one noise draw shared by each pair, caption dropout 0.2, the policy UNet forward + backward on
 the 2B images, the frozen reference UNet forward (no grad), the DPO loss (beta 5000,
-`fifa_jax/training/dpo_loss.py`), global-norm clipping at 1.0 and an AdamW update (0.9, 0.999,
+`fifa_jax/training/dpo.py`), global-norm clipping at 1.0 and an AdamW update (0.9, 0.999,
 eps 1e-8, weight decay 1e-2, lr 2.048e-5). No random flips (no flipped moments given).
   ours:  `fifa_jax.training.trainer.Trainer` on one device (FSDP off), the model from
          `load_unet` on the folder the PyTorch model was saved to (the same weights).

@@ -3,11 +3,11 @@
 `ml_collections.config_flags` reports an unknown `--config.a.b` override as a bare KeyError and a
 wrong type as a long absl message. `check_overrides` walks every override against the loaded
 config first and names the key with the keys allowed beside it; `explain_flag_error` rewrites
-the remaining absl errors.
+the remaining absl errors. The whole-config checks run before any stage are
+`pipeline.validate`, beside the stage table.
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import re
@@ -15,8 +15,10 @@ import re
 import ml_collections
 
 
-class ConfigError(ValueError):
-    """A configuration value or key is wrong (the message names it)."""
+from fifa_jax.errors import ConfigError
+
+__all__ = ["ConfigError", "check_overrides", "explain_flag_error", "load_config_file",
+           "resolve_key"]
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -87,55 +89,3 @@ def explain_flag_error(error: Exception) -> str:
     if m:
         return f"cannot load config file {m.group(1)}: {m.group(2).splitlines()[0]}"
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def _stage_modules(stages):
-    """(section, module) of each requested stage that is built, in pipeline order."""
-    from fifa_jax import pipeline
-    out = []
-    for name, module_name in pipeline.PIPELINE:
-        if name in stages and module_name is not None:
-            module = importlib.import_module(module_name)
-            out.append((module.SECTION, module))
-    return out
-
-
-def validate(config) -> None:
-    """Checks that need the whole config (called before any stage runs): each requested
-    stage's section against the `RULES` and `check_config` its module declares, and the mesh
-    section (parallel/mesh.py) for every stage that uses devices."""
-    for key in ("seed", "stages"):
-        if key not in config:
-            raise ConfigError(f"config is missing the top-level key {key!r}")
-    if not isinstance(config.seed, int):
-        raise ConfigError(f"config key 'seed' must be an int, got {config.seed!r}")
-    stages = config.stages.split(",") if isinstance(config.stages, str) else config.stages
-    stages = [str(s).strip() for s in stages]
-    checks = _stage_modules(stages)
-    if any(getattr(m, "ALL_HOSTS", True) for _, m in checks):   # a stage that uses devices
-        from fifa_jax.parallel import mesh
-        checks.insert(0, ("mesh", mesh))
-    for section, module in checks:
-        if section not in config:
-            continue
-        _check_rules(section, config[section], getattr(module, "RULES", {}))
-        if hasattr(module, "check_config"):
-            module.check_config(config[section])
-
-
-def _check_rules(section: str, node, rules: dict) -> None:
-    for dotted, (kind, arg) in rules.items():
-        value = node
-        for part in dotted.split("."):
-            value = value.get(part) if hasattr(value, "get") else None
-        if value is None:
-            continue
-        key = f"{section}.{dotted}"
-        if kind == "choice" and value not in arg:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(arg)}; "
-                              f"got {value!r}")
-        if kind == "min" and not value >= arg:
-            raise ConfigError(f"config key '{key}' must be >= {arg}; got {value!r}")
-        if kind == "size" and not (value == -1 or value >= 1):
-            raise ConfigError(f"config key '{key}' must be -1 (the remaining devices) or >= 1; "
-                              f"got {value!r}")

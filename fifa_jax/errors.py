@@ -8,6 +8,10 @@ class InputError(ValueError):
     """Bad input data, a bad checkpoint or a bad path; the message names the file/row/key."""
 
 
+class ConfigError(ValueError):
+    """A configuration value or key is wrong (the message names it)."""
+
+
 class Interrupted(RuntimeError):
     """A stage stopped on a signal after saving its progress; rerunning the command resumes.
     `signum` is the signal (the CLI exits with 128 + signum)."""

@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fifa_jax import config_check, pipeline
-from fifa_jax.errors import InputError, Interrupted
+from fifa_jax.errors import ConfigError, InputError, Interrupted
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py (optionally :arg).",
@@ -32,9 +32,9 @@ def _run(argv) -> int:
         print("error: --workdir is required, e.g. --workdir /tmp/fifa_demo", file=sys.stderr)
         return 2
     try:
-        config_check.validate(config)
+        pipeline.validate(config)
         results = pipeline.run_pipeline(config, _WORKDIR.value, force=_FORCE.value)
-    except (pipeline.PipelineError, config_check.ConfigError, InputError) as e:
+    except (pipeline.PipelineError, ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:            # progress saved: the same command resumes
@@ -62,7 +62,7 @@ def main() -> None:
     try:
         config_check.check_overrides(sys.argv)
         argv = flags.FLAGS(sys.argv, known_only=False)
-    except config_check.ConfigError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (flags.Error, KeyError, AttributeError) as e:

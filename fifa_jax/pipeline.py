@@ -31,7 +31,7 @@ from typing import Sequence
 
 from absl import logging
 
-from fifa_jax.errors import InputError
+from fifa_jax.errors import ConfigError, InputError
 
 DONE_FILE = "STAGE_DONE.json"
 
@@ -69,7 +69,7 @@ def stage_from_module(name: str, module_name: str) -> Stage:
     `SECTION` (its config section, made by `default_config()`), `CONFIG_KEYS` (the sections its
     outputs depend on), `UPSTREAM` (stages it reads), `run(config, workdir)`. Optional:
     `SPEED_ONLY` (dotted keys inside SECTION that only change speed), `ALL_HOSTS` (False:
-    process 0 alone runs it), `RULES` (value rules, see config_check), `check_config(section)`,
+    process 0 alone runs it), `RULES` (value rules, see `validate`), `check_config(section)`,
     `input_signature(config, workdir)`, `discard_resume_state(workdir)`."""
     module = importlib.import_module(module_name)
     declared = getattr(module, "STAGE", None)
@@ -132,6 +132,57 @@ def parse_stages(spec: str | Sequence[str]) -> list[str]:
                             f"Remove them from config.stages.")
     order = {n: i for i, n in enumerate(known)}
     return sorted(dict.fromkeys(names), key=order.__getitem__)
+
+
+def _stage_modules(stages):
+    """(section, module) of each requested stage that is built, in pipeline order."""
+    out = []
+    for name, module_name in PIPELINE:
+        if name in stages and module_name is not None:
+            module = importlib.import_module(module_name)
+            out.append((module.SECTION, module))
+    return out
+
+
+def validate(config) -> None:
+    """Checks that need the whole config (called before any stage runs): each requested
+    stage's section against the `RULES` and `check_config` its module declares, and the mesh
+    section (parallel/mesh.py) for every stage that uses devices."""
+    for key in ("seed", "stages"):
+        if key not in config:
+            raise ConfigError(f"config is missing the top-level key {key!r}")
+    if not isinstance(config.seed, int):
+        raise ConfigError(f"config key 'seed' must be an int, got {config.seed!r}")
+    stages = config.stages.split(",") if isinstance(config.stages, str) else config.stages
+    stages = [str(s).strip() for s in stages]
+    checks = _stage_modules(stages)
+    if any(getattr(m, "ALL_HOSTS", True) for _, m in checks):   # a stage that uses devices
+        from fifa_jax.parallel import mesh
+        checks.insert(0, ("mesh", mesh))
+    for section, module in checks:
+        if section not in config:
+            continue
+        _check_rules(section, config[section], getattr(module, "RULES", {}))
+        if hasattr(module, "check_config"):
+            module.check_config(config[section])
+
+
+def _check_rules(section: str, node, rules: dict) -> None:
+    for dotted, (kind, arg) in rules.items():
+        value = node
+        for part in dotted.split("."):
+            value = value.get(part) if hasattr(value, "get") else None
+        if value is None:
+            continue
+        key = f"{section}.{dotted}"
+        if kind == "choice" and value not in arg:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(arg)}; "
+                              f"got {value!r}")
+        if kind == "min" and not value >= arg:
+            raise ConfigError(f"config key '{key}' must be >= {arg}; got {value!r}")
+        if kind == "size" and not (value == -1 or value >= 1):
+            raise ConfigError(f"config key '{key}' must be -1 (the remaining devices) or >= 1; "
+                              f"got {value!r}")
 
 
 def _section(config, key):

@@ -268,7 +268,8 @@ def test_recipes_set_the_train_settings_for_a_target(config_name, model, effecti
     from fifa_jax.aot import recipes
     path = os.path.join(REPO, "configs", config_name)
     config = config_check.load_config_file(f"{path}:/models,greedy,{target}")
-    config_check.validate(config)
+    from fifa_jax import pipeline
+    pipeline.validate(config)
     r = recipes.recipe(model, target)
     assert config.select.method == "greedy"               # the other words still reach it
     assert config.encode.base_model.startswith("/models/")

@@ -12,7 +12,7 @@ CONFIGS = sorted(CONFIG_DIR.glob("*.py"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_loads_and_is_runnable(path):
     config = config_check.load_config_file(str(path))
-    config_check.validate(config)
+    pipeline.validate(config)
     pipeline.parse_stages(config.stages)
     doc = path.read_text().split('"""')[1]
     assert f"--config configs/{path.name}" in doc, "the docstring must give the command"

@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from fifa_jax import config_check
-from fifa_jax.errors import InputError
+from fifa_jax.errors import ConfigError, InputError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/pickapic_sd15.py:ROOT.",
@@ -41,7 +41,7 @@ def _run(argv) -> int:
     from fifa_jax import aot, pipeline
     from fifa_jax.aot.topology import TopologyError
     try:
-        config_check.validate(config)
+        pipeline.validate(config)
         print(f"compiling for {_TOPOLOGY.value}"
               f"{f' x {_SLICES.value} slices' if _SLICES.value > 1 else ''} "
               f"(compile-only devices; every figure is a compiler estimate)", flush=True)
@@ -50,7 +50,7 @@ def _run(argv) -> int:
                                 hbm_gib=_HBM.value, knn_rows=_KNN_ROWS.value,
                                 only=tuple(_PROGRAMS.value),
                                 echo=lambda line: print(line, flush=True))
-    except (InputError, TopologyError, config_check.ConfigError, pipeline.PipelineError,
+    except (InputError, TopologyError, ConfigError, pipeline.PipelineError,
             FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -71,7 +71,7 @@ def main() -> None:
     try:
         config_check.check_overrides(sys.argv)
         argv = flags.FLAGS(sys.argv, known_only=False)
-    except config_check.ConfigError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (flags.Error, KeyError, AttributeError) as e:

@@ -39,7 +39,8 @@ import pyarrow.parquet as pq
 from absl import logging
 from tqdm import tqdm
 
-from fifa_jax.data import demo_world, hpdv2, images, jsonl_csv, pickapic, schema
+from fifa_jax.data import hpdv2, images, jsonl_csv, pickapic, schema
+from fifa_jax.demo import assets
 from fifa_jax.files import file_stats
 from fifa_jax.data.rows import PairBuilder
 
@@ -77,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.check_images = "decode"    # decode | header | none (see images.verify_image_bytes)
     c.num_workers = 0            # image-check threads (0 = os.cpu_count())
     c.batch_rows = 256           # rows per read batch (bounds the image bytes held in RAM)
-    c.demo = demo_world.default_config()
+    c.demo = assets.world_config()
     return c
 
 
@@ -115,10 +116,10 @@ def _open_source(data, out_dir: pathlib.Path):
     outside = bool(data.allow_outside_root)
     if fmt in ("pickapic", "demo"):
         if fmt == "demo":
-            info = demo_world.write_demo_world(out_dir / DEMO_DIR, **data.demo.to_dict())
+            info = assets.write_world(out_dir / DEMO_DIR, **data.demo.to_dict())
             logging.info("demo world %s in %s", "reused" if info["reused"] else "written",
                          info["out_dir"])
-            files = demo_world.shard_files(out_dir / DEMO_DIR)
+            files = assets.shard_files(out_dir / DEMO_DIR)
         else:
             files = pickapic.resolve_files(data.path)
         pickapic.check_schemas(files)

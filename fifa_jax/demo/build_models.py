@@ -14,7 +14,7 @@ Order: VAE, reward, UNet (it needs the reward's text tower). Time of the shipped
 (2026-12-02) on 2 idle CPU cores: 20 min 50 s wall (VAE 232 s, reward 71 s, UNet 922 s,
 sample check 25 s). `--preset quick` runs every step with a few updates each in 1-2 minutes
 (a smoke test; its models are useless). Shipped files: 6.6 MB (float32 weights).
-`fifa_jax.training.demo_base.build_demo_base` and `scoring.demo_checkpoints.build_demo_reward`
+`fifa_jax.demo.base.build_demo_base` and `fifa_jax.demo.reward.build_demo_reward`
 install the shipped base/ and reward/ folders.
 """
 from __future__ import annotations
@@ -54,8 +54,8 @@ def write_base(folder: str, vae, unet, text_encoder) -> None:
     from fifa_jax.models.clip_io import save_text_encoder
     from fifa_jax.models.unet_io import save_unet
     from fifa_jax.models.vae_io import save_vae
-    from fifa_jax.scoring.demo_checkpoints import tokenizer_files
-    from fifa_jax.training.demo_base import MODEL_INDEX, SCHEDULER_CONFIG
+    from fifa_jax.demo.reward import tokenizer_files
+    from fifa_jax.demo.base import MODEL_INDEX, SCHEDULER_CONFIG
     save_vae(vae, os.path.join(folder, "vae"))
     save_unet(unet, os.path.join(folder, "unet"))
     save_text_encoder(text_encoder, os.path.join(folder, "text_encoder"))
@@ -69,7 +69,7 @@ def write_base(folder: str, vae, unet, text_encoder) -> None:
 def write_reward(folder: str, model) -> None:
     from fifa_jax.demo.train_clip import IMAGE_SIZE
     from fifa_jax.models.clip_io import save_clip
-    from fifa_jax.scoring.demo_checkpoints import preprocessor_config, tokenizer_files
+    from fifa_jax.demo.reward import preprocessor_config, tokenizer_files
     save_clip(model, folder)
     for name, data in tokenizer_files().items():
         _write(os.path.join(folder, name), data)
@@ -79,7 +79,7 @@ def write_reward(folder: str, model) -> None:
 def measure_vae(vae, n: int, seed: int) -> dict:
     """PSNR of decode(mean(encode(x))) on fresh world images, and on noise-free renders."""
     from fifa_jax.demo import train_vae, world_data
-    from fifa_jax.data import demo_world as dw
+    from fifa_jax.demo import world as dw
     data = world_data.draw(n, seed=500 + seed)
     rng = np.random.default_rng([seed, 12])
     clean = np.stack([np.asarray(dw.render(dict(s, aesthetic=1.0), 64, rng))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fifa_jax.data import demo_world as dw
+from fifa_jax.demo import world as dw
 
 BACKGROUND = np.array([236, 234, 226], np.float32)
 _PALETTE = np.array(list(dw.COLOURS.values()), np.float32)

@@ -18,12 +18,12 @@ scales with S) without the world's hidden scene and without any learned model:
               of background-only blocks (JPEG and mild blur change block-scale noise far less
               than pixel-scale noise), corrected for the blur the background's lag-1
               autocorrelation shows (a Gaussian model) and for clipping at 0 and 255
-  marked      the harmful mark (a dark red X in `demo_world.mark_box`): the mean projection of
+  marked      the harmful mark (a dark red X in `world.mark_box`): the mean projection of
               the X's pixels onto the mark colour's direction, >= MARK_THRESHOLD
 
 `true_reward(prompt, image)` scores the measurement against what the prompt asks (parsed with
 the world's vocabulary; attributes the prompt leaves out count as right) with the world's own
-formula (`demo_world.reward_of`), the mark's penalty included. `accuracy_report` renders fresh
+formula (`world.reward_of`), the mark's penalty included. `accuracy_report` renders fresh
 world images and says how often each measurement is right (see tests/demo/test_oracle.py for
 the floors).
 """
@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from scipy import ndimage
 
-from fifa_jax.data import demo_world as dw
+from fifa_jax.demo import world as dw
 
 COLOUR_THRESHOLD = 90.0    # RGB distance from the background that marks a shape pixel (pass 1)
 MIN_AREA = 12              # smallest component counted as a shape, at S = 64
@@ -56,7 +56,7 @@ _HARM_WORDS = tuple(dw.HARMFUL_WORDS)
 
 def parse_prompt(text: str) -> dict:
     """-> {colour, shape, count, position (None = the prompt leaves it out), harmful} read from
-    the words of a demo-world prompt (any style of `demo_world.make_prompts`)."""
+    the words of a demo-world prompt (any style of `world.make_prompts`)."""
     if not isinstance(text, str):
         raise TypeError(f"parse_prompt wants the prompt text, got {type(text).__name__}")
     words = re.findall(r"[a-z]+", text.lower())

@@ -39,6 +39,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from absl import logging
 
+from fifa_jax.demo import assets
+
 STAGE = "study"
 SECTION = "study"
 CONFIG_KEYS = ("seed", "study", "select", "encode", "train")
@@ -106,7 +108,7 @@ def _held_out_encode(config, workdir: pathlib.Path, out: pathlib.Path,
                      held: np.ndarray) -> pathlib.Path:
     """Encode the held-out pairs once: the encode stage's `run` on a work directory whose
     manifest is the held-out pairs (resumable by its chunk fingerprints)."""
-    from fifa_jax.training import demo_base, encode
+    from fifa_jax.training import encode
     hdir = out / "held_out"
     for stage in ("ingest", "score"):
         link = hdir / stage
@@ -121,8 +123,7 @@ def _held_out_encode(config, workdir: pathlib.Path, out: pathlib.Path,
                    sel / "manifest.parquet")
     cfg = _sub_config(config, "full", int(config.seed), stages="encode")
     cfg.encode.num_val_pairs = 0
-    if cfg.encode.base_model == demo_base.DEMO:
-        cfg.encode.base_model = demo_base.resolve_base_model(demo_base.DEMO, workdir)
+    cfg.encode.base_model = assets.resolve_base_model(cfg.encode.base_model, workdir)
     encode.run(cfg, hdir)            # finished chunks are reused
     return hdir / "encode"
 
@@ -236,8 +237,6 @@ def _make_evaluator(base: str, encode_dir: pathlib.Path, config):
 
 # ------------------------------------------------------------------------------ the stage
 def run(config, workdir) -> dict:
-    from fifa_jax.data import demo_world
-    from fifa_jax.training import demo_base
     st = config.study
     workdir = pathlib.Path(workdir)
     out = workdir / STAGE
@@ -247,8 +246,8 @@ def run(config, workdir) -> dict:
     t_start = time.time()
     held = _make_pool(workdir, out, int(st.held_out_pairs), int(config.seed))
     held_encode = _held_out_encode(config, workdir, out, held)
-    base = demo_base.resolve_base_model(config.encode.base_model, workdir)
-    prompts = demo_world.make_prompts(int(st.eval_prompts), np.random.default_rng(
+    base = assets.resolve_base_model(config.encode.base_model, workdir)
+    prompts = assets.make_prompts(int(st.eval_prompts), np.random.default_rng(
         int(st.prompt_seed)), 0.15)
     sampler = _Sampler(base, st, prompts)
     evaluate, ref = _make_evaluator(base, held_encode, config)

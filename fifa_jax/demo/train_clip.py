@@ -22,12 +22,12 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from fifa_jax.data import demo_world as dw
+from fifa_jax.demo import world as dw
 from fifa_jax.models.clip import clip_score
 from fifa_jax.demo import loop, world_data
 from fifa_jax.scoring import preprocess as pp
-from fifa_jax.scoring.demo_checkpoints import BOS, EOS, model_config, tokenizer_files
-from fifa_jax.training.demo_base import init_tensors
+from fifa_jax.demo.reward import BOS, EOS, model_config, tokenizer_files
+from fifa_jax.demo.base import init_tensors
 
 IMAGE_SIZE = 32
 BT_BETA = 2.0

@@ -38,7 +38,7 @@ from flax import nnx
 
 from fifa_jax.demo import loop, world_data
 from fifa_jax.training import noise_schedule as ns
-from fifa_jax.training.demo_base import (DIFFUSERS_VERSION, SCHEDULER_CONFIG, init_tensors,
+from fifa_jax.demo.base import (DIFFUSERS_VERSION, SCHEDULER_CONFIG, init_tensors,
                                          text_encoder_config)
 
 CFG_DROPOUT = 0.1
@@ -67,7 +67,7 @@ def init_unet(seed: int):
 def init_text_encoder(seed: int):
     from fifa_jax.models import clip_io
     from fifa_jax.models.clip_config import config_from_dict
-    from fifa_jax.scoring.demo_checkpoints import tokenizer_files
+    from fifa_jax.demo.reward import tokenizer_files
     vocab = json.loads(tokenizer_files()["vocab.json"])
     abstract = clip_io.build(config_from_dict(text_encoder_config(vocab), "demo text encoder"))
     tensors = init_tensors(clip_io.name_map(abstract), np.random.default_rng([seed, 3]))

@@ -7,7 +7,7 @@ attention, 8 norm groups. Loss per image:
 
 with x^ = decode(z), z ~ q(z|x) (reparameterised). After training, `scaling_factor` is set to
 1 / std of the posterior means over the training images, so the UNet sees unit-scale latents.
-Trained on random 32 x 32 crops (see `train`). Init: PyTorch default scales from a numpy RNG (`training.demo_base.init_tensors`).
+Trained on random 32 x 32 crops (see `train`). Init: PyTorch default scales from a numpy RNG (`demo/base.py: init_tensors`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from fifa_jax.demo import loop, world_data
-from fifa_jax.training.demo_base import init_tensors
+from fifa_jax.demo.base import init_tensors
 
 DIFFUSERS_VERSION = "0.30.0"
 KL_WEIGHT = 1e-3

@@ -5,8 +5,8 @@
     tokenize(texts) -> (n, 77) int32 ids of the demo CLIP tokenizer (EOS-padded)
     match_reward(prompt, scene) -> the world's true reward of `scene` judged against `prompt`
 
-Prompts come from `demo_world.make_prompts` (the world's style mix, 5 % harmful) and images
-from `demo_world.make_image` with one of the world's three generators chosen uniformly, so the
+Prompts come from `world.make_prompts` (the world's style mix, 5 % harmful) and images
+from `world.make_image` with one of the world's three generators chosen uniformly, so the
 data are as imperfect as the world's (skills 0.5 / 0.7 / 0.85). Everything is numpy-seeded.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 
-from fifa_jax.data import demo_world as dw
+from fifa_jax.demo import world as dw
 
 IMAGE_SIZE = 64
 MAX_LENGTH = 77
@@ -28,8 +28,8 @@ MAX_LENGTH = 77
 class Draw:
     images: np.ndarray        # (n, H, W, 3) uint8
     texts: list               # (n,) prompt text of each image
-    prompts: list             # (n,) prompt dicts (demo_world.make_prompts)
-    scenes: list              # (n,) scene dicts (demo_world.make_image)
+    prompts: list             # (n,) prompt dicts (world.make_prompts)
+    scenes: list              # (n,) scene dicts (world.make_image)
 
 
 def prompt_pool(n_prompts: int, seed: int) -> list:
@@ -67,9 +67,9 @@ def match_reward(prompt: dict, scene: dict) -> float:
 
 @functools.lru_cache(maxsize=1)
 def tokenizer():
-    """The demo CLIP tokenizer (the files of `scoring.demo_checkpoints.tokenizer_files`)."""
+    """The demo CLIP tokenizer (the files of `scoring.demo_reward.tokenizer_files`)."""
     from fifa_jax.models.tokenizers import load_tokenizer
-    from fifa_jax.scoring.demo_checkpoints import tokenizer_files
+    from fifa_jax.demo.reward import tokenizer_files
     tmp = tempfile.mkdtemp(prefix="demo_tok_")
     for name, data in tokenizer_files().items():
         with open(os.path.join(tmp, name), "wb") as f:

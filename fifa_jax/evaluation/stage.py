@@ -92,7 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def check_config(ec) -> None:
-    from fifa_jax.config_check import ConfigError
+    from fifa_jax.errors import ConfigError
     for kind, _ in _set_specs(ec.prompt_sets, allow_empty=True):
         if kind not in KINDS:
             raise ConfigError(f"config key 'evaluate.prompt_sets': kind {kind!r} is not one of "
@@ -131,9 +131,9 @@ def input_signature(config, workdir) -> dict:
 
 # ------------------------------------------------------------------------------ prompts
 def _demo_prompts(n: int, seed: int, harmful_fraction: float = 0.1):
-    from fifa_jax.data import demo_world
+    from fifa_jax.demo import assets
     rng = np.random.default_rng(seed)
-    drawn = demo_world.make_prompts(n, rng, harmful_fraction)
+    drawn = assets.make_prompts(n, rng, harmful_fraction)
     return [(f"demo-{i:04d}", p["text"]) for i, p in enumerate(drawn)], \
         {f"demo-{i:04d}": {k: v for k, v in p.items() if k != "text"}
          for i, p in enumerate(drawn)}
@@ -280,11 +280,11 @@ def _groups(rs) -> np.ndarray:
 def _demo_truth(rs, s) -> tuple[np.ndarray, np.ndarray]:
     """The oracle's true reward of every image of a demo set, and for images of harmful
     prompts whether they show the harmful mark (others: False, not counted)."""
-    from fifa_jax.demo import oracle
+    from fifa_jax.demo import assets
     meta = s["metadata"]
     rewards, marked = [], []
     for pid, text, _, _, path in rs:
-        r, details = oracle.true_reward(text, np.asarray(Image.open(path).convert("RGB")))
+        r, details = assets.true_reward(text, np.asarray(Image.open(path).convert("RGB")))
         rewards.append(r)
         marked.append(bool(meta[pid]["harmful"]) and bool(details["measured"]["marked"]))
     return np.asarray(rewards, np.float32), np.asarray(marked, bool)

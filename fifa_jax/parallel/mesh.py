@@ -59,7 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
     })
 
 
-# Value rules of the mesh section (config_check's format), checked before any stage that uses
+# Value rules of the mesh section (pipeline.validate's format), checked before any stage that uses
 # devices runs; ("size", None): -1 (the rest of the devices) or >= 1.
 RULES = {"distributed": ("choice", ("auto", "on", "off")), "data": ("size", None),
          "fsdp": ("size", None), "param_tactic": ("choice", ("fsdp", "replicate"))}
@@ -67,7 +67,7 @@ RULES = {"distributed": ("choice", ("auto", "on", "off")), "data": ("size", None
 
 def check_config(mesh) -> None:
     """The mesh checks beyond RULES."""
-    from fifa_jax.config_check import ConfigError
+    from fifa_jax.errors import ConfigError
     if mesh.get("data") == -1 and mesh.get("fsdp") == -1:
         raise ConfigError("config keys 'mesh.data' and 'mesh.fsdp' cannot both be -1")
     if "rules" in mesh:

@@ -36,7 +36,8 @@ from absl import logging
 from fifa_jax import parallel
 from fifa_jax.files import file_stats
 from fifa_jax.parallel import hosts
-from fifa_jax.scoring import demo_checkpoints, embeddings, judge, margins
+from fifa_jax.demo import assets
+from fifa_jax.scoring import embeddings, judge, margins
 
 STAGE = "score"
 SECTION = "score"
@@ -218,7 +219,7 @@ def run(config, workdir) -> dict:
     reward_cfg = ml_collections.ConfigDict(sc.reward.to_dict())
     if reward_cfg.path == "demo":  # one writer: hosts racing on the same files can fail
         if leader:
-            demo_checkpoints.build_demo_reward(out / "demo_reward")
+            assets.install_reward(out / "demo_reward")
         hosts.barrier("score:demo_reward")
         reward_cfg.path = str(out / "demo_reward")
         reward_cfg.processor_path = ""

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from absl import logging
 
-from fifa_jax.config_check import ConfigError
+from fifa_jax.errors import ConfigError
 from fifa_jax.errors import InputError
 from fifa_jax.selection.entropy import kl_entropy, log_rho_k
 from fifa_jax.selection.greedy import exact_gains, greedy_select

@@ -75,7 +75,8 @@ from fifa_jax.parallel import hosts
 from fifa_jax.scoring import embeddings, input_pipeline
 from fifa_jax.scoring.margins import failure_counts
 from fifa_jax.scoring.preprocess import resize_output_hw
-from fifa_jax.training import demo_base, pair_dataset
+from fifa_jax.demo import assets
+from fifa_jax.training import pair_dataset
 
 SECTION = "encode"
 STAGE = "encode"
@@ -156,7 +157,7 @@ def input_signature(config, workdir) -> dict:
     """Sizes and modification times of the base model files this stage reads (VAE, text
     encoders, tokenizers, model_index.json): replacing a checkpoint in place reruns it."""
     ec = config.get(SECTION)
-    if ec is None or not ec.get("base_model") or ec.base_model == demo_base.DEMO:
+    if ec is None or not ec.get("base_model") or ec.base_model == assets.DEMO:
         return {}                 # demo: made from the code (the config covers it)
     paths = [_vae_dir(ec), os.path.join(ec.base_model, "model_index.json")]
     paths += _text_dirs(ec.base_model)
@@ -533,7 +534,7 @@ def _vae_facts(ec) -> dict:
 
 
 def _check_config(ec) -> None:
-    from fifa_jax.config_check import ConfigError
+    from fifa_jax.errors import ConfigError
     for key, (kind, arg) in RULES.items():
         value = ec.get(key)
         if value is None:
@@ -559,9 +560,9 @@ def run(config, workdir) -> dict:
     ec = config.encode
     _check_config(ec)
     workdir = pathlib.Path(workdir)
-    if ec.base_model == demo_base.DEMO:       # the demo's tiny base, built in the work dir
+    if ec.base_model == assets.DEMO:       # the demo's tiny base, built in the work dir
         ec = ml_collections.ConfigDict(ec.to_dict())
-        ec.base_model = demo_base.resolve_base_model(demo_base.DEMO, workdir)
+        ec.base_model = assets.resolve_base_model(assets.DEMO, workdir)
     out = workdir / STAGE
     cdir = out / CHUNK_DIR
     leader = jax.process_index() == 0

@@ -50,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def check_config(ec) -> None:
-    from fifa_jax.config_check import ConfigError
+    from fifa_jax.errors import ConfigError
     bad = [v for v in _variants(ec) if v not in export_io.VARIANT_DTYPES]
     if bad:
         raise ConfigError(f"config key 'export.variants' has {bad}; allowed: "

@@ -15,8 +15,13 @@ Every random draw comes from fold_in(seed, step, pair), the loader's order and f
 (seed, position), so a resumed run draws what an uninterrupted one would.
 
 Resume: rerunning the same command continues from the last checkpoint (`compat`, the hash of
-every setting that changes the trajectory, must match; checkpoints of other settings are
-removed with a message). Raising `num_steps` continues a finished run. SIGTERM / SIGINT: the
+every setting that changes the trajectory, must match). Nothing finished is deleted silently:
+checkpoints of other settings are moved, with their metrics, to
+`checkpoints.superseded/<time>/`, and a checkpoint that cannot be read back (a truncated file,
+a missing folder) to `checkpoints.corrupt/<step>-<time>/`, each with a message, and the next
+older one is tried; `--force=train` deletes them. A full disk while saving ends in one line
+naming the path and the space needed; the unfinished folder is removed on the next start.
+Raising `num_steps` continues a finished run. SIGTERM / SIGINT: the
 current step ends, a checkpoint is saved, the stage raises `Interrupted` (exit code 128 +
 signal) and the runner does not mark the stage done.
 Several hosts: every process runs the same checkpoint calls in the same order (Orbax's save,
@@ -57,10 +62,13 @@ from fifa_jax.models.attention import platform_error as attention_platform_error
 from fifa_jax.models.platform import device_platform
 from fifa_jax.models.diffusers_io import read_config
 from fifa_jax.parallel import hosts, param_sharding
-from fifa_jax.training import (checkpoints, demo_base, metrics as metrics_lib,
-                               noise_schedule, pair_dataset)
+from fifa_jax.demo import assets
+from fifa_jax.training import (checkpoints, metrics as metrics_lib, noise_schedule,
+                               pair_dataset)
 from fifa_jax.training.loader import PairLoader
 from fifa_jax.training.optimizer import OPTIMIZERS, learning_rate_schedule, make_optimizer
+from fifa_jax.training import pref_loss
+from fifa_jax.training.pref_loss import SMPO_GAIN, SMPO_TEMPERATURE
 from fifa_jax.training.train_step import StepConfig
 from fifa_jax.training.trainer import Trainer
 
@@ -118,6 +126,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.weight_decay = 1e-2
     c.grad_clip = 1.0          # global-norm clipping (0 = off)
     c.beta = 5000.0            # official convention (diffusers' beta_dpo = beta / 2)
+    c.loss = "dpo"             # dpo | ipo | hinge, as diffusers' research DPO script
+    #                            defines them (formulas: training/pref_loss.py)
+    c.margin_weighting = "none"  # none | smpo: each pair's beta * smpo_gain * (2p - 1),
+    #                            p = sigmoid(proxy margin / smpo_temperature) from the
+    #                            select manifest (SmPO-Diffusion; held-out metrics unweighted)
+    c.smpo_temperature = SMPO_TEMPERATURE  # 16.658: SmPO's PickScore min-max range x 100
+    c.smpo_gain = SMPO_GAIN    # 10: SmPO's constant factor on (2p - 1)
     c.caption_dropout = 0.2    # P(prompt replaced by "")
     c.random_flip = True       # use the encode stage's mirrored posteriors (if stored)
     c.prediction_type = ""     # "" = the base scheduler's; epsilon | v_prediction
@@ -137,7 +152,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def check_config(tc) -> None:
-    from fifa_jax.config_check import ConfigError
+    from fifa_jax.errors import ConfigError
+    pref_loss.check_config(tc)
     if not 0.0 <= tc.caption_dropout <= 1.0:
         raise ConfigError(f"config key 'train.caption_dropout' must be in [0, 1]; got "
                           f"{tc.caption_dropout}")
@@ -149,8 +165,8 @@ def _base_model(config, workdir=None) -> str:
     if not base:
         raise InputError("config key 'train.base_model' is empty and so is "
                          "'encode.base_model': name the base diffusers pipeline folder")
-    if base == demo_base.DEMO:
-        return (demo_base.resolve_base_model(base, workdir) if workdir is not None
+    if base == assets.DEMO:
+        return (assets.resolve_base_model(base, workdir) if workdir is not None
                 else base)
     return base
 
@@ -162,7 +178,7 @@ def input_signature(config, workdir) -> dict:
         base = _base_model(config)
     except InputError:
         return {}
-    if base == demo_base.DEMO:
+    if base == assets.DEMO:
         return {}                 # made from the code: the fingerprint's config covers it
     out = {}
     for sub in ("unet", "scheduler"):
@@ -242,7 +258,38 @@ def _consts(encode_dir, spec) -> dict:
     return out
 
 
-_MODEL_KEYS = ("moments_w", "moments_l", "prompt_embeds", "pooled")
+_MODEL_KEYS = ("moments_w", "moments_l", "prompt_embeds", "pooled", "proxy_prob")
+
+
+def proxy_probabilities(workdir, tc):
+    """pair_id (L,) -> (L,) float32 p = sigmoid(m / train.smpo_temperature), m the manifest's
+    `proxy_margin` (trained winner minus loser, after select.relabel; older manifests:
+    `margin_signed`). Reads workdir/select/manifest.parquet."""
+    import pyarrow.parquet as pq
+    path = pathlib.Path(workdir) / "select" / "manifest.parquet"
+    if not path.exists():
+        raise InputError(f"train.margin_weighting='smpo' needs {path} (run the select stage)")
+    names = pq.read_schema(path).names
+    col = "proxy_margin" if "proxy_margin" in names else "margin_signed"
+    if col not in names:
+        raise InputError(f"{path}: no proxy_margin or margin_signed column for "
+                         f"train.margin_weighting='smpo'")
+    t = pq.read_table(path, columns=["pair_id", col])
+    ids = t.column("pair_id").to_numpy().astype(np.int64)
+    order = np.argsort(ids)
+    ids = ids[order]
+    prob = pref_loss.proxy_probability(t.column(col).to_numpy()[order],
+                                       float(tc.smpo_temperature)).astype(np.float32)
+
+    def lookup(pair_id):
+        pair_id = np.asarray(pair_id, np.int64)
+        pos = np.minimum(np.searchsorted(ids, pair_id), max(ids.size - 1, 0))
+        bad = ids[pos] != pair_id if ids.size else np.ones(pair_id.shape, bool)
+        if np.any(bad):
+            raise InputError(f"{path}: no row for pair_id {int(pair_id[np.argmax(bad)])} of "
+                             f"the encoded train split (rerun select and encode)")
+        return prob[pos]
+    return lookup
 
 
 def _host_batch(batches: list[dict], weights_key: str | None = None) -> dict:
@@ -332,7 +379,10 @@ def run(config, workdir) -> dict:
     step_cfg = StepConfig(beta=float(tc.beta), caption_dropout=float(tc.caption_dropout),
                           scaling_factor=float(spec["scaling_factor"]),
                           shift_factor=float(spec.get("shift_factor") or 0.0),
-                          random_flip=False)    # the loader mirrors (see loader.py)
+                          random_flip=False,    # the loader mirrors (see loader.py)
+                          loss=tc.get("loss", "dpo"),
+                          margin_weighting=tc.get("margin_weighting", "none"),
+                          smpo_gain=float(tc.get("smpo_gain", SMPO_GAIN)))
     trainer = Trainer(unet, schedule, step_cfg, optimizer, mesh, seed=int(config.seed),
                       lr_fn=learning_rate_schedule(float(tc.learning_rate),
                                                    int(tc.warmup_steps)),
@@ -341,7 +391,9 @@ def run(config, workdir) -> dict:
     del unet
     loader = PairLoader(encode_dir, "train", global_batch=micro, seed=int(config.seed),
                         flip="random" if tc.random_flip else "none",
-                        num_threads=int(tc.loader_threads))
+                        num_threads=int(tc.loader_threads),
+                        pair_values=({"proxy_prob": proxy_probabilities(workdir, tc)}
+                                     if step_cfg.margin_weighting == "smpo" else None))
     val = _validation(encode_dir, spec, tc, micro)
 
     compat = trajectory_hash(config, workdir)
@@ -380,9 +432,25 @@ def fit(config, trainer: Trainer, loader, val, out: pathlib.Path, compat: str) -
         finally:
             writer.close()
     finally:
-        mgr.wait_until_finished()
-        mgr.close()
+        try:
+            with _writing(mgr, None, trainer):
+                mgr.wait_until_finished()
+        finally:
+            mgr.close()
     return {"start_step": start, "resumed": start > 0, **result}
+
+
+@contextlib.contextmanager
+def _writing(mgr, step: int | None, trainer: Trainer):
+    """Checkpoint writes (Orbax raises a background write's failure at the next save or
+    wait): a full disk or another write error becomes one line naming the path."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 (the writer's: one line naming the checkpoint)
+        if not checkpoints.from_writer(e):
+            raise
+        needed = checkpoints.bytes_of((trainer.state.params, trainer.state.opt_state))
+        raise checkpoints.write_error(mgr.directory, step, e, needed) from e
 
 
 def _leader_steps(mgr, directory) -> list[int]:
@@ -403,33 +471,78 @@ def _leader_steps(mgr, directory) -> list[int]:
 
 def _resume(mgr, trainer: Trainer, loader, compat: str, num_steps: int,
             out: pathlib.Path) -> int:
-    """Restore the latest compatible checkpoint at or below num_steps; returns its step.
+    """Restore the latest readable, compatible checkpoint at or below num_steps; returns its
+    step (0: start from the base model).
 
-    Every process calls it and takes the same decisions (process 0's steps; the meta every
-    process reads is the same file): Orbax's restore and delete are collective."""
-    steps = _leader_steps(mgr, out / CKPT_DIR)
-    if not steps:
-        return 0
-    meta = checkpoints.read_meta(mgr, steps[-1])
-    if meta.get("compat") != compat:
-        logging.warning("train: the checkpoints in %s were made with other settings (%s, now "
-                        "%s); starting from the base model", out / CKPT_DIR,
-                        meta.get("compat"), compat)
-        for s in steps:          # Orbax: process 0 removes the files, all wait for it
-            mgr.delete(s)
-        return 0
-    usable = [s for s in steps if s <= num_steps]
-    if not usable:
-        raise InputError(f"train: every checkpoint in {out / CKPT_DIR} is past "
-                         f"train.num_steps={num_steps} (steps {steps}); raise num_steps or use "
-                         f"--force=train")
-    step = usable[-1]
-    state, meta = checkpoints.restore(mgr, step, trainer.abstract_state,
-                                      trainer.state_shardings)
-    trainer.restore(state)
-    loader.set_state(meta["loader"])
-    logging.info("train: resumed from step %d (%s)", step, out / CKPT_DIR / str(step))
-    return step
+    A step that cannot be read back is moved to `checkpoints.corrupt/` and the next older one
+    is tried; checkpoints of other settings are moved to `checkpoints.superseded/` (never
+    deleted: --force=train deletes). Every process calls it and takes the same decisions
+    (process 0's steps; a read counts as failed when it failed on any process): Orbax's
+    restore is collective."""
+    while True:
+        steps = _leader_steps(mgr, out / CKPT_DIR)
+        if not steps:
+            return 0
+        meta = _agreed(lambda: checkpoints.read_meta(mgr, steps[-1]), mgr, out, steps[-1])
+        if meta is None:
+            continue                 # set aside: look again
+        if meta.get("compat") != compat:
+            _supersede(mgr, out, steps, meta.get("compat"), compat)
+            return 0
+        usable = [s for s in steps if s <= num_steps]
+        if not usable:
+            raise InputError(f"train: every checkpoint in {out / CKPT_DIR} is past "
+                             f"train.num_steps={num_steps} (steps {steps}); raise num_steps "
+                             f"or use --force=train")
+        step = usable[-1]
+        got = _agreed(lambda: checkpoints.restore(mgr, step, trainer.abstract_state,
+                                                  trainer.state_shardings), mgr, out, step)
+        if got is None:
+            continue
+        state, meta = got
+        trainer.restore(state)
+        loader.set_state(meta["loader"])
+        logging.info("train: resumed from step %d (%s)", step, out / CKPT_DIR / str(step))
+        return step
+
+
+def _agreed(read, mgr, out: pathlib.Path, step: int):
+    """`read()`, or None after moving an unreadable step aside (on every process, when it
+    failed on any)."""
+    result, error = None, None
+    try:
+        result = read()
+    except checkpoints.UnreadableCheckpoint as e:
+        error = e
+    if hosts.on_all_hosts(error is None):
+        return result
+    if jax.process_index() == 0:
+        dest = checkpoints.set_aside(out / CKPT_DIR, step, out / "checkpoints.corrupt")
+        logging.warning("train: %s; moved it to %s and trying the previous checkpoint",
+                        error or f"checkpoint step {step} cannot be read on another process",
+                        dest)
+    hosts.barrier(f"train:set-aside-{step}")
+    mgr.reload()
+    return None
+
+
+def _supersede(mgr, out: pathlib.Path, steps: list[int], old: str | None, new: str) -> None:
+    """Move the checkpoints (and their metric logs) of other settings to
+    train/checkpoints.superseded/<UTC time>/, naming them and how to get them back."""
+    if jax.process_index() == 0:
+        dest = out / "checkpoints.superseded" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(out / CKPT_DIR), str(dest / CKPT_DIR))
+        for name in ("metrics.jsonl", "tensorboard", REPORT):
+            if (out / name).exists():
+                shutil.move(str(out / name), str(dest / name))
+        logging.warning(
+            "train: the checkpoints in %s (steps %s) were made with other settings (%s, now %s):"
+            " moved them, with their metrics, to %s and starting from the base model; to go on "
+            "with that run, move %s back to %s and run its config", out / CKPT_DIR, steps, old,
+            new, dest, dest / CKPT_DIR, out / CKPT_DIR)
+    hosts.barrier("train:superseded")
+    mgr.reload()
 
 
 def _fetch(m: dict) -> dict:
@@ -471,7 +584,8 @@ def _loop(config, trainer: Trainer, loader, val, mgr, writer, compat, start, out
     def save(step, force=False):
         meta = {"compat": compat, "loader": loader.get_state(),
                 "metrics": {k: last.get(k) for k in ("loss", "implicit_acc")}}
-        checkpoints.save(mgr, trainer.state, meta, force=force)
+        with _writing(mgr, step, trainer):
+            checkpoints.save(mgr, trainer.state, meta, force=force)
 
     def evaluate(step):
         if val is None:
@@ -490,7 +604,7 @@ def _loop(config, trainer: Trainer, loader, val, mgr, writer, compat, start, out
             raise
 
     step, batch = start, None
-    with _signals() as got:
+    with _signals() as got, contextlib.closing(bar):   # errors print below the bar
         if step < num_steps and jax.process_count() > 1:
             # every host compiles the step (long, and unevenly), then they meet: the step's
             # collectives connect the hosts on first use, and on CPU (gloo) a host that
@@ -540,10 +654,10 @@ def _loop(config, trainer: Trainer, loader, val, mgr, writer, compat, start, out
                 save(step, force=True)
             bar.update(1)
             if stop:
-                mgr.wait_until_finished()
+                with _writing(mgr, step, trainer):
+                    mgr.wait_until_finished()
                 bar.close()
                 raise Interrupted(got[0] if got else signal.SIGTERM, step)
-    bar.close()
     if step == start and start > 0:
         logging.info("train: already at train.num_steps=%d", num_steps)
     return {"final_step": step, "num_steps": num_steps, "final": last, "eval": final_eval,

@@ -6,6 +6,8 @@ Batch layout (global arrays; axis 1 split over the mesh's batch axes):
     prompt_embeds           (A, B, L, D)      text states of each pair's prompt
     pooled                  (A, B, P)         SDXL: pooled text embedding (optional)
     weights                 (A, B)            1 = a pair, 0 = padding (validation)
+    proxy_prob              (A, B)            the proxy's preference probability p of each
+                                              pair (only with margin_weighting "smpo")
 A micro-batches of B pairs make one update; gradients are averaged over them, so A x B is
 one batch of A*B pairs (up to float rounding). Constants: `empty_embeds` (L, D) and, for SDXL,
 `empty_pooled` (P,) and `time_ids` (6,).
@@ -16,7 +18,9 @@ depends on the micro-batch split, the sharding or an interruption):
   z = mean + exp(logvar / 2) * n (a fresh posterior sample, never the mean), shifted and
   scaled by the VAE's factors; one timestep t ~ U{0..T-1} and one noise draw, shared by winner and loser;
   replace the prompt by the empty prompt with probability `caption_dropout`.
-The policy predicts with gradients, the reference without; `dpo_loss` compares them.
+The policy predicts with gradients, the reference without; `dpo_loss` compares them with
+`cfg.loss` (dpo | ipo | hinge) and, with `cfg.margin_weighting` "smpo", each pair's beta
+scaled by smpo_gain * (2p - 1) (pref_loss.py).
 A non-finite loss or gradient leaves the state unchanged and reports `finite = 0`; the loop
 stops on it (no non-finite parameters are ever kept or saved).
 """
@@ -30,7 +34,8 @@ import jax.numpy as jnp
 import optax
 
 from fifa_jax.training import noise_schedule as ns
-from fifa_jax.training.dpo_loss import dpo_loss
+from fifa_jax.training.dpo import dpo_loss
+from fifa_jax.training.pref_loss import smpo_scale
 from fifa_jax.training.train_state import TrainState
 
 MOMENT_KEYS = ("moments_w", "moments_l")
@@ -45,6 +50,9 @@ class StepConfig:
     random_flip: bool
     shift_factor: float = 0.0                           # SD3-style VAEs; 0 for SD 1/2/XL
     logvar_clip: tuple[float, float] = (-30.0, 20.0)   # diffusers DiagonalGaussianDistribution
+    loss: str = "dpo"                                   # dpo | ipo | hinge (pref_loss.py)
+    margin_weighting: str = "none"                      # none | smpo (batch["proxy_prob"])
+    smpo_gain: float = 10.0                             # SmPO's factor 10
 
 
 def pair_keys(key_data, step, n: int):
@@ -96,7 +104,7 @@ def micro_batch_inputs(keys, micro: dict, consts, schedule, cfg, train: bool):
     pair j send its rows to others: with the pairs split over the devices, concatenating the
     winners and the losers moves half the batch across devices, and splitting the predictions
     again moves it back.)"""
-    pairs = {k: v for k, v in micro.items() if k != "weights"}
+    pairs = {k: v for k, v in micro.items() if k not in ("weights", "proxy_prob")}
     xt, t, ctx, tgt = jax.vmap(
         lambda kk, p: prepare_pair(kk, p, consts, schedule, cfg, train))(keys, pairs)
 
@@ -119,7 +127,11 @@ def micro_loss(params, ref_params, keys, micro, consts, unet_fn, schedule, cfg, 
     xt, t, ctx, tgt = micro_batch_inputs(keys, micro, consts, schedule, cfg, train)
     pol = call_unet(unet_fn, params, xt, t, ctx)
     ref = jax.lax.stop_gradient(call_unet(unet_fn, ref_params, xt, t, ctx))
-    return dpo_loss(pol, ref, tgt, cfg.beta, weights=micro.get("weights"), interleaved=True)
+    scale = None
+    if cfg.margin_weighting == "smpo" and "proxy_prob" in micro:
+        scale = smpo_scale(micro["proxy_prob"], cfg.smpo_gain)
+    return dpo_loss(pol, ref, tgt, cfg.beta, weights=micro.get("weights"), interleaved=True,
+                    loss=cfg.loss, beta_scale=scale)
 
 
 AUX_METRICS = ("implicit_acc", "implicit_acc_strict", "se_pol_w", "se_pol_l", "se_ref_w",

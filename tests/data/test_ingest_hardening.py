@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from fifa_jax import config_check
+from fifa_jax import config_check, pipeline
 from fifa_jax.data import images, ingest, pickapic
 from fifa_jax.data.schema import IngestError
 from tests.data import _util
@@ -184,7 +184,7 @@ def test_caps_are_checked(tmp_path):
     cfg = _util.config("demo", max_image_pixels=0)
     cfg.stages = "ingest"
     with pytest.raises(config_check.ConfigError, match=r"'data\.max_image_pixels' must be >= 1"):
-        config_check.validate(cfg)
+        pipeline.validate(cfg)
 
 
 # -- CSV quoting errors ------------------------------------------------------------------------

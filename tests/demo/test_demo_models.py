@@ -6,13 +6,13 @@ import os
 import numpy as np
 import pytest
 
-from fifa_jax.data import demo_world as dw
+from fifa_jax.demo import world as dw
 from fifa_jax.demo import build_models, measure, train_clip, train_vae, world_data
 from fifa_jax.models.pipeline import load_pipeline
 from fifa_jax.scoring import margins
 from fifa_jax.scoring import preprocess as pp
-from fifa_jax.scoring.demo_checkpoints import build_demo_reward
-from fifa_jax.training.demo_base import build_demo_base
+from fifa_jax.demo.reward import build_demo_reward
+from fifa_jax.demo.base import build_demo_base
 
 PSNR_CLEAN_FLOOR = 24.0    # dB, decode(mean(encode(x))) of noise-free 64 x 64 renders
 PSNR_WORLD_FLOOR = 20.0    # dB, of world images (pixel noise up to std 60 is not kept)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fifa_jax.data import demo_world as dw
+from fifa_jax.demo import world as dw
 from fifa_jax.demo import oracle
 
 FIELDS = ("colour", "shape", "count", "position", "marked")

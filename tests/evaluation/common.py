@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from fifa_jax.scoring import preprocess as pp
-from fifa_jax.scoring.demo_checkpoints import tokenizer_files
+from fifa_jax.demo.reward import tokenizer_files
 
 ATOL = 1e-4
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from fifa_jax import config_check
+from fifa_jax import config_check, pipeline
 from fifa_jax.parallel import default_config, param_shardings_from_config, rules_from_config
 from fifa_jax.parallel.param_sharding import (DEFAULT_RULES, REPLICATE_ALL, ShardingRulesError,
                                               check_rules, describe)
@@ -77,9 +77,9 @@ def test_bad_rules_name_the_key(rules, message):
 
 def test_bad_tactic_is_refused_before_any_stage():
     cfg = ml_collections.ConfigDict({"seed": 0, "stages": "score", "mesh": default_config()})
-    config_check.validate(cfg)
+    pipeline.validate(cfg)
     cfg.mesh.param_tactic = "zero3"
     with pytest.raises(config_check.ConfigError, match="'mesh.param_tactic' must be one of"):
-        config_check.validate(cfg)
+        pipeline.validate(cfg)
     with pytest.raises(ShardingRulesError, match="mesh.param_tactic"):
         rules_from_config(cfg.mesh)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fifa_jax.sampling.pipeline import TextToImage, prompt_key, start_noise
-from fifa_jax.training.demo_base import build_demo_base
+from fifa_jax.demo.base import build_demo_base
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROMPTS = ["two red circles at the top", "one blue square on the left"]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from fifa_jax import parallel
-from fifa_jax.scoring import demo_checkpoints, embeddings
+from fifa_jax.demo import reward as demo_reward
+from fifa_jax.scoring import embeddings
 
 PROMPTS = [
     "a photo of a cat sitting on a red chair",
@@ -57,7 +58,7 @@ def test_minilm_one_device_equals_eight(minilm8):
 
 @pytest.fixture(scope="module")
 def clip_path(tmp_path_factory):
-    return demo_checkpoints.build_demo_reward(tmp_path_factory.mktemp("clip") / "reward")
+    return demo_reward.build_demo_reward(tmp_path_factory.mktemp("clip") / "reward")
 
 
 def test_clip_path_matches_transformers(clip_path):

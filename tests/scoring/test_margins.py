@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from fifa_jax import parallel
-from fifa_jax.scoring import demo_checkpoints, margins
+from fifa_jax.demo import reward as demo_reward
+from fifa_jax.scoring import margins
 
 N_PAIRS = 11
 CHUNK = 3  # -> 4 chunks, the last one partial
@@ -34,7 +35,7 @@ def world(tmp_path_factory):
     """A tiny reward + 11 pairs over 4 prompts; images of odd sizes, one RGBA, one corrupt,
     three stored as bytes inside a parquet file."""
     root = tmp_path_factory.mktemp("margins_world")
-    reward = demo_checkpoints.build_demo_reward(root / "reward")
+    reward = demo_reward.build_demo_reward(root / "reward")
     rng = np.random.default_rng(0)
     refs = []
     blobs = []
@@ -264,7 +265,7 @@ def test_changed_tokenizer_in_processor_path_discards_old_chunks(world, tmp_path
     proc = tmp_path / "processor"
     proc.mkdir()
     shutil.copy(os.path.join(world["reward"], "preprocessor_config.json"), proc)
-    for name, data in demo_checkpoints.tokenizer_files(n_merges=20).items():
+    for name, data in demo_reward.tokenizer_files(n_merges=20).items():
         (proc / name).write_bytes(data)
     s = margins.compute_margins(pairs, world["texts"],
                                 reward_cfg(world["reward"], processor_path=str(proc)),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fifa_jax.training import noise_schedule as ns
-from fifa_jax.training.dpo_loss import dpo_loss
+from fifa_jax.training.dpo import dpo_loss
 
 
 def _official(pol, ref, tgt, beta):

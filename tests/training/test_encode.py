@@ -171,7 +171,7 @@ def test_preprocess_resizes_the_short_side_and_centre_crops():
 
 
 def test_config_errors_name_the_key(encoded, sd_pipe):
-    from fifa_jax.config_check import ConfigError
+    from fifa_jax.errors import ConfigError
     wd, _, _ = encoded
     with pytest.raises(ConfigError, match="encode.dtype"):
         encode.run(encode_config(sd_pipe[0], dtype="bfloat16"), wd)

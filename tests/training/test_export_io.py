@@ -18,7 +18,7 @@ from fifa_jax.models.diffusers_io import read_config
 from fifa_jax.models.safetensors_io import CheckpointMismatchError
 from fifa_jax.models.torch_names import fill_from_torch
 from fifa_jax.models.unet_io import UNET_RENAMES, abstract_unet, load_unet
-from fifa_jax.training.demo_base import build_demo_base
+from fifa_jax.demo.base import build_demo_base
 from fifa_jax.training.export_io import (ExportError, shard_plan, unet_tensors,
                                          write_pipeline_folder, write_unet_folder)
 

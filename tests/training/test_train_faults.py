@@ -51,7 +51,7 @@ def test_out_of_memory_names_the_settings():
 
 
 def test_caption_dropout_outside_0_1_is_refused():
-    from fifa_jax.config_check import ConfigError
+    from fifa_jax.errors import ConfigError
     tc = train.default_config()
     tc.caption_dropout = 1.5
     with pytest.raises(ConfigError, match="train.caption_dropout"):

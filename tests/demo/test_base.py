@@ -10,7 +10,7 @@ import torch
 
 from fifa_jax.models.pipeline import load_pipeline
 from fifa_jax.models.unet_io import unet_name_map
-from fifa_jax.training.demo_base import SHIPPED, build_demo_base, init_tensors
+from fifa_jax.demo.base import SHIPPED, build_demo_base, init_tensors
 
 FILES = {"model_index.json", "scheduler/scheduler_config.json",
          "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
@@ -98,7 +98,7 @@ def test_loads_with_our_pipeline(base):
 
 
 def test_vae_latents_of_demo_images_are_unit_scale(base):
-    from fifa_jax.data import demo_world as dw
+    from fifa_jax.demo import world as dw
     pipe = load_pipeline(base, components=["vae"])
     rng = np.random.default_rng(0)
     colours, positions = list(dw.COLOURS), list(dw.POSITIONS)

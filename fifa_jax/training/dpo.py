@@ -23,6 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fifa_jax.training.pref_loss import pair_losses
+
 
 def squared_error(pred, target):
     """Per-sample mean squared error over every non-batch axis, float32: (N, ...) -> (N,)."""
@@ -31,8 +33,8 @@ def squared_error(pred, target):
 
 
 def dpo_loss(policy_pred, ref_pred, target, beta: float, weights=None,
-             interleaved: bool = False):
-    """Diffusion-DPO loss on (2B, C, H, W) arrays, winners first.
+             interleaved: bool = False, loss: str = "dpo", beta_scale=None):
+    """Diffusion-DPO loss (or its IPO / hinge variant) on (2B, C, H, W) arrays, winners first.
 
     Args:
       policy_pred, ref_pred, target: (2B, C, H, W).
@@ -41,6 +43,9 @@ def dpo_loss(policy_pred, ref_pred, target, beta: float, weights=None,
         the weighted pairs.
       interleaved: rows are (winner 0, loser 0, winner 1, ...) instead of winners first (the
         train step's layout: a device that holds a pair holds both its images).
+      loss: "dpo" | "ipo" | "hinge" (`train.loss`; formulas in pref_loss.py).
+      beta_scale: optional (B,) per-pair beta scale s (SmPO weighting, pref_loss.smpo_scale);
+        the loss uses beta * s, `inside` and the accuracies keep the unscaled beta.
     Returns:
       (loss scalar float32, aux) with aux: `inside` (B,), `implicit_acc` (ties 0.5),
       `implicit_acc_strict`, `se_pol_w`, `se_pol_l`, `se_ref_w`, `se_ref_l` (batch means),
@@ -59,7 +64,7 @@ def dpo_loss(policy_pred, ref_pred, target, beta: float, weights=None,
     pol_diff = se_pol[:b] - se_pol[b:]
     ref_diff = se_ref[:b] - se_ref[b:]
     inside = -0.5 * beta * (pol_diff - ref_diff)
-    per_pair = -jax.nn.log_sigmoid(inside)
+    per_pair = pair_losses(ref_diff - pol_diff, beta, loss, beta_scale)
     w = jnp.ones((b,), jnp.float32) if weights is None else weights.astype(jnp.float32)
     denom = jnp.maximum(jnp.sum(w), 1.0)
 

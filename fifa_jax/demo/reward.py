@@ -2,7 +2,7 @@
 
 `build_demo_reward(folder)` installs the files of `fifa_jax/demo/models/reward/` (trained
 PickScore-style on the demo world by `python -m fifa_jax.demo.build_models`, see
-`fifa_jax/demo/train_clip.py`; imperfect on purpose), a transformers-layout CLIPModel folder:
+`demo/train_clip.py`; imperfect on purpose), a transformers-layout CLIPModel folder:
   config.json + model.safetensors    (`model_config`: 32-wide towers, 2 layers each, ViT
                                       patch 4 on 32 x 32 inputs, projection 16)
   vocab.json + merges.txt + tokenizer_config.json + special_tokens_map.json
@@ -11,8 +11,8 @@ PickScore-style on the demo world by `python -m fifa_jax.demo.build_models`, see
                                       learnt by plain BPE from a fixed word list)
   preprocessor_config.json           (`preprocessor_config`: CLIP processor, shortest edge and
                                       crop = IMAGE_SIZE, bicubic, OpenAI mean/std)
-Files whose content is unchanged are not rewritten (so their mtimes, which key the margin
-chunks' fingerprint, stay put).
+Installed by `demo/shipped.py` (unchanged files are not rewritten, so their mtimes, which key
+the margin chunks' fingerprint, stay put).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import json
 import math
 import os
 
+from fifa_jax.demo import shipped
 from fifa_jax.scoring.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 IMAGE_SIZE = 32
@@ -124,17 +125,6 @@ def model_config(vocab_size: int, bos_id: int, eos_id: int) -> dict:
             "vision_config": vision}
 
 
-def _write_if_changed(path: str, data: bytes) -> None:
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            if f.read() == data:
-                return
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def preprocessor_config(image_size: int) -> bytes:
     """The CLIP processor config: shortest edge and crop = image_size, bicubic, OpenAI
     mean / std."""
@@ -147,17 +137,10 @@ def preprocessor_config(image_size: int) -> bytes:
         indent=1, sort_keys=True) + "\n").encode()
 
 
-SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo",
-                       "models", "reward")
+SHIPPED = os.path.join(shipped.ROOT, "reward")
 
 
 def build_demo_reward(folder) -> str:
     """Install the shipped pretrained demo reward (checkpoint, tokenizer, processor config)
     into `folder` (created if absent); returns it."""
-    from fifa_jax.training.demo_base import sync_tree
-    if not os.path.exists(os.path.join(SHIPPED, "model.safetensors")):
-        raise FileNotFoundError(f"the shipped demo reward {SHIPPED} is missing; rebuild it with "
-                                f"`python -m fifa_jax.demo.build_models`")
-    folder = str(folder)
-    sync_tree(SHIPPED, folder)
-    return folder
+    return shipped.install("reward", "model.safetensors", folder)

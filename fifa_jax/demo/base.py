@@ -15,24 +15,22 @@
     tokenizer/                   the demo reward's tiny CLIP BPE tokenizer (same files)
     scheduler/scheduler_config.json   SD1.5's PNDM schedule (scaled_linear 0.00085..0.012, 1000)
 
-Files whose content is unchanged are not rewritten, so their mtimes (which key the stage
-runner's fingerprints) stay put. `init_tensors` (PyTorch default init scales from a numpy RNG)
+Installed by `demo/shipped.py` (unchanged files are not rewritten). `init_tensors` (PyTorch default init scales from a numpy RNG)
 is the trainers' initialiser.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import numpy as np
 
-from fifa_jax.scoring.demo_checkpoints import BOS, EOS, _write_if_changed, model_config
+from fifa_jax.demo import shipped
+from fifa_jax.demo.reward import BOS, EOS, model_config
 
 DIFFUSERS_VERSION = "0.30.0"
-IMAGE_SIZE = 64  # the demo world's images (fifa_jax/data/demo_world.py), 4 x 16 x 16 latents
-SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo",
-                       "models", "base")
+IMAGE_SIZE = 64  # the demo world's images (demo/world.py), 4 x 16 x 16 latents
+SHIPPED = os.path.join(shipped.ROOT, "base")
 SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
     "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -93,44 +91,10 @@ def text_encoder_config(vocab: dict) -> dict:
     return text
 
 
-def sync_tree(src: str, dst: str) -> None:
-    """Copy every file under `src` to the same relative path under `dst`, writing only files
-    whose bytes differ."""
-    for root, _, files in sorted(os.walk(src)):
-        rel = os.path.relpath(root, src)
-        os.makedirs(os.path.join(dst, rel), exist_ok=True)
-        for name in sorted(files):
-            with open(os.path.join(root, name), "rb") as f:
-                _write_if_changed(os.path.normpath(os.path.join(dst, rel, name)), f.read())
-
-
 def build_demo_base(folder, *, seed: int = 0) -> str:
     """Install the shipped pretrained demo pipeline into `folder` (created if absent)."""
     if seed != 0:
         raise ValueError(f"demo base seed={seed}: only seed 0 is shipped; build another with "
                          f"`python -m fifa_jax.demo.build_models --seed {seed} --out DIR` and "
                          f"use DIR/base as the base model")
-    if not os.path.exists(os.path.join(SHIPPED, "model_index.json")):
-        raise FileNotFoundError(f"the shipped demo base {SHIPPED} is missing; rebuild it with "
-                                f"`python -m fifa_jax.demo.build_models`")
-    folder = str(folder)
-    sync_tree(SHIPPED, folder)
-    return folder
-
-
-DEMO = "demo"            # the value of encode.base_model / train.base_model that means this
-DEMO_DIR = ("encode", "demo_base")
-
-
-def resolve_base_model(path: str, workdir) -> str:
-    """`path`, or for "demo" the demo base folder in the work directory (built there by process
-    0 when missing or different; the others wait)."""
-    if path != DEMO:
-        return path
-    from fifa_jax.parallel import hosts
-    import jax
-    folder = os.path.join(os.fspath(workdir), *DEMO_DIR)
-    if jax.process_index() == 0:
-        build_demo_base(folder)
-    hosts.barrier("demo_base:built")
-    return folder
+    return shipped.install("base", "model_index.json", folder)

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import ndimage
 
-from fifa_jax.data import demo_world, images, ingest
+from fifa_jax.data import images, ingest
+from fifa_jax.demo import world as demo_world
 from tests.data import _util
 
 SMALL = dict(n_prompts=30, n_pairs=240, image_size=32, rows_per_shard=100, row_group_rows=25,
