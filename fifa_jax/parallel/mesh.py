@@ -4,7 +4,10 @@ Config (`config.mesh`):
     data:  devices on the data-parallel axis; -1 = all devices not used by the other axes.
     fsdp:  devices on the parameter-sharding axis (1 = replicate parameters).
     distributed: "auto" | "on" | "off": call `jax.distributed.initialize()` when the process is
-        one of several hosts ("auto" detects a TPU pod slice / SLURM / the JAX_COORDINATOR env).
+        one of several hosts ("auto" detects a TPU pod slice / SLURM_NTASKS > 1 / the
+        JAX_COORDINATOR env). Under SLURM, JAX reads the coordinator, count and id from SLURM's
+        variables and, unless JAX_LOCAL_DEVICE_IDS is set, keeps GPU SLURM_LOCALID only (one
+        task per GPU); launch/slurm.sh runs one task per node and exports all the node's ids.
     param_tactic: "fsdp" | "replicate": how model parameters are laid out (param_sharding.py).
     rules: (regex, tactic) pairs over dotted parameter paths, first match wins (used when
         param_tactic is "fsdp").
