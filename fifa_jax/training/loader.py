@@ -22,6 +22,7 @@ A batch (numpy, this host's L rows):
         resumed run draws the same; flip_w, flip_l (L,) bool say which were mirrored;
     "none": the plain posteriors only;  "both": also moments_w_flip, moments_l_flip.
 `empty_prompt` holds the states of "" (caption dropout is the train step's job).
+`pair_values` adds per-pair columns computed from pair_id (the train stage's `proxy_prob`).
 
 `epoch_batches()` (validation): one pass in record order, no shuffle, no flips; every batch
 has L rows on each host and a `mask` (L,) bool; the last global batch is padded with copies
@@ -74,12 +75,13 @@ class PairLoader:
       shuffle: False -> epochs in record order (still repeated).
       flip: "random" | "none" | "both" (ignored when the data hold no mirrored posteriors).
       num_threads, prefetch: grain ReadOptions (reading threads, batches read ahead).
+      pair_values: {key: fn((L,) pair_id) -> (L,) array} added to every batch.
     """
 
     def __init__(self, encode_dir, split: str, *, global_batch: int, seed: int,
                  process_index: int | None = None, process_count: int | None = None,
                  shuffle: bool = True, flip: str = "random", num_threads: int = 4,
-                 prefetch: int = 4):
+                 prefetch: int = 4, pair_values: dict | None = None):
         if process_index is None or process_count is None:
             import jax
             process_index = jax.process_index() if process_index is None else process_index
@@ -109,6 +111,7 @@ class PairLoader:
                                   prefetch_buffer_size=int(prefetch))
         self._iter = None
         self._step = 0
+        self.pair_values = dict(pair_values or {})
 
     # -- reading
     def _rows(self) -> slice:
@@ -126,6 +129,8 @@ class PairLoader:
                "prompt_embeds": np.stack([p["prompt_embeds"] for p in prompts])}
         if "pooled" in prompts[0]:
             out["pooled"] = np.stack([p["pooled"] for p in prompts])
+        for key, fn in self.pair_values.items():
+            out[key] = np.asarray(fn(out["pair_id"]))
         for side in ("w", "l"):
             out[f"moments_{side}"] = np.stack([r[f"moments_{side}"] for r in recs])
             if self.has_flips and flip != "none":
