@@ -1,5 +1,5 @@
 """The demo's assets as the pipeline stages see them: the one module that ingest, scoring,
-training and evaluation import for the demo (the modules behind it are imported on use).
+training and evaluation import for the demo (the models' modules are imported on use).
 
     DEMO                   the `encode.base_model` / `train.base_model` value meaning the demo base
     world_config()         the `data.demo` section (demo/world.py)
@@ -13,31 +13,26 @@ from __future__ import annotations
 
 import os
 
+from fifa_jax.demo import world
+
+world_config = world.default_config       # the data.demo section
+
 DEMO = "demo"
 DEMO_BASE_DIR = ("encode", "demo_base")   # where resolve_base_model installs it in a workdir
 
 
-def world_config():
-    """The `data.demo` config section: the world's parameters."""
-    from fifa_jax.demo import world
-    return world.default_config()
-
-
 def write_world(out_dir, **params) -> dict:
     """Write (or reuse) the demo world under `out_dir`; returns its info dict."""
-    from fifa_jax.demo import world
     return world.write_demo_world(out_dir, **params)
 
 
 def shard_files(out_dir) -> list:
     """The world's parquet shards under `out_dir`, in order."""
-    from fifa_jax.demo import world
     return world.shard_files(out_dir)
 
 
 def make_prompts(n: int, rng, harmful_fraction: float) -> list[dict]:
     """`n` fresh demo-world prompts drawn with `rng` (numpy Generator)."""
-    from fifa_jax.demo import world
     return world.make_prompts(n, rng, harmful_fraction)
 
 

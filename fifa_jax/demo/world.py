@@ -77,18 +77,19 @@ SHARD_DIR = "shards"
 
 
 def default_config() -> ml_collections.ConfigDict:
+    """The `data.demo` section: the world's parameters (`write_demo_world`'s arguments)."""
     c = ml_collections.ConfigDict()
-    c.n_prompts = 200
-    c.n_pairs = 2000
-    c.image_size = 64
-    c.seed = 0
-    c.rows_per_shard = 500
-    c.row_group_rows = 100
-    c.tie_rate = 0.08
-    c.harmful_fraction = 0.05
-    c.bt_beta = 2.0
-    c.n_corrupt = 2
-    c.jpeg_quality = 90
+    c.n_prompts = 200          # unique prompts, drawn without repetition
+    c.n_pairs = 2000           # preference pairs; prompts picked with Zipf-like popularity
+    c.image_size = 64          # image side in pixels (the demo base's VAE takes 64)
+    c.seed = 0                 # the world's seed: same parameters -> byte-identical files
+    c.rows_per_shard = 500     # rows per parquet shard
+    c.row_group_rows = 100     # rows per parquet row group
+    c.tie_rate = 0.08          # P(label 0.5): ties, which the ingest drops by default
+    c.harmful_fraction = 0.05  # share of prompts in the harmful style
+    c.bt_beta = 2.0            # label_0 ~ Bernoulli(sigmoid(bt_beta * human reward gap))
+    c.n_corrupt = 2            # rows with a truncated jpg_1 (the ingest skips and counts them)
+    c.jpeg_quality = 90        # JPEG quality of the stored images
     return c
 
 
