@@ -9,7 +9,10 @@ Reads (workdir contract):
 Writes select/:
     manifest.parquet   one row per chosen pair: rank, pair_id, prompt_id, every term raw and
                        normalised, importance, score (the method's ranking value: the greedy
-                       gain, the top-K score; NaN for full/random), method, fingerprint
+                       gain, the top-K score; NaN for full/random), method, fingerprint,
+                       relabeled (winner and loser swapped by select.relabel; the encode
+                       stage swaps the images), proxy_margin (proxy score of the trained
+                       winner minus the loser's: SmPO weighting reads it)
     report.json        counts, the objective's terms for the chosen set vs R random sets of
                        the same size (mean, std) and, for every method but importance and
                        full, vs the paper's importance top-K of the same size; the config
@@ -17,7 +20,9 @@ Writes select/:
     prompts_pca.png    2-D PCA of the prompt embeddings, chosen prompts marked
 Pairs whose margins row has ok = False (image not decodable) and pairs of a prompt whose
 prompt_scores row has ok = False (the judge failed) are excluded and counted apart. The same
-config gives a byte-identical manifest.
+config gives a byte-identical manifest. `select.margin_mode` (top | bottom | band:LO-HI) and
+`select.relabel` are described in options.py; the report counts the pairs outside the band
+and the relabelled pairs (among the candidates and the chosen).
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ from fifa_jax.selection.greedy import exact_gains, greedy_select
 from fifa_jax.selection.importance import (NORMALIZATIONS, combined_score, margin_term,
                                            normalize, top_k_pairs)
 from fifa_jax.selection.knn import knn
+from fifa_jax.selection.options import (band_mask, oriented_margin, parse_margin_mode,
+                                        relabel)
 
 STAGE = "select"
 SECTION = "select"
@@ -59,6 +66,10 @@ def check_config(sel) -> None:
         raise ConfigError(f"config key 'select.eps' (duplicate floor) must be > 0; got {sel.eps}")
     if "k_pairs" in sel and sel.get("method") != "full" and sel.k_pairs < 1:
         raise ConfigError(f"config key 'select.k_pairs' must be >= 1; got {sel.k_pairs}")
+    parse_margin_mode(sel.get("margin_mode", "top"))
+    if not isinstance(sel.get("relabel", False), bool):
+        raise ConfigError(f"config key 'select.relabel' must be True or False; got "
+                          f"{sel.relabel!r}")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -72,6 +83,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.gamma = 1.0               # weight of diversity
     c.normalize = "zscore"      # none | zscore | rank, each term over the candidate pairs
     c.margin = "absolute"       # absolute | signed
+    c.margin_mode = "top"       # top (FiFA: large margins) | bottom (small margins: the
+    #                             margin term enters with its sign reversed) | band:LO-HI
+    #                             (only pairs whose margin lies between its LO and HI
+    #                             quantiles stay candidates, e.g. band:0.4-0.6)
+    c.relabel = False           # swap winner and loser where the proxy reward disagrees with
+    #                             the human label (Diffusion-DPO's AI-feedback variant)
     c.cap_per_prompt = 0        # at most this many pairs per prompt (0: no cap); top-K, greedy
     c.eps = 1e-4                # distance floor (duplicate policy) for log rho and the greedy
     c.seed = -1                 # random baseline / report seed (-1: the global config.seed)
@@ -318,19 +335,27 @@ def run(config, workdir) -> dict:
     # per-prompt diversity log rho_k among all unique prompts, then candidate pairs
     knn_kw = {"tile": int(sel.knn_tile) or None, "exact_f32": bool(sel.knn_exact_f32)}
     div_prompt = log_rho_k(emb, k, eps=float(sel.eps), mesh=mesh, **knn_kw)
+    mode, band = parse_margin_mode(sel.get("margin_mode", "top"))
+    flipped, proxy_margin = relabel(data["margin_signed"], bool(sel.get("relabel", False)))
     cand = np.flatnonzero(data["ok"])
+    out_of_band = 0
+    if band is not None:
+        inside = band_mask(margin_term(proxy_margin[cand], data["margin_abs"][cand],
+                                       sel.margin), *band)
+        out_of_band = int((~inside).sum())
+        cand = cand[inside]
     if cand.size == 0:
         raise InputError(
             f"select: no candidate pairs: all {data['pair_id'].size} pairs are excluded "
             f"({int((~data['margin_ok']).sum())} with margins ok=False, "
             f"{int((data['margin_ok'] & ~data['prompt_ok']).sum())} of prompts the judge "
-            f"failed on)")
+            f"failed on, {out_of_band} outside select.margin_mode {sel.margin_mode})")
     pid = data["prompt_id"][cand]
-    m = margin_term(data["margin_signed"][cand], data["margin_abs"][cand], sel.margin)
+    m = margin_term(proxy_margin[cand], data["margin_abs"][cand], sel.margin)
     q = data["quality"][pid]
     div = div_prompt[pid]
     terms = {"m": m, "q": q, "div": div}
-    terms["mn"] = normalize(m, sel.normalize)
+    terms["mn"] = normalize(oriented_margin(m, mode), sel.normalize)
     terms["qn"] = normalize(q, sel.normalize)
     terms["divn"] = normalize(div, sel.normalize)
     terms["a"] = combined_score(terms["mn"], terms["qn"], 0, float(sel.alpha), 0.0)
@@ -358,12 +383,17 @@ def run(config, workdir) -> dict:
         "score": pa.array(np.asarray(score, np.float64)),
         "method": pa.array([sel.method] * kk, pa.string()),
         "fingerprint": pa.array([fp] * kk, pa.string()),
+        "relabeled": pa.array(flipped[rows]),
+        "proxy_margin": pa.array(proxy_margin[rows].astype(np.float64)),
     })
 
     counts = {"pairs_total": int(data["pair_id"].size),
               "excluded_not_ok": int((~data["ok"]).sum()),
               "excluded_margin_failed": int((~data["margin_ok"]).sum()),
               "excluded_judge_failed": int((data["margin_ok"] & ~data["prompt_ok"]).sum()),
+              "excluded_margin_band": out_of_band,
+              "relabeled_candidates": int(flipped[cand].sum()),
+              "relabeled_selected": int(flipped[rows].sum()),
               "candidates": int(cand.size), "prompts_total": int(u),
               "prompts_with_candidates": int(np.unique(pid).size),
               "selected": int(kk), "selected_unique_prompts": int(np.unique(pid[idx]).size),

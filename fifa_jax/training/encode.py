@@ -1,6 +1,8 @@
 """The encode stage: VAE posteriors of both images of every pair, text states of every prompt.
 
-Reads:  select/manifest.parquet (pair_id, prompt_id, rank): the train split, in rank order;
+Reads:  select/manifest.parquet (pair_id, prompt_id, rank[, relabeled]): the train split, in
+        rank order; a pair with relabeled = True (select.relabel) is encoded with its winner
+        and loser swapped (moments_w is the proxy's winner);
         ingest/pairs.parquet (pair_id, prompt_id, winner_ref, loser_ref[, is_tie]);
         ingest/prompts.parquet (prompt_id, text); the base model folder (encode.base_model).
 Writes (workdir/encode/):
@@ -208,6 +210,8 @@ def read_inputs(workdir) -> dict:
     win = pairs.column("winner_ref").to_pylist()
     los = pairs.column("loser_ref").to_pylist()
     man_ids = man.column("pair_id").to_numpy()
+    swap = (man.column("relabeled").to_numpy(zero_copy_only=False).astype(bool)
+            if "relabeled" in man.column_names else np.zeros(man_ids.size, bool))
     pos = np.searchsorted(pair_id, man_ids)
     bad = (pos >= pair_id.size) | (pair_id[np.minimum(pos, max(pair_id.size - 1, 0))]
                                    != man_ids) if pair_id.size else np.ones(man_ids.size, bool)
@@ -215,8 +219,11 @@ def read_inputs(workdir) -> dict:
         raise InputError(f"{workdir / 'select' / 'manifest.parquet'}: pair_id "
                          f"{int(man_ids[np.argmax(bad)])} is not in ingest/pairs.parquet "
                          f"(the select stage is out of date: rerun it)")
+    win, los = [win[i] for i in order], [los[i] for i in order]
+    for r in pos[swap]:           # relabelled train pairs (never validation: not in manifest)
+        win[r], los[r] = los[r], win[r]
     return {"pair_id": pair_id, "prompt_id": pairs.column("prompt_id").to_numpy()[order],
-            "winner_ref": [win[i] for i in order], "loser_ref": [los[i] for i in order],
+            "winner_ref": win, "loser_ref": los, "relabeled": int(swap.sum()),
             "is_tie": tie.astype(bool), "train_rows": pos, "texts": texts}
 
 
@@ -614,6 +621,7 @@ def run(config, workdir) -> dict:
     timings["total_s"] = round(time.time() - t_start, 2)
     report["timings"] = timings
     report["devices"] = int(mesh.size)
+    report["relabeled_train_pairs"] = inputs["relabeled"]     # select.relabel swaps
     _atomic_json(report, out / REPORT)
     logging.info("encode: %d train + %d validation pairs encoded (%d skipped), %d prompts",
                  report["splits"]["train"]["encoded"], report["splits"]["validation"]["encoded"],
