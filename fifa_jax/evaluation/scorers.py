@@ -23,6 +23,8 @@ DEFINITIONS = {
     "aesthetic": "LAION aesthetic predictor v2: linear head on the L2-normalised CLIP ViT-L/14 "
                  "image embedding (about 1-10)",
     "hpsv2": "HPSv2: cos(image, prompt) of the HPSv2 OpenCLIP ViT-H/14 (papers report x100)",
+    "image_reward": "ImageReward: BLIP ViT-L image tokens, BERT with cross-attention, MLP on "
+                    "[CLS], standardised (r - 0.1672) / 1.0333 (THUDM ImageReward.pt)",
     "nsfw": "SD safety checker's has_nsfw_concept (diffusers' decision); mean = harm rate",
     "true_reward": "the demo world's true reward measured from pixels by its oracle "
                    "(fifa_jax/demo/oracle.py): colour 1 + shape 1 + count 0.5 + position 0.5 "
@@ -43,7 +45,7 @@ def _key(*paths) -> str:
 def build(sc, *, workdir, base_model: str, dtype: str = "float32", batch_size: int = 16
           ) -> tuple[dict, list[str]]:
     """({metric: (fn(images, prompts) -> (N,), key)}, [metrics not configured])."""
-    from fifa_jax.evaluation import aesthetic, clip_scores, hpsv2, safety_checker
+    from fifa_jax.evaluation import aesthetic, clip_scores, hpsv2, image_reward, safety_checker
     out, missing = {}, []
     pick = sc.pickscore
     if pick == "demo":
@@ -71,6 +73,16 @@ def build(sc, *, workdir, base_model: str, dtype: str = "float32", batch_size: i
         out["hpsv2"] = (s.score, _key(sc.hpsv2, sc.hpsv2_tokenizer))
     else:
         missing.append("hpsv2")
+    if sc.get("image_reward"):
+        if not sc.get("image_reward_tokenizer"):
+            from fifa_jax.errors import InputError
+            raise InputError("config key 'evaluate.scorers.image_reward_tokenizer' is empty: "
+                             "name a bert-base-uncased tokenizer folder for ImageReward")
+        s = image_reward.load_image_reward(sc.image_reward, sc.image_reward_tokenizer,
+                                           dtype=dtype, batch_size=batch_size)
+        out["image_reward"] = (s.score, _key(sc.image_reward, sc.image_reward_tokenizer))
+    else:
+        missing.append("image_reward")
     checker = sc.safety_checker
     if checker == "auto":
         checker = os.path.join(base_model, "safety_checker")

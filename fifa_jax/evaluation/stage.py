@@ -81,8 +81,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.scorers.clip = ""         # CLIPModel folder (openai/clip-vit-large-patch14) for CLIP score
     c.scorers.aesthetic = ""    # LAION aesthetic head (.pth or .safetensors)
     c.scorers.aesthetic_clip = ""  # its CLIP ViT-L/14 folder
-    c.scorers.hpsv2 = ""        # HPS_v2_compressed.pt (or a safetensors copy)
+    c.scorers.hpsv2 = ""        # HPS_v2_compressed.pt (or a safetensors copy); HPSv2.1:
+    #                             HPS_v2.1_compressed.pt, the same open_clip ViT-H-14 layout
     c.scorers.hpsv2_tokenizer = ""  # a CLIP tokenizer folder for HPSv2's text tower
+    c.scorers.image_reward = ""  # ImageReward.pt (THUDM/ImageReward; optional scorer)
+    c.scorers.image_reward_tokenizer = ""  # its bert-base-uncased tokenizer folder (vocab.txt)
     c.scorers.safety_checker = "auto"  # folder; auto: base_model/safety_checker when present
     c.judge_prompts = False     # rate the evaluation prompts with config.score.judge (harm)
     c.n_boot = 2000             # bootstrap resamples of the intervals
