@@ -15,9 +15,12 @@ run also records a fresh `run_id` and the run ids of the upstream outputs it
 read (`upstream_runs`), so an upstream stage that ran again (e.g. `--force`, or alone with
 `config.stages`) reruns its downstream stages too, and a stage left out of `config.stages` whose
 own inputs changed since it ran is refused as out of date instead of being read stale.
+One run at a time per work directory: process 0 holds `WORKDIR/RUN.lock` (workdir_lock.py)
+from planning to the end; a second run stops in one line naming the first.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -414,6 +417,34 @@ def run_pipeline(config, workdir: str | pathlib.Path, *, force: Sequence[str] = 
             f"--force names stage(s) {sorted(force - set(names))} that this run does not run "
             f"(config.stages = {','.join(names)}); add them to config.stages")
     _start_devices(config)      # hosts join first: process 0 decides for all of them
+    with _workdir_lock(workdir, echo):
+        return _run_stages(config, workdir, names, force, echo)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: pathlib.Path, echo):
+    """Process 0 holds WORKDIR/RUN.lock for the run (workdir_lock.py); every host learns
+    whether it got it, so a second run on the directory stops everywhere in one line."""
+    from fifa_jax import workdir_lock
+    from fifa_jax.parallel import hosts
+    record, refusal = None, ""
+    if _process_index() == 0:
+        try:
+            record = workdir_lock.acquire(workdir, echo)
+        except workdir_lock.LockedError as e:
+            refusal = str(e)
+    refusal = hosts.bytes_from_leader(refusal.encode()).decode()
+    if refusal:
+        raise PipelineError(refusal)
+    try:
+        yield
+    finally:
+        if record is not None:
+            workdir_lock.release(workdir, record)
+
+
+def _run_stages(config, workdir: pathlib.Path, names: list[str], force: set[str],
+                echo) -> dict[str, dict]:
     _compile_cache(config, workdir)
     from fifa_jax.parallel import hosts
     plan = _plan_on_leader(lambda: _plan(config, workdir, names, force))

@@ -66,15 +66,17 @@ class MetricWriter:
         self._truncate_after(resume_step)
         if tensorboard:
             from tensorboardX import SummaryWriter
+            # events at steps >= purge_step are hidden: those this run writes again
             self._tb = SummaryWriter(logdir=str(self.path.parent / "tensorboard"),
-                                     purge_step=resume_step or None)
+                                     purge_step=resume_step + 1 if resume_step else 0)
 
     def _truncate_after(self, step: int) -> None:
-        """A resumed run rewrites the steps after its checkpoint: drop their old records."""
+        """A resumed run rewrites the steps after its checkpoint: drop their old records. A
+        run from step 0 (no checkpoint yet) rewrites everything, the step-0 evaluation too."""
         if not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+                if line.strip() and step > 0 and json.loads(line).get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(k + "\n" for k in keep))
         os.replace(tmp, self.path)
