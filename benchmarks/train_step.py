@@ -164,7 +164,7 @@ def make_trainer(unet, consts: dict, scaling_factor: float, optimizer: str = "ad
     mcfg.data, mcfg.fsdp = 1, 1
     mesh = mesh_lib.make_mesh(mcfg, devices=jax.devices()[:1])
     step_cfg = StepConfig(beta=HPARAMS["beta"], caption_dropout=HPARAMS["caption_dropout"],
-                          scaling_factor=scaling_factor, random_flip=False)
+                          scaling_factor=scaling_factor)
     opt_cfg = optimizer_config(optimizer)
     return Trainer(unet, ns.from_scheduler_config(SCHEDULER), step_cfg, make_optimizer(opt_cfg),
                    mesh, seed=0, lr_fn=learning_rate_schedule(opt_cfg.learning_rate, 0),

@@ -37,7 +37,9 @@ config=${1:?$usage}
 workdir=${2:?$usage}
 shift 2
 for n in "$nodes" "$gpus"; do
-  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "--nodes and --gpus-per-node take a count >= 1; $usage" >&2; exit 2; }
+  if ! [[ $n =~ ^[1-9][0-9]*$ ]]; then
+    echo "--nodes and --gpus-per-node take a count >= 1; $usage" >&2; exit 2
+  fi
 done
 repo=$(cd "$(dirname "$0")/.." && pwd)
 case $workdir in /*) ;; *) workdir=$PWD/$workdir ;; esac

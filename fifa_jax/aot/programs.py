@@ -36,11 +36,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fifa_jax.dtypes import DTYPES
 from fifa_jax.errors import InputError
 from fifa_jax.parallel import mesh as mesh_lib
 from fifa_jax.parallel import param_sharding
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PICKAPIC_PROMPTS = 58_960       # unique Pick-a-Pic v2 train prompts after ingest (about 59k)
 
 
@@ -224,7 +224,7 @@ def train_programs(config, mesh) -> list[Program]:
     optimizer = make_optimizer(tc)
     abstract_state, state_sh = ts.state_shardings(params, optimizer, shard_fn, replicated)
     state = _abstract(abstract_state, state_sh)
-    ref = _abstract(params, state_sh.params, dtype=train.DTYPES[tc.ref_dtype])
+    ref = _abstract(params, state_sh.params, dtype=DTYPES[tc.ref_dtype])
     b = _multiple(mesh, int(tc.batch_size), "train.batch_size")
     a = int(tc.grad_accum)
     c, h, ln, d = geo["channels"], geo["side"], geo["text_len"], geo["text_dim"]
@@ -243,7 +243,7 @@ def train_programs(config, mesh) -> list[Program]:
         consts["time_ids"] = _sds((6,), jnp.float32, replicated)
     step_cfg = StepConfig(beta=float(tc.beta), caption_dropout=float(tc.caption_dropout),
                           scaling_factor=geo["scaling_factor"],
-                          shift_factor=geo["shift_factor"], random_flip=False)
+                          shift_factor=geo["shift_factor"])
     unet_fn = unet_apply(graphdef)
     step = jax.jit(functools.partial(train_step, unet_fn=unet_fn, optimizer=optimizer,
                                      schedule=schedule, cfg=step_cfg,

@@ -201,7 +201,7 @@ def _make_evaluator(base: str, encode_dir: pathlib.Path, config):
     from fifa_jax.models.unet_io import load_unet
     from fifa_jax.training import noise_schedule, pair_dataset
     from fifa_jax.training.loader import PairLoader
-    from fifa_jax.training.train import _consts, _eval_batches
+    from fifa_jax.training.batches import eval_batches, heldout_means, step_consts
     from fifa_jax.training.train_step import StepConfig, eval_step
     from fifa_jax.training.trainer import unet_apply
     unet = load_unet(os.path.join(base, "unet"))
@@ -211,27 +211,22 @@ def _make_evaluator(base: str, encode_dir: pathlib.Path, config):
     with open(os.path.join(base, "scheduler", "scheduler_config.json")) as f:
         sched = noise_schedule.from_scheduler_config(json.load(f))
     cfg = StepConfig(beta=float(config.train.beta), caption_dropout=0.0,
-                     scaling_factor=float(spec["scaling_factor"]), random_flip=False)
-    consts = {k: jnp.asarray(v) for k, v in _consts(encode_dir, spec).items()}
+                     scaling_factor=float(spec["scaling_factor"]))
+    consts = {k: jnp.asarray(v) for k, v in step_consts(encode_dir, spec).items()}
     loader = PairLoader(encode_dir, "train", global_batch=32, seed=0, shuffle=False,
                         flip="none")
-    batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in _eval_batches(loader, 0)]
+    batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in eval_batches(loader, 0)]
     # the reference is an argument, not a closed-over constant: a constant-folded copy would
     # differ from the policy's computation in the last bits, and the base against itself
     # would then not tie (implicit accuracy 0.5)
-    step = jax.jit(lambda p, r, b, i: eval_step(p, r, b, consts,
-                                                jax.random.key_data(jax.random.key(7)), i,
-                                                unet_fn=unet_apply(graph), schedule=sched,
-                                                cfg=cfg))
+    step = jax.jit(lambda p, r, b, k, i: eval_step(p, r, b, consts, k, i,
+                                                   unet_fn=unet_apply(graph), schedule=sched,
+                                                   cfg=cfg))
 
     def evaluate(params):
-        sums = None
-        for i, b in enumerate(batches):
-            out = step(params, ref, b, jnp.uint32(i))
-            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-        sums = jax.device_get(sums)
-        n = float(sums.pop("n"))
-        return {k: float(v) / n for k, v in sums.items()}
+        means = heldout_means(lambda b, k, i: step(params, ref, b, k, i), batches, 7)
+        means.pop("pairs", None)
+        return means
     return evaluate, ref
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fifa_jax import parallel
+from fifa_jax.dtypes import compute_dtype
 from fifa_jax.evaluation import clip_scores as cs
 from fifa_jax.evaluation.torch_zip import read_tensors
 from fifa_jax.models.safetensors_io import CheckpointMismatchError
@@ -170,7 +171,7 @@ def load_aesthetic(head_path: str, clip_path: str, *, variant: str = "auto",
     folder (openai/clip-vit-large-patch14: a CLIPModel, only its image tower is read; or a
     CLIPVisionModelWithProjection) with preprocessor_config.json (or in `processor_path`)."""
     head = read_head(head_path, variant)
-    tower = cs.load_image_tower(clip_path, dtype=cs.compute_dtype(dtype),
+    tower = cs.load_image_tower(clip_path, dtype=compute_dtype(dtype),
                                 attention_impl=attention_impl)
     return AestheticScorer(head, tower, pp.load_config(processor_path or clip_path),
                            batch_size=batch_size, mesh=mesh, source=head_path)

@@ -28,21 +28,11 @@ import numpy as np
 from flax import nnx
 
 from fifa_jax import parallel
+from fifa_jax.dtypes import compute_dtype
 from fifa_jax.errors import InputError
 from fifa_jax.scoring import embeddings
 from fifa_jax.scoring import preprocess as pp
 from fifa_jax.scoring.score_step import l2_normalize
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def compute_dtype(dtype):
-    """jnp dtype from a name ("float32", "bfloat16") or a dtype."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        return DTYPES[dtype]
-    return dtype
 
 
 def default_mesh(mesh=None):
@@ -216,7 +206,7 @@ class PickScore(_CLIPTextImage):
         from fifa_jax.scoring.score_step import make_score_step
         model = reward.ensure_model()
         state, self._step = make_score_step(model, reward.image_cfg,
-                                            DTYPES.get(reward.dtype, jnp.float32))
+                                            compute_dtype(reward.dtype, "score.reward.dtype"))
         super().__init__(model, reward.tokenizer, reward.image_cfg, batch_size=batch_size,
                          mesh=mesh, state=state)
         self.reward = reward
@@ -242,7 +232,6 @@ def load_pickscore(path: str, *, processor_path: str = "", dtype="float32",
     (laion/CLIP-ViT-H-14-laion2B-s32B-b79K keeps the tokenizer and preprocessor_config.json);
     loaded with the score stage's `load_reward`."""
     from fifa_jax.scoring.margins import load_reward
-    name = dtype if isinstance(dtype, str) else {jnp.float32: "float32",
-                                                 jnp.bfloat16: "bfloat16"}[dtype]
+    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
     reward = load_reward(path, name, processor_path, attention_impl)
     return PickScore(reward, batch_size=batch_size, mesh=mesh)

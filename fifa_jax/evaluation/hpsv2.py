@@ -49,6 +49,7 @@ import numpy as np
 from flax import nnx
 
 from fifa_jax import parallel
+from fifa_jax.dtypes import compute_dtype
 from fifa_jax.errors import InputError
 from fifa_jax.evaluation import clip_scores as cs
 from fifa_jax.evaluation.torch_zip import load as torch_load, TensorRef, TorchTensors
@@ -423,7 +424,7 @@ def load_hpsv2(path: str, tokenizer_path: str, *, config=None, dtype="float32",
                batch_size: int = 8, mesh=None, attention_impl: str = "auto") -> HPSv2:
     """HPSv2 from the checkpoint (`HPS_v2_compressed.pt` or a safetensors copy) and a CLIP
     tokenizer folder (vocab.json + merges.txt; laion/CLIP-ViT-H-14-laion2B-s32B-b79K)."""
-    model = load_model(path, config, dtype=cs.compute_dtype(dtype),
+    model = load_model(path, config, dtype=compute_dtype(dtype),
                        attention_impl=attention_impl)
     tok = embeddings.load_tokenizer(tokenizer_path)
     return HPSv2(model, tok, batch_size=batch_size, mesh=mesh, source=path)

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from fifa_jax import parallel
+from fifa_jax.dtypes import compute_dtype
 from fifa_jax.errors import InputError
 from fifa_jax.evaluation import clip_scores as cs
 from fifa_jax.models import clip_io
@@ -248,6 +249,6 @@ def load_safety_checker(path: str, *, processor_path: str = "", dtype="float32",
     """The checker from a diffusers folder (a pipeline's `safety_checker/` or
     CompVis/stable-diffusion-safety-checker) and its CLIP preprocessor config
     (see `find_processor`)."""
-    model = load_model(path, dtype=cs.compute_dtype(dtype), attention_impl=attention_impl)
+    model = load_model(path, dtype=compute_dtype(dtype), attention_impl=attention_impl)
     return SafetyChecker(model, pp.load_config(find_processor(path, processor_path)),
                          batch_size=batch_size, mesh=mesh)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import zlib
 from typing import Sequence
 
@@ -28,11 +27,10 @@ import numpy as np
 from flax import nnx
 
 from fifa_jax import parallel
+from fifa_jax.dtypes import DTYPES
 from fifa_jax.errors import InputError
 from fifa_jax.models import platform
 from fifa_jax.sampling.denoise import make_denoise
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def default_guidance(is_sdxl: bool) -> float:
@@ -203,6 +201,3 @@ class TextToImage:
                                    step_key=lo))
         return np.concatenate(out) if out else np.zeros((0,), np.uint8)
 
-
-def is_pipeline_folder(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "model_index.json"))

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -52,13 +51,13 @@ from fifa_jax import parallel
 from fifa_jax.parallel import hosts
 from fifa_jax.data import images as image_refs
 from fifa_jax.files import file_stats
+from fifa_jax.dtypes import DTYPES, compute_dtype
 from fifa_jax.scoring import embeddings, input_pipeline
 from fifa_jax.scoring import preprocess as pp
 from fifa_jax.scoring.score_step import cast_matrices, make_score_step  # noqa: F401 (public)
 
 EXIT_HOOK_ENV = "FIFA_JAX_SCORE_EXIT_AFTER_CHUNKS"
 CHUNK_DIR = "margin_chunks"
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass
@@ -76,7 +75,7 @@ class RewardModel:
     def ensure_model(self):
         if self.model is None:
             from fifa_jax.models.clip_io import load_clip
-            self.model = load_clip(self.path, dtype=_DTYPES[self.dtype],
+            self.model = load_clip(self.path, dtype=DTYPES[self.dtype],
                                    attention_impl=self.attention_impl)
         return self.model
 
@@ -86,8 +85,7 @@ def load_reward(path: str, dtype: str = "float32", processor_path: str = "",
     """A CLIP-layout reward folder: config.json + safetensors, tokenizer files and
     preprocessor_config.json (from `processor_path` when given: PickScore keeps its processor
     in the base model's repository). The weights are read on `ensure_model()`."""
-    if dtype not in _DTYPES:
-        raise ValueError(f"score.reward.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    compute_dtype(dtype, "score.reward.dtype")          # a bad name: one line naming the key
     from fifa_jax.models.clip_config import read_config
     cfg, _ = read_config(path)
     text_cfg = getattr(cfg, "text_config", None)
@@ -321,7 +319,7 @@ def _score_chunks(pairs, pid, text_feats, reward: RewardModel, reward_cfg, mesh,
     bs = int(reward_cfg.batch_size) * parallel.batch_multiple(mesh)  # per device x devices
     h, w = reward.image_cfg.out_hw
     state, step = make_score_step(reward.ensure_model(), reward.image_cfg,
-                                  _DTYPES[reward.dtype])
+                                  DTYPES[reward.dtype])
     state = jax.device_put(state, parallel.replicated(mesh))
     pair_ids = pairs.column("pair_id").to_numpy()
     win = pairs.column("winner_ref").to_pylist()

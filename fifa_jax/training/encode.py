@@ -71,6 +71,7 @@ from flax import nnx
 
 from fifa_jax import parallel
 from fifa_jax.data import images as image_refs
+from fifa_jax.dtypes import DTYPES
 from fifa_jax.errors import InputError
 from fifa_jax.files import file_stats
 from fifa_jax.parallel import hosts
@@ -90,14 +91,13 @@ REPORT = "encode_report.json"
 SPLITS = ("train", "validation")
 FAIL_HOOK_ENV = "FIFA_JAX_ENCODE_FAIL_AFTER_CHUNKS"
 VAL_PROMPTS = ("prefer_disjoint", "disjoint", "any")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _STORE = ("float32", "float16")
 
 RULES = {
     "resolution": ("min", 8),
     "dtype": ("choice", _STORE),
-    "vae_dtype": ("choice", tuple(_DTYPES)),
-    "text_dtype": ("choice", tuple(_DTYPES)),
+    "vae_dtype": ("choice", tuple(DTYPES)),
+    "text_dtype": ("choice", tuple(DTYPES)),
     "attention_impl": ("choice", ("auto", "xla", "cudnn")),   # not einsum: causal text towers
     "num_val_pairs": ("min", 0),
     "val_prompts": ("choice", VAL_PROMPTS),
@@ -326,7 +326,7 @@ def text_states(texts, base_model: str, ec, mesh) -> dict:
     """prompt_embeds (N, L, D) [, pooled (N, P)] in ec.dtype, truncated (N,) bool, max_length,
     for `texts` (see the module docstring for what SD and SDXL use)."""
     from fifa_jax.models.pipeline import load_pipeline
-    pipe = load_pipeline(base_model, dtype=_DTYPES[ec.text_dtype],
+    pipe = load_pipeline(base_model, dtype=DTYPES[ec.text_dtype],
                          attention_impl=ec.attention_impl, variant=ec.variant or None,
                          components=("text_encoder", "text_encoder_2", "tokenizer",
                                      "tokenizer_2"))
@@ -338,7 +338,7 @@ def text_states(texts, base_model: str, ec, mesh) -> dict:
             raise InputError(f"{base_model}: an SDXL pipeline needs text_encoder_2 and "
                              f"tokenizer_2")
         parts.append((pipe.tokenizer_2, pipe.text_encoder_2, "second"))
-    out_dtype = _DTYPES[ec.dtype]
+    out_dtype = DTYPES[ec.dtype]
     states, pooled, truncated, lengths = [], None, np.zeros(len(texts), bool), set()
     for tok, enc, role in parts:
         max_len = min(int(getattr(tok, "model_max_length", 10 ** 9) or 10 ** 9),
@@ -481,7 +481,7 @@ def _encode_chunks(units, inputs, ec, vae, mesh, cdir, stats) -> None:
     flip = bool(ec.random_flip)
     res = int(ec.resolution)
     bs = int(ec.batch_size) * parallel.batch_multiple(mesh)
-    state, step = make_encode_step(vae, flip, _DTYPES[ec.dtype])
+    state, step = make_encode_step(vae, flip, DTYPES[ec.dtype])
     state = jax.device_put(state, parallel.replicated(mesh))
     win, los = inputs["winner_ref"], inputs["loser_ref"]
     fail_after = int(os.environ.get(FAIL_HOOK_ENV, "0") or 0)
@@ -606,7 +606,7 @@ def run(config, workdir) -> dict:
              for k in range(n_chunks[s]) if k not in done[s]]
     if units:
         from fifa_jax.models.vae_io import load_vae
-        vae = load_vae(_vae_dir(ec), dtype=_DTYPES[ec.vae_dtype], variant=ec.variant or None,
+        vae = load_vae(_vae_dir(ec), dtype=DTYPES[ec.vae_dtype], variant=ec.variant or None,
                        attention_impl=ec.attention_impl)
         _encode_chunks(units, inputs, ec, vae, mesh, cdir, stats)
     timings["images_s"] = round(time.time() - t, 2)

@@ -20,7 +20,7 @@ A batch (numpy, this host's L rows):
     "random" (default): moments_w/l are the mirrored image's posterior with probability 1/2,
         drawn per image, winner and loser independently, from (seed, stream position), so a
         resumed run draws the same; flip_w, flip_l (L,) bool say which were mirrored;
-    "none": the plain posteriors only;  "both": also moments_w_flip, moments_l_flip.
+    "none": the plain posteriors only.
 `empty_prompt` holds the states of "" (caption dropout is the train step's job).
 `pair_values` adds per-pair columns computed from pair_id (the train stage's `proxy_prob`).
 
@@ -42,7 +42,7 @@ import numpy as np
 from fifa_jax.training import pair_dataset
 
 STATE_VERSION = 1
-FLIP_MODES = ("random", "none", "both")
+FLIP_MODES = ("random", "none")
 _FLIP_SALT = np.uint64(0xF11F5EED)
 
 
@@ -73,7 +73,7 @@ class PairLoader:
       seed: shuffle (and flip) seed.
       process_index, process_count: this host's slice (default: jax's).
       shuffle: False -> epochs in record order (still repeated).
-      flip: "random" | "none" | "both" (ignored when the data hold no mirrored posteriors).
+      flip: "random" | "none" (ignored when the data hold no mirrored posteriors).
       num_threads, prefetch: grain ReadOptions (reading threads, batches read ahead).
       pair_values: {key: fn((L,) pair_id) -> (L,) array} added to every batch.
     """
@@ -133,7 +133,7 @@ class PairLoader:
             out[key] = np.asarray(fn(out["pair_id"]))
         for side in ("w", "l"):
             out[f"moments_{side}"] = np.stack([r[f"moments_{side}"] for r in recs])
-            if self.has_flips and flip != "none":
+            if self.has_flips and flip == "random":
                 out[f"moments_{side}_flip"] = np.stack([r[f"moments_{side}_flip"]
                                                         for r in recs])
         if flip == "random":
@@ -203,9 +203,6 @@ class PairLoader:
         self._iter = None                 # rebuilt lazily at the new position
 
     # -- one ordered pass (validation)
-    def num_epoch_batches(self) -> int:
-        return -(-self.num_examples // self.global_batch)
-
     def epoch_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """One pass over the split in record order (no shuffle, no flips), this host's rows of
         each global batch, with `mask`; the last batch padded with record 0 (mask False)."""

@@ -48,23 +48,24 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
 from fifa_jax import errors, parallel
+from fifa_jax.dtypes import DTYPES, HALF_OR_FULL
 from fifa_jax.errors import InputError
 from fifa_jax.files import file_stats
 from fifa_jax.models.attention import IMPLEMENTATIONS
 from fifa_jax.models.attention import platform_error as attention_platform_error
-from fifa_jax.models.platform import device_platform
+from fifa_jax.models import remat
 from fifa_jax.models.diffusers_io import read_config
+from fifa_jax.models.platform import device_platform
 from fifa_jax.parallel import hosts, param_sharding
 from fifa_jax.demo import assets
-from fifa_jax.training import (checkpoints, metrics as metrics_lib, noise_schedule,
-                               pair_dataset)
+from fifa_jax.training import (batches as batches_lib, checkpoints, metrics as metrics_lib,
+                               noise_schedule, pair_dataset)
 from fifa_jax.training.loader import PairLoader
 from fifa_jax.training.optimizer import OPTIMIZERS, learning_rate_schedule, make_optimizer
 from fifa_jax.training import pref_loss
@@ -82,15 +83,13 @@ SPEED_ONLY = ("log_every", "progress", "async_checkpoints", "checkpoint_every",
 NOT_IN_TRAJECTORY = SPEED_ONLY + ("num_steps", "eval_every")
 CKPT_DIR = "checkpoints"
 REPORT = "train_report.json"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RULES = {"num_steps": ("min", 1), "batch_size": ("min", 1), "grad_accum": ("min", 1),
          "learning_rate": ("min", 0.0), "warmup_steps": ("min", 0),
          "optimizer": ("choice", OPTIMIZERS), "grad_clip": ("min", 0.0),
          "beta": ("min", 0.0), "weight_decay": ("min", 0.0),
-         "dtype": ("choice", tuple(DTYPES)), "ref_dtype": ("choice", tuple(DTYPES)),
+         "dtype": ("choice", HALF_OR_FULL), "ref_dtype": ("choice", HALF_OR_FULL),
          "prediction_type": ("choice", ("", "epsilon", "v_prediction")),
-         "remat": ("choice", ("none", "nothing_saveable", "everything_saveable",
-                              "dots_saveable", "dots_with_no_batch_dims_saveable")),
+         "remat": ("choice", ("none",) + remat.POLICIES),
          "attention_impl": ("choice", IMPLEMENTATIONS),        # the UNet alone: no masks
          "checkpoint_every": ("min", 0), "keep_checkpoints": ("min", 1),
          "eval_every": ("min", 0), "eval_pairs": ("min", 0), "log_every": ("min", 1)}
@@ -248,19 +247,6 @@ def _micro_batch(tc, mesh) -> int:
     return b
 
 
-def _consts(encode_dir, spec) -> dict:
-    empty = pair_dataset.load_empty_prompt(encode_dir)
-    out = {"empty_embeds": empty["prompt_embeds"].astype(np.float32)}
-    if spec.get("is_sdxl"):
-        res = float(spec["resolution"])
-        out["empty_pooled"] = empty["pooled"].astype(np.float32)
-        out["time_ids"] = np.array([res, res, 0.0, 0.0, res, res], np.float32)
-    return out
-
-
-_MODEL_KEYS = ("moments_w", "moments_l", "prompt_embeds", "pooled", "proxy_prob")
-
-
 def proxy_probabilities(workdir, tc):
     """pair_id (L,) -> (L,) float32 p = sigmoid(m / train.smpo_temperature), m the manifest's
     `proxy_margin` (trained winner minus loser, after select.relabel; older manifests:
@@ -290,17 +276,6 @@ def proxy_probabilities(workdir, tc):
                              f"the encoded train split (rerun select and encode)")
         return prob[pos]
     return lookup
-
-
-def _host_batch(batches: list[dict], weights_key: str | None = None) -> dict:
-    """Stack A loader batches into the step's (A, B_local, ...) layout (float32)."""
-    out = {k: np.stack([b[k] for b in batches]).astype(np.float32)
-           for k in _MODEL_KEYS if k in batches[0]}
-    if weights_key:
-        out["weights"] = np.stack([b[weights_key] for b in batches]).astype(np.float32)
-    else:
-        out["weights"] = np.ones(out["moments_w"].shape[:2], np.float32)
-    return out
 
 
 @contextlib.contextmanager
@@ -379,14 +354,13 @@ def run(config, workdir) -> dict:
     step_cfg = StepConfig(beta=float(tc.beta), caption_dropout=float(tc.caption_dropout),
                           scaling_factor=float(spec["scaling_factor"]),
                           shift_factor=float(spec.get("shift_factor") or 0.0),
-                          random_flip=False,    # the loader mirrors (see loader.py)
                           loss=tc.get("loss", "dpo"),
                           margin_weighting=tc.get("margin_weighting", "none"),
                           smpo_gain=float(tc.get("smpo_gain", SMPO_GAIN)))
     trainer = Trainer(unet, schedule, step_cfg, optimizer, mesh, seed=int(config.seed),
                       lr_fn=learning_rate_schedule(float(tc.learning_rate),
                                                    int(tc.warmup_steps)),
-                      consts=_consts(encode_dir, spec), rules=rules,
+                      consts=batches_lib.step_consts(encode_dir, spec), rules=rules,
                       ref_dtype=DTYPES[tc.ref_dtype])
     del unet
     loader = PairLoader(encode_dir, "train", global_batch=micro, seed=int(config.seed),
@@ -590,7 +564,7 @@ def _loop(config, trainer: Trainer, loader, val, mgr, writer, compat, start, out
     def evaluate(step):
         if val is None:
             return {}
-        batches = _eval_batches(val, int(tc.eval_pairs))
+        batches = batches_lib.eval_batches(val, int(tc.eval_pairs))
         res = trainer.evaluate(batches, key_seed=int(config.seed) + 1)
         writer.write(step, res, kind="eval")
         return res
@@ -609,14 +583,14 @@ def _loop(config, trainer: Trainer, loader, val, mgr, writer, compat, start, out
             # every host compiles the step (long, and unevenly), then they meet: the step's
             # collectives connect the hosts on first use, and on CPU (gloo) a host that
             # comes 30 s after the others fails the run
-            batch = _host_batch([next(loader) for _ in range(accum)])
+            batch = batches_lib.host_batch([next(loader) for _ in range(accum)])
             on_device(trainer.compiled_step, batch)
             hosts.barrier("train:step-compiled")
         if start == 0 and val is not None:
             final_eval = evaluate(0)
         while step < num_steps:
             if batch is None:
-                batch = _host_batch([next(loader) for _ in range(accum)])
+                batch = batches_lib.host_batch([next(loader) for _ in range(accum)])
             metrics = on_device(trainer.step, batch)
             batch = None
             step += 1
@@ -663,16 +637,3 @@ def _loop(config, trainer: Trainer, loader, val, mgr, writer, compat, start, out
     return {"final_step": step, "num_steps": num_steps, "final": last, "eval": final_eval,
             "pairs_per_s": rate, "flops_per_step": trainer.step_flops,
             "checkpoints": sorted(mgr.all_steps())}
-
-
-def _eval_batches(val: PairLoader, limit: int):
-    """The held-out pairs in (1, B_local, ...) batches with weights; the first `limit` pairs
-    (0: all)."""
-    g, local = val.global_batch, val.local_batch
-    for i, b in enumerate(val.epoch_batches()):
-        if limit and i * g >= limit:
-            break
-        mask = b["mask"].astype(np.float32)
-        if limit:
-            mask = mask * (i * g + val.process_index * local + np.arange(local) < limit)
-        yield _host_batch([dict(b, mask=mask)], weights_key="mask")

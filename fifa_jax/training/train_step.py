@@ -2,7 +2,6 @@
 
 Batch layout (global arrays; axis 1 split over the mesh's batch axes):
     moments_w, moments_l    (A, B, 2C, h, w)  VAE posterior [mean; logvar] of winner / loser
-    moments_w_flip, ...     (A, B, 2C, h, w)  the horizontally flipped images' (optional)
     prompt_embeds           (A, B, L, D)      text states of each pair's prompt
     pooled                  (A, B, P)         SDXL: pooled text embedding (optional)
     weights                 (A, B)            1 = a pair, 0 = padding (validation)
@@ -14,9 +13,10 @@ one batch of A*B pairs (up to float rounding). Constants: `empty_embeds` (L, D) 
 
 Per pair (its key: fold_in(fold_in(state.key, step), index in the step), so a draw never
 depends on the micro-batch split, the sharding or an interruption):
-  flip each image with probability 1/2 (when flipped moments exist), draw latents
-  z = mean + exp(logvar / 2) * n (a fresh posterior sample, never the mean), shifted and
-  scaled by the VAE's factors; one timestep t ~ U{0..T-1} and one noise draw, shared by winner and loser;
+  draw latents z = mean + exp(logvar / 2) * n (a fresh posterior sample, never the mean;
+  random flips are the loader's choice of the stored mirrored posterior), shifted and scaled
+  by the VAE's factors; one timestep t ~ U{0..T-1} and one noise draw, shared by winner and
+  loser;
   replace the prompt by the empty prompt with probability `caption_dropout`.
 The policy predicts with gradients, the reference without; `dpo_loss` compares them with
 `cfg.loss` (dpo | ipo | hinge) and, with `cfg.margin_weighting` "smpo", each pair's beta
@@ -39,7 +39,6 @@ from fifa_jax.training.pref_loss import smpo_scale
 from fifa_jax.training.train_state import TrainState
 
 MOMENT_KEYS = ("moments_w", "moments_l")
-FLIP_KEYS = ("moments_w_flip", "moments_l_flip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +46,6 @@ class StepConfig:
     beta: float
     caption_dropout: float
     scaling_factor: float
-    random_flip: bool
     shift_factor: float = 0.0                           # SD3-style VAEs; 0 for SD 1/2/XL
     logvar_clip: tuple[float, float] = (-30.0, 20.0)   # diffusers DiagonalGaussianDistribution
     loss: str = "dpo"                                   # dpo | ipo | hinge (pref_loss.py)
@@ -72,13 +70,8 @@ def prepare_pair(key, pair: dict, consts: dict, schedule: ns.NoiseSchedule, cfg:
                  train: bool):
     """One pair's model inputs: (x_t of winner and loser (2, C, h, w), t (), context pytree,
     target (2, C, h, w)). `pair` holds one pair's slices of the batch arrays."""
-    k = jax.random.split(key, 7)
-    moments = []
-    for i, name in enumerate(MOMENT_KEYS):
-        m = pair[name]
-        if cfg.random_flip and train and FLIP_KEYS[i] in pair:
-            m = jnp.where(jax.random.bernoulli(k[5 + i]), pair[FLIP_KEYS[i]], m)
-        moments.append(m)
+    k = jax.random.split(key, 7)       # k[5:] unused: 7 keeps every draw as it was
+    moments = [pair[name] for name in MOMENT_KEYS]     # flips: the loader's (loader.py)
     c = moments[0].shape[0] // 2
     shape = (c,) + moments[0].shape[1:]
     x0 = jnp.stack([_sample(moments[0], jax.random.normal(k[0], shape), cfg),

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fifa_jax.parallel import mesh as mesh_lib
 from fifa_jax.parallel import param_sharding
 from fifa_jax.training import train_state as ts
+from fifa_jax.training.batches import heldout_means
 from fifa_jax.training.train_step import StepConfig, eval_step, train_step
 
 
@@ -134,15 +135,8 @@ class Trainer:
 
     def evaluate(self, host_batches: Iterable[dict], key_seed: int) -> dict:
         """Weighted held-out means over `host_batches` ((1, B_local, ...) with `weights`)."""
-        key_data = jax.random.key_data(jax.random.key(key_seed)).astype(jnp.uint32)
-        sums = None
-        for i, hb in enumerate(host_batches):
+        def one(hb, key_data, i):
             with jax.set_mesh(self.mesh):
-                out = self._eval(self.state.params, self.ref_params, to_global(hb, self.mesh),
-                                 self.consts, key_data, jnp.uint32(i))
-            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-        if sums is None:
-            return {}
-        sums = jax.device_get(sums)
-        n = max(float(sums.pop("n")), 1.0)
-        return {k: float(v) / n for k, v in sums.items()} | {"pairs": n}
+                return self._eval(self.state.params, self.ref_params, to_global(hb, self.mesh),
+                                  self.consts, key_data, i)
+        return heldout_means(one, host_batches, key_seed)

@@ -126,8 +126,8 @@ def test_train_step_lowered_for_tpu_holds_no_cpu_call_and_takes_pallas(tpu_mesh)
     schedule = ns.from_scheduler_config({"beta_schedule": "scaled_linear"})
     step = jax.jit(functools.partial(
         train_step, unet_fn=unet_apply(graphdef), optimizer=optimizer, schedule=schedule,
-        cfg=StepConfig(beta=5000.0, caption_dropout=0.2, scaling_factor=0.18215,
-                       random_flip=False), lr_fn=lambda s: 1e-5), donate_argnums=(0,))
+        cfg=StepConfig(beta=5000.0, caption_dropout=0.2, scaling_factor=0.18215),
+        lr_fn=lambda s: 1e-5), donate_argnums=(0,))
     with jax.set_mesh(tpu_mesh):
         lowered = step.lower(state_in, ref, batch, consts)
     text = lowered.as_text()

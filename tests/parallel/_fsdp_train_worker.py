@@ -115,7 +115,7 @@ def make_trainer(settings: dict, devices=None):
     cfg = config(settings)
     tc = cfg.train
     step_cfg = StepConfig(beta=float(tc.beta), caption_dropout=float(tc.caption_dropout),
-                          scaling_factor=0.5, random_flip=False)
+                          scaling_factor=0.5)
     lr = float(tc.learning_rate)
     optimizer = optax.chain(optax.clip_by_global_norm(float(tc.grad_clip)), optax.adamw(lr))
     return Trainer(_tiny.unet(), _tiny.SCHED, step_cfg, optimizer, mesh, seed=cfg.seed,

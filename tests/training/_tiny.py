@@ -43,8 +43,6 @@ def pairs(n, seed=0, separable=False, size=H):
            "moments_l": np.concatenate([mean_l, logvar], 1),
            "prompt_embeds": rng.standard_normal((n, L, D)).astype(np.float32),
            "weights": np.ones((n,), np.float32)}
-    out["moments_w_flip"] = out["moments_w"][..., ::-1].copy()
-    out["moments_l_flip"] = out["moments_l"][..., ::-1].copy()
     return out
 
 
@@ -66,8 +64,7 @@ def trainer(mesh_shape=(1, 1), optimizer=None, lr=1e-3, seed=0, beta=50.0, dropo
     cfg.data, cfg.fsdp = mesh_shape
     mesh = mesh_lib.make_mesh(cfg, devices=devices)
     optimizer = optimizer or optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr))
-    step_cfg = StepConfig(beta=beta, caption_dropout=dropout, scaling_factor=0.5,
-                          random_flip=True)
+    step_cfg = StepConfig(beta=beta, caption_dropout=dropout, scaling_factor=0.5)
     model = (unet(model_seed, unet_cfg or TINY16, "auto") if kernels or unet_cfg
              else unet(model_seed))
     return Trainer(model, SCHED, step_cfg, optimizer, mesh, seed=seed,
@@ -85,8 +82,7 @@ CONSTS_XL = dict(CONSTS, empty_pooled=np.zeros((5,), np.float32),
 def trainer_xl(seed=0):
     cfg = mesh_lib.default_config()
     mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:1])
-    step_cfg = StepConfig(beta=50.0, caption_dropout=0.5, scaling_factor=0.5,
-                          random_flip=False)
+    step_cfg = StepConfig(beta=50.0, caption_dropout=0.5, scaling_factor=0.5)
     model = UNet2DConditionModel(TINY_XL, rngs=nnx.Rngs(0), attention_impl="xla")
     return Trainer(model, SCHED, step_cfg, optax.adamw(1e-3), mesh, seed=seed,
                    lr_fn=learning_rate_schedule(1e-3, 0), consts=CONSTS_XL)

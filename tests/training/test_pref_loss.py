@@ -124,7 +124,7 @@ def _trainer(step_cfg):
 @pytest.mark.parametrize("kind", ["dpo", "ipo", "hinge"])
 def test_step_compiles_with_each_loss(kind, forms):
     """Each loss's step runs in both platform forms (with SmPO weighting where allowed)."""
-    base = StepConfig(beta=50.0, caption_dropout=0.0, scaling_factor=0.5, random_flip=False)
+    base = StepConfig(beta=50.0, caption_dropout=0.0, scaling_factor=0.5)
     cfg = dataclasses.replace(base, loss=kind,
                               margin_weighting="none" if kind == "ipo" else "smpo")
     flat = {k: v for k, v in _tiny.pairs(4, seed=6).items() if "flip" not in k}
@@ -134,7 +134,7 @@ def test_step_compiles_with_each_loss(kind, forms):
 
 
 def test_step_smpo_with_probability_one_equals_plain_dpo():
-    base = StepConfig(beta=50.0, caption_dropout=0.0, scaling_factor=0.5, random_flip=False)
+    base = StepConfig(beta=50.0, caption_dropout=0.0, scaling_factor=0.5)
     smpo = dataclasses.replace(base, margin_weighting="smpo", smpo_gain=1.0)
     flat = {k: v for k, v in _tiny.pairs(4, seed=7).items() if "flip" not in k}
     m_plain = _trainer(base).step(_tiny.as_steps(flat, 1))

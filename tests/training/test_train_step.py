@@ -13,8 +13,7 @@ from tests.training import _tiny
 def test_winner_and_loser_share_noise_and_timestep():
     flat = _tiny.pairs(4)
     keys = tstep.pair_keys(jnp.zeros((2,), jnp.uint32), 0, 4)
-    cfg = tstep.StepConfig(beta=1.0, caption_dropout=0.0, scaling_factor=0.5,
-                           random_flip=False)
+    cfg = tstep.StepConfig(beta=1.0, caption_dropout=0.0, scaling_factor=0.5)
     xt, t, ctx, tgt = tstep.micro_batch_inputs(keys, flat, _tiny.CONSTS, _tiny.SCHED, cfg,
                                                train=True)
     w, lo = slice(0, None, 2), slice(1, None, 2)       # rows 2j, 2j + 1: pair j (interleaved)
@@ -124,8 +123,7 @@ def test_sdxl_added_conditioning_reaches_the_unet():
     flat = _tiny.pairs(4, seed=6)
     flat["pooled"] = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
     keys = tstep.pair_keys(jnp.zeros((2,), jnp.uint32), 0, 4)
-    cfg = tstep.StepConfig(beta=1.0, caption_dropout=0.5, scaling_factor=0.5,
-                           random_flip=False)
+    cfg = tstep.StepConfig(beta=1.0, caption_dropout=0.5, scaling_factor=0.5)
     _, _, ctx, _ = tstep.micro_batch_inputs(keys, flat, _tiny.CONSTS_XL, _tiny.SCHED, cfg,
                                             train=True)
     dropped = np.asarray(ctx["encoder_hidden_states"][::2]).std(axis=(1, 2)) == 0  # winners
