@@ -149,8 +149,9 @@ def _stage_modules(stages):
 
 def validate(config) -> None:
     """Checks that need the whole config (called before any stage runs): each requested
-    stage's section against the `RULES` and `check_config` its module declares, and the mesh
-    section (parallel/mesh.py) for every stage that uses devices."""
+    stage's section against the `RULES` and `check_config` its module declares, the mesh
+    section (parallel/mesh.py) for every stage that uses devices, and the training resolution
+    against the base model's config files (training/resolution.py)."""
     for key in ("seed", "stages"):
         if key not in config:
             raise ConfigError(f"config is missing the top-level key {key!r}")
@@ -168,6 +169,9 @@ def validate(config) -> None:
         _check_rules(section, config[section], getattr(module, "RULES", {}))
         if hasattr(module, "check_config"):
             module.check_config(config[section])
+    if {"encode", "train"} & set(stages):     # the size against the base model's configs
+        from fifa_jax.training import resolution
+        resolution.check(config)
 
 
 def _check_rules(section: str, node, rules: dict) -> None:

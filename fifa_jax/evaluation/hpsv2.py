@@ -38,7 +38,6 @@ outputs: a plain resize to 224. An image whose longest side is already 224 is no
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from typing import Mapping, Optional, Sequence
@@ -48,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fifa_jax.files import read_json
 from fifa_jax import parallel
 from fifa_jax.dtypes import compute_dtype
 from fifa_jax.errors import InputError
@@ -132,8 +132,8 @@ def read_open_clip_config(config) -> CLIPConfig:
     if isinstance(config, CLIPConfig):
         return config
     if isinstance(config, (str, os.PathLike)):
-        with open(config, encoding="utf-8") as f:
-            return config_from_open_clip(json.load(f), str(config))
+        return config_from_open_clip(read_json(config, "an open_clip model config"),
+                                     str(config))
     return config_from_open_clip(config)
 
 

@@ -12,7 +12,6 @@ buffer. A `bert.` prefix (BertFor* checkpoints) is stripped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fifa_jax.files import read_json
 from fifa_jax.models.attention import dot_product_attention
 from fifa_jax.models.safetensors_io import (CheckpointMismatchError, check_keys, find_weights,
                                             linear_to_flax, read_safetensors)
@@ -207,8 +207,7 @@ def load_bert(path: str, dtype=jnp.float32) -> BertModel:
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"no config.json in {path}")
-    with open(cfg_file, encoding="utf-8") as f:
-        raw = json.load(f)
+    raw = read_json(cfg_file, "a model config")
     if raw.get("model_type", "bert") not in ("bert",):
         raise CheckpointMismatchError(f"{cfg_file}: model_type {raw.get('model_type')!r} is "
                                       "not a BERT encoder")

@@ -15,6 +15,8 @@ import json
 import os
 from typing import Any, Union
 
+from fifa_jax.files import read_json
+
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu",
                "silu", "swish")
 
@@ -176,6 +178,5 @@ def read_config(path: str) -> tuple[AnyCLIPConfig, dict[str, Any]]:
     cpath = config_path(path)
     if not os.path.exists(cpath):
         raise FileNotFoundError(f"no config.json at {cpath}")
-    with open(cpath, encoding="utf-8") as f:
-        raw = json.load(f)
+    raw = read_json(cpath, "a model config")
     return config_from_dict(raw, cpath), raw

@@ -17,6 +17,7 @@ import os
 import jax
 from flax import nnx
 
+from fifa_jax.files import read_json
 from fifa_jax.models.safetensors_io import LazySafetensors, find_weights, write_safetensors
 from fifa_jax.models.torch_names import export_to_torch, fill_from_torch
 
@@ -28,8 +29,7 @@ def read_folder_json(path: str, name: str, missing: str) -> dict:
     file = os.path.join(path, name)
     if not os.path.isfile(file):
         raise FileNotFoundError(missing)
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(file, "a diffusers config")
 
 
 def read_config(path: str) -> dict:

@@ -7,11 +7,12 @@ Both the transformers 5 form (`rope_parameters`, `layer_types`) and the older fo
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 
 import numpy as np
+
+from fifa_jax.files import read_json
 
 FAMILIES = ("llama", "qwen2", "gemma2", "gemma3_text")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -201,5 +202,4 @@ def load_lm_config(path: str) -> LMConfig:
     file = path if os.path.isfile(path) else os.path.join(path, "config.json")
     if not os.path.exists(file):
         raise FileNotFoundError(f"no config.json in {path}")
-    with open(file, encoding="utf-8") as f:
-        return from_hf_dict(json.load(f), file)
+    return from_hf_dict(read_json(file, "a model config"), file)

@@ -15,12 +15,12 @@ image_encoder, ...) are listed in `Pipeline.skipped`, never silently dropped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Optional, Sequence
 
 import jax.numpy as jnp
 
+from fifa_jax.files import read_json
 from fifa_jax.models.clip_io import load_text_encoder
 from fifa_jax.models.diffusers_io import read_folder_json
 from fifa_jax.models.tokenizers import load_tokenizer
@@ -106,8 +106,7 @@ def load_pipeline(path: str, *, dtype=jnp.float32, attention_impl: str = "auto",
         sched = os.path.join(path, "scheduler", "scheduler_config.json")
         if not os.path.exists(sched):
             raise FileNotFoundError(f"scheduler config not found: {sched}")
-        with open(sched, encoding="utf-8") as f:
-            pipe.scheduler_config = json.load(f)
+        pipe.scheduler_config = read_json(sched, "a scheduler config")
     pipe.skipped = tuple(sorted(k for k in index if not k.startswith("_") and _present(index, k)
                                 and (k not in MODEL_COMPONENTS or k not in wanted)))
     return pipe

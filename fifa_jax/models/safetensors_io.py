@@ -79,6 +79,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             raise CheckpointMismatchError(f"{path}: index names keys absent from shards: "
                                           f"{sorted(missing)[:10]}")
         return out
+    read_header(path)              # a truncated or foreign file: one line naming it
     try:
         return dict(load_file(path))
     except TypeError:  # bfloat16 needs torch-free handling via safe_open + ml_dtypes
@@ -88,6 +89,35 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             for key in f.keys():
                 out[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
         return out
+
+
+def read_header(file: str) -> tuple[dict, int]:
+    """A .safetensors file's tensor table and header length, checked against the file's size
+    (a file cut short, or not a safetensors file, is an error naming it)."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointMismatchError(f"{file}: {size} bytes, too short for a safetensors "
+                                          f"file (truncated or empty)")
+        (n,) = struct.unpack("<Q", raw)
+        if 8 + n > size:
+            raise CheckpointMismatchError(f"{file}: not a safetensors file, or truncated (its "
+                                          f"header claims {n} bytes; the file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointMismatchError(f"{file}: not a safetensors file (unreadable header:"
+                                          f" {e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointMismatchError(f"{file}: not a safetensors file (header is not a table)")
+    header.pop("__metadata__", None)
+    end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointMismatchError(
+            f"{file}: truncated: its tensors need {8 + n + end} bytes, the file has {size} "
+            f"(an interrupted download or copy; fetch the file again)")
+    return header, n
 
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
@@ -104,10 +134,7 @@ class LazySafetensors(Mapping):
         self._where: dict[str, tuple[str, dict, int]] = {}
         wmap, files = read_index(path) if is_index(path) else ({}, [path])
         for file in files:
-            with open(file, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
+            header, n = read_header(file)
             for key, info in header.items():
                 self._where[key] = (file, info, 8 + n)
         missing = set(wmap) - set(self._where)

@@ -11,11 +11,11 @@ the text encoder's `vocab_size` when given.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
 from fifa_jax.errors import InputError
+from fifa_jax.files import read_json
 
 
 class TokenizerVocabError(InputError):
@@ -26,12 +26,10 @@ def _file_vocab_size(path: str) -> Optional[int]:
     """Entries in `path/vocab.json`, else in `path/tokenizer.json`'s model vocab, else None."""
     vocab_json = os.path.join(path, "vocab.json")
     if os.path.exists(vocab_json):
-        with open(vocab_json, encoding="utf-8") as f:
-            return len(json.load(f))
+        return len(read_json(vocab_json, "a tokenizer vocabulary"))
     tok_json = os.path.join(path, "tokenizer.json")
     if os.path.exists(tok_json):
-        with open(tok_json, encoding="utf-8") as f:
-            vocab = (json.load(f).get("model") or {}).get("vocab")
+        vocab = (read_json(tok_json, "a tokenizer").get("model") or {}).get("vocab")
         if isinstance(vocab, (dict, list)):
             return len(vocab)
     return None
@@ -61,6 +59,9 @@ def check_vocab(tokenizer, source: str, *, file_vocab_size: Optional[int] = None
             f"{expected_vocab_size}")
 
 
+JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "special_tokens_map.json")
+
+
 def load_clip_tokenizer(vocab_path: str, merges_path: str, **kwargs):
     """A CLIPTokenizer from explicit `vocab.json` and `merges.txt` files, vocabulary checked."""
     from transformers import CLIPTokenizer
@@ -68,8 +69,8 @@ def load_clip_tokenizer(vocab_path: str, merges_path: str, **kwargs):
         if not os.path.exists(p):
             raise FileNotFoundError(f"tokenizer file not found: {p}")
     tok = CLIPTokenizer(vocab=vocab_path, merges=merges_path, **kwargs)
-    with open(vocab_path, encoding="utf-8") as f:
-        check_vocab(tok, vocab_path, file_vocab_size=len(json.load(f)))
+    check_vocab(tok, vocab_path,
+                file_vocab_size=len(read_json(vocab_path, "a tokenizer vocabulary")))
     return tok
 
 
@@ -83,6 +84,9 @@ def load_tokenizer(path: str, *, expected_vocab_size: Optional[int] = None):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder not found: {path}")
     has = lambda name: os.path.exists(os.path.join(path, name))
+    for name in JSON_FILES:       # a broken JSON file: one line naming it
+        if has(name):
+            read_json(os.path.join(path, name), "a tokenizer file")
     tok, err = None, None
     if has("tokenizer_config.json") or has("tokenizer.json"):
         try:
@@ -90,10 +94,14 @@ def load_tokenizer(path: str, *, expected_vocab_size: Optional[int] = None):
         except (ValueError, OSError, TypeError) as e:  # e.g. no tokenizer class resolvable
             err = e
     if tok is None and has("vocab.json") and has("merges.txt"):
-        tok = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            tok = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 (a broken merges.txt: named below)
+            err = e
     if tok is None:
-        raise ValueError(f"cannot load a tokenizer from {path}: "
-                         f"{err or 'no tokenizer_config.json, tokenizer.json or vocab.json + merges.txt'}")
+        why = (f"{type(err).__name__}: {str(err).splitlines()[0][:300]}" if err else
+               "no tokenizer_config.json, tokenizer.json or vocab.json + merges.txt")
+        raise InputError(f"cannot load a tokenizer from {path}: {why}")
     check_vocab(tok, path, file_vocab_size=_file_vocab_size(path),
                 expected_vocab_size=expected_vocab_size)
     return tok

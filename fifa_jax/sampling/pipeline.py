@@ -78,6 +78,7 @@ class TextToImage:
     batch_size: int = 8
     noise_seed: int = 0
     dtype: str = "float32"       # the compute dtype in use ("auto" resolved)
+    image_size: int | None = None  # image side in pixels (None: the UNet's sample_size)
 
     @classmethod
     def load(cls, path: str, *, unet_dir: str | None = None, sampler: str = "ddim",
@@ -116,11 +117,28 @@ class TextToImage:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """(C, h, w): diffusers' default size, the UNet config's sample_size."""
+        """(C, h, w): `image_size` / the VAE factor when set, else diffusers' default size,
+        the UNet config's sample_size."""
         import json
+        if self.image_size:
+            side = int(self.image_size) // self.vae_factor
+            return (self.unet_config.in_channels, side, side)
         size = json.loads(self.unet_config.raw_json).get("sample_size") or 64
         size = size if isinstance(size, (list, tuple)) else (size, size)
         return (self.unet_config.in_channels, int(size[0]), int(size[1]))
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE factor times the UNet's
+        downsampling (2 per level after the first)."""
+        return self.vae_factor * 2 ** (len(self.unet_config.block_out_channels) - 1)
+
+    @property
+    def default_image_size(self) -> int:
+        import json
+        size = json.loads(self.unet_config.raw_json).get("sample_size") or 64
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return int(size) * self.vae_factor
 
     def text_states(self, texts: Sequence[str]) -> dict:
         """prompt_embeds (N, L, D) [, pooled (N, P)] float32 for `texts`."""
@@ -182,12 +200,17 @@ class TextToImage:
                                     else None)
         return to_uint8(parallel.to_host(self._decode(latents)))[:n]   # gathered over hosts
 
-    def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
-        """One image per (prompts[i], seeds[i]): (N, H, W, 3) uint8."""
+    def __call__(self, prompts: Sequence[str], seeds: Sequence[int],
+                 on_cut=None) -> np.ndarray:
+        """One image per (prompts[i], seeds[i]): (N, H, W, 3) uint8. `on_cut(texts,
+        max_length)` hears of the prompts longer than the text encoder reads (they are cut)."""
         if len(prompts) != len(seeds):
             raise ValueError("prompts and seeds must have the same length")
         unique = sorted(set(prompts))
         states = self.text_states(unique + [""])
+        cut = [t for t, c in zip(unique, states.get("truncated", ())) if c]
+        if cut and on_cut is not None:
+            on_cut(cut, int(states["max_length"]))
         row = {t: i for i, t in enumerate(unique)}
         empty = len(unique)
         out = []

@@ -16,7 +16,6 @@ per encoder, compiled once per padded length. No prompts give a (0, d) result.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Callable, Sequence
@@ -27,6 +26,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from fifa_jax.files import read_json
 from fifa_jax import parallel
 from fifa_jax.errors import InputError
 from fifa_jax.scoring.score_step import l2_normalize
@@ -131,8 +131,7 @@ def run_batched(fn: Callable, params, arrays: Sequence[np.ndarray], batch_size: 
 def _bert_max_length(path: str, model_max: int, tokenizer) -> int:
     st = os.path.join(path, "sentence_bert_config.json")
     if os.path.exists(st):
-        with open(st, encoding="utf-8") as f:
-            v = json.load(f).get("max_seq_length")
+        v = read_json(st, "a sentence-transformers config").get("max_seq_length")
         if v:
             return min(int(v), model_max)
     tmax = getattr(tokenizer, "model_max_length", model_max) or model_max

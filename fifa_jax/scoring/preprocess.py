@@ -14,11 +14,12 @@ PIL is imported where images are handled, so the device-side `normalize` needs o
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 
 import numpy as np
+
+from fifa_jax.files import read_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -92,8 +93,7 @@ def load_config(path: str) -> ImageProcessorConfig:
     file = os.path.join(path, "preprocessor_config.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise FileNotFoundError(f"no preprocessor_config.json at {file}")
-    with open(file, encoding="utf-8") as f:
-        return config_from_dict(json.load(f), file)
+    return config_from_dict(read_json(file, "an image preprocessor config"), file)
 
 
 def _to_rgb(img: "Image.Image") -> "Image.Image":

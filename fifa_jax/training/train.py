@@ -56,7 +56,7 @@ from tqdm import tqdm
 from fifa_jax import errors, parallel
 from fifa_jax.dtypes import DTYPES, HALF_OR_FULL
 from fifa_jax.errors import InputError
-from fifa_jax.files import file_stats
+from fifa_jax.files import file_stats, read_json
 from fifa_jax.models.attention import IMPLEMENTATIONS
 from fifa_jax.models.attention import platform_error as attention_platform_error
 from fifa_jax.models import remat
@@ -341,9 +341,8 @@ def run(config, workdir) -> dict:
     if not os.path.exists(sched_path):
         raise InputError(f"{base}: no scheduler/scheduler_config.json (the base model's noise "
                          f"schedule)")
-    with open(sched_path, encoding="utf-8") as f:
-        schedule = noise_schedule.from_scheduler_config(json.load(f), sched_path,
-                                                        tc.prediction_type or None)
+    schedule = noise_schedule.from_scheduler_config(
+        read_json(sched_path, "a scheduler config"), sched_path, tc.prediction_type or None)
     rules = param_sharding.rules_from_config(config.get("mesh") or {})   # mesh.param_tactic
     unet = load_unet(unet_dir, dtype=DTYPES[tc.dtype], attention_impl=tc.attention_impl,
                      remat_policy=None if tc.remat == "none" else tc.remat, mesh=mesh,

@@ -65,3 +65,38 @@ def test_generate_command(base, tmp_path):
                            "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
                           env=env, timeout=120)
     assert proc.returncode == 2 and "give --prompt" in proc.stderr
+
+
+def _generate(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fifa_jax.generate", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env=dict(os.environ, XLA_FLAGS=""))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num", "0"], "--num must be at least 1"),
+    (["--num", "-2"], "--num must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--guidance", "-1"], "--guidance must be in [0, 100]"),
+    (["--size", "60"], "--size 60 is not a multiple of"),
+])
+def test_generate_refuses_bad_flags_in_one_line(base, tmp_path, flags, message):
+    out = tmp_path / "images"
+    proc = _generate("--model", base, "--prompt", "a red circle", "--out", str(out), *flags)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_generate_size_and_cut_prompt_are_said(base, tmp_path):
+    out = tmp_path / "images"
+    long_prompt = " ".join(["a small red circle at the top"] * 60)
+    proc = _generate("--model", base, "--prompt", long_prompt, "--prompt", "a blue square",
+                     "--steps", "1", "--size", "32", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("note: prompt")]
+    assert len(notes) == 1 and notes[0].startswith("note: prompt 0 ") and "cut" in notes[0]
+    from PIL import Image
+    assert Image.open(out / "0001_0.png").size == (32, 32)
+    assert json.loads((out / "prompts.json").read_text())["settings"]["size"] == 32
