@@ -17,8 +17,9 @@ import sys
 import ml_collections
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="needs libtpu (pip install -e .[tpu])")
+pytestmark = [pytest.mark.tpu,
+              pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                 reason="needs libtpu (pip install -e .[tpu])")]
 
 from fifa_jax import parallel  # noqa: E402
 from fifa_jax.aot import analysis, layouts, topology  # noqa: E402

@@ -93,6 +93,7 @@ def test_classifier_reads_exact_renders():
     assert ref["exact_renders"]["colour"] > 0.95 and ref["exact_renders"]["position"] > 0.9
 
 
+@pytest.mark.slow
 def test_quick_build_is_deterministic(tmp_path):
     first = build_models.build(str(tmp_path / "a"), preset="quick")
     second = build_models.build(str(tmp_path / "b"), preset="quick")

@@ -92,6 +92,7 @@ def tpu_mesh():
     return Mesh(np.asarray(devices).reshape(4, 1), ("data", "fsdp"))
 
 
+@pytest.mark.tpu
 def test_train_step_lowered_for_tpu_holds_no_cpu_call_and_takes_pallas(tpu_mesh):
     """The DPO train step (2 micro-batches, FSDP rules, AdamW) lowered from this CPU host for
     a v5e 2x2 slice (auto forms, the CPU kernels compiled here): no CPU custom call; the

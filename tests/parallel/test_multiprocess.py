@@ -250,6 +250,7 @@ def test_every_process_takes_process_0s_plan(tmp_path):
         assert got["error"] == "stage 'b' is out of date (process 0's view)"
 
 
+@pytest.mark.slow
 def test_demo_pipeline_on_two_processes_equals_one_process(tmp_path):
     main = [sys.executable, "-m", "fifa_jax.main", *DEMO_ARGS]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -310,6 +311,7 @@ def test_failure_on_process_0_stops_every_process(tmp_path):
 FSDP_TRAIN = {"seed": 1, "num_steps": 6, "checkpoint_every": 3, "log_every": 5}
 
 
+@pytest.mark.slow
 def test_fsdp_training_killed_resumed_and_restarted_on_two_processes(tmp_path):
     """Parameters split between the processes (mesh data 1 x fsdp 4, through `train.fit`):
     each process saves its own shards (the old save gathered the model: impossible here); a
