@@ -59,10 +59,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.encode.random_flip = False       # positions are words of the prompt: no mirroring
 
     config.train = train.default_config()
-    # Settings from sweeps on the demo (README, "The demo world"): with the shipped base, lr
-    # 1e-5 / beta 5000 / 100 steps wins 62-77% of same-noise images (cleaner images) over 3
-    # seeds; its mean true-reward gain (-0.04..+0.08) is within run-to-run noise; larger lr
-    # (3e-5, 1e-4), more steps or the full data did not do better (1e-4: -0.19).
+    # Settings from sweeps on the demo (benchmarks/RESULTS.md, "Moved from the README"):
+    # with the shipped base, lr 1e-5 / beta 5000 / 100 steps wins 62-77% of same-noise images
+    # (cleaner images) over 3 seeds; its mean true-reward gain (-0.04..+0.08) is within
+    # run-to-run noise; larger lr (3e-5, 1e-4), more steps or the full data did not do better
+    # (1e-4: -0.19).
     config.train.num_steps = 100            # ~0.35 s a step on 2 CPU cores (8 pairs, 16 x 16)
     config.train.batch_size = 8
     config.train.grad_accum = 1
