@@ -78,6 +78,23 @@ def check_overrides(argv: list[str]) -> None:
         resolve_key(config, key)
 
 
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+    """absl's flags parsed from `argv` (the remaining arguments); a config or flag mistake
+    prints one `error:` line naming the key and exits with code 2."""
+    import sys
+
+    from absl import app, flags
+    app.define_help_flags()       # --help / --helpfull print the flags and exit (absl: code 1)
+    try:
+        check_overrides(argv)
+        return flags.FLAGS(argv, known_only=False)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except (flags.Error, KeyError, AttributeError) as e:
+        print(f"error: {explain_flag_error(e)}", file=sys.stderr)
+    sys.exit(2)
+
+
 def explain_flag_error(error: Exception) -> str:
     """One line for an absl flag error (wrong type, bad file)."""
     text = str(error).strip()

@@ -59,15 +59,7 @@ def _quiet_libraries(record) -> bool:
 
 def main() -> None:
     """Entry point; config-flag errors become one line naming the key."""
-    try:
-        config_check.check_overrides(sys.argv)
-        argv = flags.FLAGS(sys.argv, known_only=False)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (flags.Error, KeyError, AttributeError) as e:
-        print(f"error: {config_check.explain_flag_error(e)}", file=sys.stderr)
-        sys.exit(2)
+    argv = config_check.parse_flags_or_exit(sys.argv)
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_quiet_libraries)

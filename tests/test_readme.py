@@ -10,12 +10,11 @@ Which entry points take `--help` (checked 2026-12-06):
   and the flags and exits 1 (absl's HelpFlag exits 1 by design, not 0).
 - `fifa_jax.config_reference`: argparse; `--help` exits 0. It is also run for real with
   `--check` (exit 0: configs/REFERENCE.md is current).
-- `fifa_jax.main`, `fifa_jax.aot`: NO `--help` (they parse with `flags.FLAGS(argv)`, not
-  `app.run`, so `--help` is "Unknown command line flag 'help'", exit 2). They are run with no
-  flags instead: exit 2 with the one-line "required" error, before any stage or compile (a
-  `--config.stages=...` run is not cheap: it runs stages).
-- `fifa_jax.aot.layouts`: takes the output folder as its only argument (`--help` would be taken
-  as a folder name), so it is run for real into a temporary folder (config files, no weights).
+- `fifa_jax.main`, `fifa_jax.aot`: `--help` prints the module's usage and its flags (absl
+  help flags, exit 1); they are also run with no flags: exit 2 with the one-line "required"
+  error, before any stage or compile (a `--config.stages=...` run is not cheap: it runs stages).
+- `fifa_jax.aot.layouts`: `--help` prints its usage (exit 0); it is also run for real into a
+  temporary folder (config files, no weights).
 A `python -m` command added to the README without a check here fails
 `test_every_readme_command_has_a_check`.
 """
@@ -125,12 +124,12 @@ def test_setup_commands():
 
 # How each README entry point is run cheaply: (arguments, expected exit code, text in the output).
 CHECKS = {
-    "fifa_jax.main": ([], 2, "--config is required"),
-    "fifa_jax.aot": ([], 2, "--config and --topology are required"),
+    "fifa_jax.main": (["--help"], 1, "--workdir"),
+    "fifa_jax.aot": (["--help"], 1, "--topology"),
     "fifa_jax.generate": (["--help"], 1, "--model"),
     "fifa_jax.demo.build_models": (["--help"], 1, "--preset"),
     "fifa_jax.config_reference": (["--help"], 0, "--check"),
-    "fifa_jax.aot.layouts": (None, 0, ""),      # run for real below
+    "fifa_jax.aot.layouts": (["--help"], 0, "usage"),   # and run for real below
 }
 
 
@@ -160,6 +159,13 @@ def test_entry_point_starts(module):
     out = p.stdout + p.stderr
     assert p.returncode == code, f"python -m {module} {' '.join(args)}: exit {p.returncode}\n{out[-2000:]}"
     assert expect in out, out[-2000:]
+
+
+def test_main_and_aot_without_flags_say_what_is_required():
+    for module, expect in (("fifa_jax.main", "--config is required"),
+                           ("fifa_jax.aot", "--config and --topology are required")):
+        p = run([module])
+        assert p.returncode == 2 and expect in p.stderr, p.stdout + p.stderr
 
 
 def test_aot_layouts_writes_config_folders(tmp_path):

@@ -68,16 +68,7 @@ def _run(argv) -> int:
 
 
 def main() -> None:
-    try:
-        config_check.check_overrides(sys.argv)
-        argv = flags.FLAGS(sys.argv, known_only=False)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (flags.Error, KeyError, AttributeError) as e:
-        print(f"error: {config_check.explain_flag_error(e)}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(_run(argv))
+    sys.exit(_run(config_check.parse_flags_or_exit(sys.argv)))
 
 
 if __name__ == "__main__":

@@ -140,8 +140,9 @@ def write(root: str, names=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python -m fifa_jax.aot.layouts ROOT", file=sys.stderr)
-        sys.exit(2)
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        print("usage: python -m fifa_jax.aot.layouts ROOT (writes config-only model folders "
+              "under ROOT)", file=sys.stderr)
+        sys.exit(0 if sys.argv[1:] in (["--help"], ["-h"]) else 2)
     for folder in write(sys.argv[1]):
         print(folder)

@@ -32,7 +32,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -202,7 +201,7 @@ def _abstract_unet(base: str, dtype: str, attention_impl: str, remat: str):
 
 
 def train_programs(config, mesh) -> list[Program]:
-    from fifa_jax.training import noise_schedule, train
+    from fifa_jax.training import noise_schedule
     from fifa_jax.training import train_state as ts
     from fifa_jax.training.optimizer import learning_rate_schedule, make_optimizer
     from fifa_jax.training.train_step import StepConfig, eval_step, train_step
@@ -415,7 +414,7 @@ def evaluate_programs(config, mesh) -> list[Program]:
     from fifa_jax.models.diffusers_io import read_config
     from fifa_jax.models.vae_io import abstract_vae
     from fifa_jax.sampling.denoise import make_denoise
-    from fifa_jax.sampling.pipeline import default_guidance
+    from fifa_jax.sampling.pipeline import default_guidance, unet_model_fn
     ev = _section(config, "evaluate", eval_stage)
     base = _need_base(_base_models(config)["evaluate"], "evaluate.base_model")
     # "auto": the sampler's rule for accelerators (bfloat16; float32 only on the CPU)
@@ -435,14 +434,8 @@ def evaluate_programs(config, mesh) -> list[Program]:
     guidance = float(ev.guidance_scale)
     guidance = default_guidance(is_sdxl) if guidance < 0 else guidance
 
-    def model_fn(p, x, t, ctx):
-        unet = nnx.merge(graphdef, p)
-        if is_sdxl:
-            return unet(x, t, ctx["encoder_hidden_states"],
-                        {"text_embeds": ctx["text_embeds"], "time_ids": ctx["time_ids"]})
-        return unet(x, t, ctx)
-
-    fn = make_denoise(model_fn, scheduler_config=_scheduler(base), sampler=ev.sampler,
+    fn = make_denoise(unet_model_fn(graphdef, is_sdxl), scheduler_config=_scheduler(base),
+                      sampler=ev.sampler,
                       num_steps=int(ev.num_steps), guidance_scale=guidance)
     states = _batch(mesh, (bs, length, width), jnp.float32)
     if is_sdxl:

@@ -54,6 +54,18 @@ def start_noise(seed: int, keys: Sequence[int], seeds: Sequence[int], shape) -> 
                                     jnp.asarray(seeds, jnp.uint32)))
 
 
+def unet_model_fn(graphdef, is_sdxl: bool):
+    """model_fn(params, x (n, C, h, w), t, ctx) -> the UNet's output, for `make_denoise`; ctx
+    is the text states (n, L, D), or SDXL's dict of them, `text_embeds` and `time_ids`."""
+    def model_fn(params, x, t, ctx):
+        unet = nnx.merge(graphdef, params)
+        if is_sdxl:
+            return unet(x, t, ctx["encoder_hidden_states"],
+                        {"text_embeds": ctx["text_embeds"], "time_ids": ctx["time_ids"]})
+        return unet(x, t, ctx)
+    return model_fn
+
+
 def to_uint8(images) -> np.ndarray:
     """(N, 3, H, W) decoder output in [-1, 1] -> (N, H, W, 3) uint8, as diffusers does."""
     x = np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
@@ -161,15 +173,8 @@ class TextToImage:
 
     @functools.cached_property
     def _denoise(self):
-        graph, is_sdxl = self.unet_graph, self.is_sdxl
-
-        def model_fn(params, x, t, ctx):
-            unet = nnx.merge(graph, params)
-            if is_sdxl:
-                return unet(x, t, ctx["encoder_hidden_states"],
-                            {"text_embeds": ctx["text_embeds"], "time_ids": ctx["time_ids"]})
-            return unet(x, t, ctx)
-        return make_denoise(model_fn, scheduler_config=self.scheduler_config,
+        return make_denoise(unet_model_fn(self.unet_graph, self.is_sdxl),
+                            scheduler_config=self.scheduler_config,
                             sampler=self.sampler, num_steps=self.num_steps,
                             guidance_scale=self.guidance_scale)
 
