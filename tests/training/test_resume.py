@@ -149,3 +149,37 @@ def test_sigkill_after_a_checkpoint_resumes_bit_identically(encoded, uninterrupt
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step" in proc.stderr
     _same(_params(workdir, 10), uninterrupted)
+
+
+def test_second_run_on_a_busy_workdir_stops_and_the_first_ends_as_alone(encoded, uninterrupted,
+                                                                         tmp_path):
+    """The README's command started twice on one work directory: while the first trains, the
+    second exits 2 in one line naming the first (pid, host); the first ends with parameters
+    bit-identical to a lone run."""
+    workdir = tmp_path / "w"
+    shutil.copytree(encoded, workdir)
+    err = open(workdir.parent / "first.log", "w+")
+    first = subprocess.Popen(_cmd(workdir, *TRAIN), cwd=ROOT, env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 300
+        while not _train_records(workdir):
+            assert first.poll() is None, "the first run ended before the second could start"
+            assert time.monotonic() < deadline, "the first run never started training"
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGSTOP)       # held mid-training (alive) while the second
+        try:                                     # starts: no race with its 10 quick steps
+            second = _run(workdir, *TRAIN)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        assert first.wait(timeout=300) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert second.returncode == 2, second.stderr[-2000:]
+    lines = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and f"in use by another run: pid {first.pid} on host" in lines[0]
+    _same(_params(workdir, 10), uninterrupted)
+    assert [r["step"] for r in _train_records(workdir)] == list(range(1, 11))
+    assert not (workdir / "RUN.lock").exists()
