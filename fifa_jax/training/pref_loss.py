@@ -92,6 +92,16 @@ def check_config(tc) -> None:
     if mw == "smpo" and loss == "ipo":
         raise ConfigError("config key 'train.margin_weighting' = 'smpo' scales beta per pair, "
                           "which train.loss = 'ipo' cannot take (use 'dpo' or 'hinge')")
+    from fifa_jax.training.timestep_weighting import WEIGHTINGS
+    tw = tc.get("timestep_weighting", "none")
+    if tw not in WEIGHTINGS:
+        raise ConfigError(f"config key 'train.timestep_weighting' must be one of {WEIGHTINGS}; "
+                          f"got {tw!r}")
+    if tw != "none" and loss == "ipo":
+        raise ConfigError("config key 'train.timestep_weighting' scales beta per pair, which "
+                          "train.loss = 'ipo' cannot take (use 'dpo' or 'hinge')")
+    if not float(tc.get("snr_gamma", 5.0)) > 0:
+        raise ConfigError(f"config key 'train.snr_gamma' must be > 0; got {tc.snr_gamma}")
     if not float(tc.get("smpo_temperature", SMPO_TEMPERATURE)) > 0:
         raise ConfigError(f"config key 'train.smpo_temperature' must be > 0; got "
                           f"{tc.smpo_temperature}")

@@ -27,6 +27,7 @@ stops on it (no non-finite parameters are ever kept or saved).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from fifa_jax.training import noise_schedule as ns
+from fifa_jax.training import timestep_weighting as tw
 from fifa_jax.training.dpo import dpo_loss
 from fifa_jax.training.pref_loss import smpo_scale
 from fifa_jax.training.train_state import TrainState
@@ -51,6 +53,8 @@ class StepConfig:
     loss: str = "dpo"                                   # dpo | ipo | hinge (pref_loss.py)
     margin_weighting: str = "none"                      # none | smpo (batch["proxy_prob"])
     smpo_gain: float = 10.0                             # SmPO's factor 10
+    timestep_weighting: str = "none"                    # none | min_snr | inverse_snr
+    snr_gamma: float = 5.0                              # min_snr's gamma
 
 
 def pair_keys(key_data, step, n: int):
@@ -115,14 +119,23 @@ def call_unet(unet_fn: Callable, params, xt, t, ctx):
     return unet_fn(params, xt, t, ctx["encoder_hidden_states"], added)
 
 
-def micro_loss(params, ref_params, keys, micro, consts, unet_fn, schedule, cfg, train=True):
-    """DPO loss of one micro-batch (B pairs) and its aux."""
+def micro_loss(params, ref_params, keys, micro, consts, unet_fn, schedule, cfg, train=True,
+               policy_fn=None):
+    """DPO loss of one micro-batch (B pairs) and its aux. `policy_fn(params, ref_params)`:
+    the policy's UNet parameters from the trained ones (LoRA: base + adapters, lora.py);
+    None: `params` are the UNet's."""
     xt, t, ctx, tgt = micro_batch_inputs(keys, micro, consts, schedule, cfg, train)
-    pol = call_unet(unet_fn, params, xt, t, ctx)
+    full = params if policy_fn is None else policy_fn(params, ref_params)
+    pol = call_unet(unet_fn, full, xt, t, ctx)
     ref = jax.lax.stop_gradient(call_unet(unet_fn, ref_params, xt, t, ctx))
     scale = None
     if cfg.margin_weighting == "smpo" and "proxy_prob" in micro:
         scale = smpo_scale(micro["proxy_prob"], cfg.smpo_gain)
+    w_t = tw.weights(cfg.timestep_weighting if train else "none", schedule.alphas_cumprod,
+                     t[0::2].astype(jnp.int32), cfg.snr_gamma, schedule.prediction_type)
+    if w_t is not None:       # the pair's timestep weight scales its beta (training only:
+        #                       held-out metrics stay the plain DPO loss, comparable)
+        scale = w_t if scale is None else scale * w_t
     return dpo_loss(pol, ref, tgt, cfg.beta, weights=micro.get("weights"), interleaved=True,
                     loss=cfg.loss, beta_scale=scale)
 
@@ -133,12 +146,15 @@ AUX_METRICS = ("implicit_acc", "implicit_acc_strict", "se_pol_w", "se_pol_l", "s
 
 def train_step(state: TrainState, ref_params, batch: dict, consts: dict, *,
                unet_fn: Callable, optimizer: optax.GradientTransformation,
-               schedule: ns.NoiseSchedule, cfg: StepConfig, lr_fn: Callable
-               ) -> tuple[TrainState, dict[str, Any]]:
-    """Accumulate gradients over the A micro-batches of `batch`, apply one update."""
+               schedule: ns.NoiseSchedule, cfg: StepConfig, lr_fn: Callable,
+               policy_fn: Callable | None = None) -> tuple[TrainState, dict[str, Any]]:
+    """Accumulate gradients over the A micro-batches of `batch`, apply one update (to
+    `state.params`: the UNet's, or with `policy_fn` the LoRA adapters only)."""
     a, b = batch["moments_w"].shape[:2]
     keys = pair_keys(state.key, state.step, a * b).reshape(a, b)
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(
+        functools.partial(micro_loss, policy_fn=policy_fn) if policy_fn else micro_loss,
+        has_aux=True)
 
     def named(loss, aux):  # one micro-batch's loss and aux metrics, by name
         return {"loss": loss, **{m: aux[m] for m in AUX_METRICS}}
@@ -181,7 +197,8 @@ def train_step(state: TrainState, ref_params, batch: dict, consts: dict, *,
 
 
 def eval_step(params, ref_params, batch: dict, consts: dict, key_data, index, *,
-              unet_fn: Callable, schedule: ns.NoiseSchedule, cfg: StepConfig) -> dict:
+              unet_fn: Callable, schedule: ns.NoiseSchedule, cfg: StepConfig,
+              policy_fn: Callable | None = None) -> dict:
     """Sums over one validation batch (A=1 layout, weights mark real pairs): `n`, and the
     weighted sums of the per-pair loss and implicit accuracy. No dropout, no flips; draws
     from fold_in(key, index) so every evaluation sees the same noise."""
@@ -189,7 +206,7 @@ def eval_step(params, ref_params, batch: dict, consts: dict, key_data, index, *,
     b = micro["moments_w"].shape[0]
     keys = pair_keys(key_data, index, b)
     loss, aux = micro_loss(params, ref_params, keys, micro, consts, unet_fn, schedule, cfg,
-                           train=False)
+                           train=False, policy_fn=policy_fn)
     n = jnp.sum(micro["weights"])
     return {"n": n, "loss": loss * n, "implicit_acc": aux["implicit_acc"] * n,
             "implicit_acc_strict": aux["implicit_acc_strict"] * n,
