@@ -3,7 +3,8 @@
 Reads:  encode/ (tfds pairs and prompts, empty_prompt.npz, dataset_spec.json), the base
         model's unet/ and scheduler/ (train.base_model, "" = encode.base_model).
 Writes (workdir/train/):
-  checkpoints/<step>/   Orbax: params, opt_state, meta (checkpoints.py); the last
+  checkpoints/<step>/   Orbax: params (LoRA, train.lora.rank > 0: the adapters only, lora.py),
+                        opt_state, meta (checkpoints.py); the last
                         `keep_checkpoints` are kept, and always the final step
   metrics.jsonl         one record per logged step (kind "train") and evaluation ("eval")
   tensorboard/          the same scalars as TensorBoard event files
@@ -43,6 +44,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import time
@@ -68,6 +70,7 @@ from fifa_jax.training import (batches as batches_lib, checkpoints, metrics as m
                                noise_schedule, pair_dataset)
 from fifa_jax.training.loader import PairLoader
 from fifa_jax.training.optimizer import OPTIMIZERS, learning_rate_schedule, make_optimizer
+from fifa_jax.training import lora as lora_lib
 from fifa_jax.training import pref_loss
 from fifa_jax.training.pref_loss import SMPO_GAIN, SMPO_TEMPERATURE
 from fifa_jax.training.train_step import StepConfig
@@ -92,7 +95,8 @@ RULES = {"num_steps": ("min", 1), "batch_size": ("min", 1), "grad_accum": ("min"
          "remat": ("choice", ("none",) + remat.POLICIES),
          "attention_impl": ("choice", IMPLEMENTATIONS),        # the UNet alone: no masks
          "checkpoint_every": ("min", 0), "keep_checkpoints": ("min", 1),
-         "eval_every": ("min", 0), "eval_pairs": ("min", 0), "log_every": ("min", 1)}
+         "eval_every": ("min", 0), "eval_pairs": ("min", 0), "log_every": ("min", 1),
+         "lora.rank": ("min", 0), "lora.alpha": ("min", 0.0)}
 
 
 class Interrupted(errors.Interrupted):
@@ -139,6 +143,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.ref_dtype = "float32"    # reference parameters: float32 | bfloat16 (half the memory)
     c.remat = "none"           # none | a jax.checkpoint_policies name (per UNet block)
     c.attention_impl = "auto"  # auto | xla | cudnn (GPU) | einsum | fused (CPU)
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0            # 0 = full fine-tuning; r > 0: LoRA adapters (training/lora.py)
+    #                            of rank r train, the base UNet is frozen and is the reference;
+    #                            checkpoints hold the adapters; export writes them for
+    #                            diffusers' load_lora_weights (learning_rate: ~1e-4 is usual)
+    c.lora.alpha = 4.0         # scale alpha / rank on B @ A (PEFT's lora_alpha)
+    c.lora.targets = lora_lib.DEFAULT_TARGETS  # comma list of regexes searched in the
+    #                            diffusers module names of the UNet's linear layers; default
+    #                            the attention q / k / v / out; add e.g. ff\.net\.(0\.proj|2)$
     c.eval_every = 100         # held-out loss / implicit accuracy every N steps (0 = end only)
     c.eval_pairs = 0           # held-out pairs used (0 = all the encode stage holds)
     c.checkpoint_every = 250   # steps between checkpoints (0 = only the last)
@@ -153,6 +166,16 @@ def default_config() -> ml_collections.ConfigDict:
 def check_config(tc) -> None:
     from fifa_jax.errors import ConfigError
     pref_loss.check_config(tc)
+    lc = tc.get("lora")
+    if lc is None:
+        return
+    for pat in str(lc.targets).split(","):
+        try:
+            re.compile(pat.strip())
+        except re.error as e:
+            raise ConfigError(f"config key 'train.lora.targets': {pat!r} is not a regex ({e})")
+    if int(lc.rank) > 0 and float(lc.alpha) <= 0:
+        raise ConfigError(f"config key 'train.lora.alpha' must be > 0; got {lc.alpha}")
     if not 0.0 <= tc.caption_dropout <= 1.0:
         raise ConfigError(f"config key 'train.caption_dropout' must be in [0, 1]; got "
                           f"{tc.caption_dropout}")
@@ -207,6 +230,8 @@ def trajectory_hash(config, workdir) -> str:
     tc = json.loads(json.dumps(config.train.to_dict(), sort_keys=True, default=str))
     for k in NOT_IN_TRAJECTORY:
         tc.pop(k, None)
+    if not int((tc.get("lora") or {}).get("rank", 0)):
+        tc.pop("lora", None)        # full fine-tuning: the hash it had before LoRA existed
     done = pathlib.Path(workdir) / "encode" / "STAGE_DONE.json"
     enc = json.loads(done.read_text()).get("fingerprint") if done.exists() else None
     blob = json.dumps({"train": tc, "seed": int(config.seed), "encode": enc}, sort_keys=True)
@@ -360,7 +385,7 @@ def run(config, workdir) -> dict:
                       lr_fn=learning_rate_schedule(float(tc.learning_rate),
                                                    int(tc.warmup_steps)),
                       consts=batches_lib.step_consts(encode_dir, spec), rules=rules,
-                      ref_dtype=DTYPES[tc.ref_dtype])
+                      ref_dtype=DTYPES[tc.ref_dtype], lora=lora_lib.from_config(tc.get("lora")))
     del unet
     loader = PairLoader(encode_dir, "train", global_batch=micro, seed=int(config.seed),
                         flip="random" if tc.random_flip else "none",

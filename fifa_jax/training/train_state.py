@@ -45,3 +45,13 @@ def init_state(base_params, optimizer, seed: int, shardings: TrainState) -> Trai
                           opt_state=optimizer.init(policy),
                           key=jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32))
     return jax.jit(make, out_shardings=shardings)(base_params)
+
+
+def init_state_from(make_params, optimizer, seed: int, shardings: TrainState) -> TrainState:
+    """A fresh state whose params are `make_params()` (e.g. LoRA adapters, lora.py)."""
+    def make():
+        params = make_params()
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params),
+                          key=jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32))
+    return jax.jit(make, out_shardings=shardings)()

@@ -12,6 +12,10 @@ rules=)` reads them into; batches are split over every device along the pair axi
 step is traced under the mesh (`jax.set_mesh`), where the models keep activations split by
 batch (`parallel.mesh.constrain_batch`): FSDP gathers weights, never activations. The step
 donates the state. Every host calls every method (SPMD).
+
+LoRA (`lora`, lora.py): the state's params are the adapters (replicated, float32) and their
+optimiser state; the reference is the loaded UNet's arrays (cast to `ref_dtype`), and the step
+builds the policy as base + adapters from them (`lora.merge`): one copy of the UNet.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fifa_jax.parallel import mesh as mesh_lib
 from fifa_jax.parallel import param_sharding
+from fifa_jax.training import lora as lora_lib
 from fifa_jax.training import train_state as ts
 from fifa_jax.training.batches import heldout_means
 from fifa_jax.training.train_step import StepConfig, eval_step, train_step
@@ -59,7 +64,7 @@ class Trainer:
     def __init__(self, unet, schedule, step_cfg: StepConfig,
                  optimizer: optax.GradientTransformation, mesh: Mesh, *, seed: int,
                  lr_fn: Callable, consts: dict, rules=None, min_size: int = 0,
-                 ref_dtype=jnp.float32):
+                 ref_dtype=jnp.float32, lora: lora_lib.LoraConfig | None = None):
         self.mesh, self.optimizer, self.schedule, self.step_cfg = mesh, optimizer, schedule, \
             step_cfg
         graphdef, state = nnx.split(unet)
@@ -71,12 +76,21 @@ class Trainer:
         self.replicated = mesh_lib.replicated(mesh)
         abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
                                        base)
-        self.abstract_state, self.state_shardings = ts.state_shardings(
-            abstract_params, optimizer, lambda t: shard_fn(t), self.replicated)
-        self.param_shardings = self.state_shardings.params
+        self.lora, self.seed, self.policy_fn = lora, int(seed), None
+        self.param_shardings = shard_fn(abstract_params)       # the UNet's layout
         base = jax.device_put(base, self.param_shardings)
-        self.seed = int(seed)
-        self.state = ts.init_state(base, optimizer, self.seed, self.state_shardings)
+        if lora is None:
+            self.abstract_state, self.state_shardings = ts.state_shardings(
+                abstract_params, optimizer, lambda t: shard_fn(t), self.replicated)
+            self.state = ts.init_state(base, optimizer, self.seed, self.state_shardings)
+        else:
+            make = functools.partial(lora_lib.init_adapters, abstract_params, lora,
+                                     lora_lib.init_key(self.seed))
+            self.abstract_state, self.state_shardings = ts.state_shardings(
+                jax.eval_shape(make), optimizer,
+                lambda t: jax.tree.map(lambda _: self.replicated, t), self.replicated)
+            self.state = ts.init_state_from(make, optimizer, self.seed, self.state_shardings)
+            self.policy_fn = functools.partial(lora_lib.merge, scale=lora.scale)
         # the reference is the loaded arrays themselves (the policy is a copy in new buffers),
         # or their bfloat16 cast: never a third full copy
         self.ref_params = base if jnp.dtype(ref_dtype) == jnp.float32 else jax.jit(
@@ -87,15 +101,24 @@ class Trainer:
                                      self.replicated)
         self._step = jax.jit(
             functools.partial(train_step, unet_fn=self.unet_fn, optimizer=optimizer,
-                              schedule=schedule, cfg=step_cfg, lr_fn=lr_fn),
+                              schedule=schedule, cfg=step_cfg, lr_fn=lr_fn,
+                              policy_fn=self.policy_fn),
             donate_argnums=(0,), out_shardings=(self.state_shardings, self.replicated))
         self._compiled, self.step_flops = {}, None
         self._eval = jax.jit(functools.partial(eval_step, unet_fn=self.unet_fn,
-                                               schedule=schedule, cfg=step_cfg),
+                                               schedule=schedule, cfg=step_cfg,
+                                               policy_fn=self.policy_fn),
                              out_shardings=self.replicated)
 
     def restore(self, state: ts.TrainState) -> None:
         self.state = state
+
+    def policy_params(self):
+        """The policy's UNet parameter tree (LoRA: base + adapters, merged)."""
+        if self.policy_fn is None:
+            return self.state.params
+        return jax.jit(self.policy_fn, out_shardings=self.param_shardings)(
+            self.state.params, self.ref_params)
 
     def compiled_step(self, host_batch: dict):
         """The compiled step for this batch's shapes (compiled once; `step_flops` from the cost
