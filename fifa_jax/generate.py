@@ -2,7 +2,7 @@
 
     python -m fifa_jax.generate --model WORKDIR/export/pipeline --prompt "two red circles" \\
         --out /tmp/images [--num 4] [--seed 0] [--sampler ddim] [--steps 50] [--guidance 7.5]
-        [--size 512]
+        [--size 512] [--lora WORKDIR/export/lora]
     python -m fifa_jax.generate --model DIR --prompts prompts.txt --out DIR   # one per line
 
 Writes OUT/<index>_<seed>.png and OUT/prompts.json (file -> prompt, seed, settings). The
@@ -21,6 +21,8 @@ from absl import app, flags
 
 _MODEL = flags.DEFINE_string("model", None, "diffusers pipeline folder (model_index.json)")
 _UNET = flags.DEFINE_string("unet", None, "another UNet folder to use (e.g. export/unet)")
+_LORA = flags.DEFINE_string("lora", None, "a diffusers LoRA folder (e.g. export/lora, "
+                            "pytorch_lora_weights.safetensors) merged into the UNet")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
 _PROMPTS = flags.DEFINE_string("prompts", None, "a text file, one prompt per line")
 _OUT = flags.DEFINE_string("out", None, "output folder")
@@ -104,7 +106,7 @@ def _run(argv) -> int:
         gen = TextToImage.load(_MODEL.value, unet_dir=_UNET.value, sampler=_SAMPLER.value,
                                num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
                                dtype=_DTYPE.value, batch_size=_BATCH.value,
-                               noise_seed=_NOISE_SEED.value)
+                               noise_seed=_NOISE_SEED.value, lora_dir=_LORA.value)
     except (InputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -124,7 +126,8 @@ def _run(argv) -> int:
         name = f"{i:04d}_{s}.png"
         Image.fromarray(img).save(os.path.join(_OUT.value, name))
         index[name] = {"prompt": p, "seed": s}
-    settings = {"model": _MODEL.value, "unet": _UNET.value, "sampler": _SAMPLER.value,
+    settings = {"model": _MODEL.value, "unet": _UNET.value, "lora": _LORA.value,
+                "sampler": _SAMPLER.value,
                 "steps": _STEPS.value, "guidance": gen.guidance_scale,
                 "noise_seed": _NOISE_SEED.value,
                 "size": gen.latent_shape[1] * gen.vae_factor}

@@ -96,10 +96,11 @@ class TextToImage:
     def load(cls, path: str, *, unet_dir: str | None = None, sampler: str = "ddim",
              num_steps: int = 50, guidance_scale: float | None = None,
              dtype: str = "auto", attention_impl: str = "auto", batch_size: int = 8,
-             noise_seed: int = 0, mesh=None) -> "TextToImage":
+             noise_seed: int = 0, mesh=None, lora_dir: str | None = None) -> "TextToImage":
         """`path`: a diffusers pipeline folder; `unet_dir`: another UNet folder (e.g. a tuned
-        one) to use instead of path/unet; guidance None: the model's default; dtype "auto":
-        bfloat16 on accelerators, float32 on the CPU."""
+        one) to use instead of path/unet; `lora_dir`: a diffusers LoRA folder or file (e.g.
+        export/lora) merged into the UNet's kernels (training/lora.py); guidance None: the
+        model's default; dtype "auto": bfloat16 on accelerators, float32 on the CPU."""
         from fifa_jax.models.pipeline import load_pipeline
         from fifa_jax.models.unet_io import load_unet
         mesh = mesh if mesh is not None else parallel.make_mesh(None)
@@ -113,6 +114,9 @@ class TextToImage:
                             ("scheduler", pipe.scheduler_config)):
             if value is None:
                 raise InputError(f"{path}: the pipeline has no {what}")
+        if lora_dir:
+            from fifa_jax.training.lora import merge_file_into
+            merge_file_into(unet, lora_dir)
         graph, params = nnx.split(unet)
         text_config = ml_collections.ConfigDict({
             "text_dtype": dtype, "attention_impl": attention_impl, "variant": "",

@@ -219,3 +219,17 @@ def write_pipeline_folder(base_path: str, unet_dir: str, out_dir: str) -> str:
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def write_lora(folder: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]
+               ) -> str:
+    """<folder>/pytorch_lora_weights.safetensors (float32, `{"format": "pt"}` + `metadata`),
+    written to a temporary name and renamed into place; returns its path."""
+    from fifa_jax.training.lora import WEIGHTS_NAME
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, WEIGHTS_NAME)
+    tmp = path + ".tmp"
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, tmp,
+              metadata={"format": "pt", **{f"fifa_jax.lora_{k}": v for k, v in metadata.items()}})
+    os.replace(tmp, path)
+    return path
