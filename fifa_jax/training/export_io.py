@@ -73,9 +73,10 @@ def _atomic_bytes(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_safetensors(arrays: Mapping[str, np.ndarray], path: str) -> None:
+def _atomic_safetensors(arrays: Mapping[str, np.ndarray], path: str,
+                        metadata: Mapping[str, str] | None = None) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file(dict(arrays), tmp, metadata={"format": "pt"})
+    save_file(dict(arrays), tmp, metadata={"format": "pt", **(metadata or {})})
     umask = os.umask(0)              # safetensors creates 0600 files: give the usual mode
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
@@ -228,8 +229,6 @@ def write_lora(folder: str, tensors: Mapping[str, np.ndarray], metadata: Mapping
     from fifa_jax.training.lora import WEIGHTS_NAME
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, WEIGHTS_NAME)
-    tmp = path + ".tmp"
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, tmp,
-              metadata={"format": "pt", **{f"fifa_jax.lora_{k}": v for k, v in metadata.items()}})
-    os.replace(tmp, path)
+    _atomic_safetensors({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+                        path, {f"fifa_jax.lora_{k}": v for k, v in metadata.items()})
     return path

@@ -144,3 +144,14 @@ def test_export_stage_writes_the_lora_and_the_merged_unet(case, tmp_path):
     got = nnx.to_pure_dict(nnx.split(load_unet(str(tmp_path / "export" / "unet")))[1])
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(merged)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def test_lora_file_has_the_usual_mode_and_metadata(case):
+    from safetensors import safe_open
+    _, folder, *_ = case
+    path = os.path.join(folder, lora_lib.WEIGHTS_NAME)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+    with safe_open(path, framework="np") as f:
+        assert f.metadata() == {"format": "pt", "fifa_jax.lora_rank": "2"}
