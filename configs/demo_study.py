@@ -9,8 +9,10 @@ dataset, 3 seeds each (study.methods, study.seeds), and measures on the demo wor
 reward is known: the true reward of samples (the pixel oracle, fifa_jax/demo/oracle.py) every
 study.curve_every steps, the harm rate (the harmful mark on samples of harmful prompts),
 implicit accuracy on held-out pairs no run trains on, and the train time to reach the
-full-data run's final true reward. Writes study/results.md (the table, means with 95%
-intervals over seeds), study/results.json and study/true_reward_vs_step.png.
+full-data run's final true reward. LoRA rows: a method "<method>+lora" trains adapters
+(study.lora_rank, lora_alpha, lora_learning_rate) on that method's pairs, e.g.
+--config.study.methods=importance,importance+lora. Writes study/results.md (the table, means
+with 95% intervals over seeds), study/results.json and study/true_reward_vs_step.png.
 Expected: about 26 minutes on 2 idle CPU cores (measured: 26 min 2 s with study.num_steps=100;
 the README quotes the table and the plot).
 """

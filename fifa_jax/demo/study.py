@@ -2,8 +2,9 @@
 
 With the same budget of train steps, DPO on the pairs chosen by each selection method
 (`study.methods`: FiFA importance top-K, FiFA greedy, random K, margin-only top-K, the full
-dataset), `study.seeds` seeds each, all from the same base model; measured on the demo world,
-where every image's true reward is known:
+dataset; `<method>+lora`: that selection trained with LoRA adapters, `study.lora_*`),
+`study.seeds` seeds each, all from the same base model; measured on the demo world, where
+every image's true reward is known:
 
   true reward   the oracle's reward (fifa_jax/demo/oracle.py, from pixels) of images sampled
                 from the model on `study.eval_prompts` new demo prompts (one seed each, the
@@ -62,7 +63,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample_steps = 20         # DDIM steps of the curve's samples
     c.guidance_scale = 7.5
     c.prompt_seed = 4321        # seed of the evaluation prompts' draw
+    # methods named "<method>+lora" (e.g. "importance+lora") train LoRA adapters on that
+    # method's pairs (train.lora, training/lora.py) with these settings:
+    c.lora_rank = 4
+    c.lora_alpha = 4.0
+    c.lora_learning_rate = 1e-4  # adapters usually take a larger step than the full UNet
     return c
+
+
+LORA_SUFFIX = "+lora"
+
+
+def _selection(method: str) -> str:
+    """The select.method of a study method ("importance+lora" -> "importance")."""
+    return method[:-len(LORA_SUFFIX)] if method.endswith(LORA_SUFFIX) else method
 
 
 def _list(spec) -> list[str]:
@@ -138,8 +152,12 @@ def _sub_config(config, method: str, seed: int, stages: str):
     cfg = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
     cfg.stages = stages
     cfg.seed = seed
-    cfg.select.method = method
+    cfg.select.method = _selection(method)
     st = config.study
+    if method.endswith(LORA_SUFFIX):
+        cfg.train.lora.rank = int(st.lora_rank)
+        cfg.train.lora.alpha = float(st.lora_alpha)
+        cfg.train.learning_rate = float(st.lora_learning_rate)
     cfg.train.num_steps = int(st.num_steps)
     cfg.train.checkpoint_every = int(st.curve_every)
     cfg.train.keep_checkpoints = int(st.num_steps) // int(st.curve_every) + 2
@@ -187,9 +205,17 @@ class _Sampler:
                 "harmful_prompts": len(marked)}
 
 
-def _checkpoint_params(run_dir: pathlib.Path, step: int, abstract):
-    from fifa_jax.training import checkpoints
+def _checkpoint_params(run_dir: pathlib.Path, step: int, abstract, lora=None, ref=None):
+    """The policy's UNet parameters at `step` (a LoRA run's adapters merged into `ref`)."""
+    import functools
+
+    from fifa_jax.training import checkpoints, lora as lora_lib
+    if lora is not None:
+        abstract = jax.eval_shape(functools.partial(lora_lib.init_adapters, abstract, lora,
+                                                    lora_lib.init_key(0)))
     params, _ = checkpoints.restore_params(run_dir / "train" / "checkpoints", step, abstract)
+    if lora is not None:
+        params = jax.jit(functools.partial(lora_lib.merge, scale=lora.scale))(params, ref)
     return params
 
 
@@ -269,6 +295,7 @@ def _one_run(config, out, name, method, seed, sampler, evaluate, ref, base_point
 
     from fifa_jax.models.diffusers_io import read_config
     from fifa_jax.models.unet_io import abstract_unet
+    from fifa_jax.training import lora as lora_lib
     run_dir = out / "runs" / name
     _link_pool(run_dir, out / "pool")
     cfg = _sub_config(config, method, seed, "select,encode,train")
@@ -283,11 +310,12 @@ def _one_run(config, out, name, method, seed, sampler, evaluate, ref, base_point
     base = sampler.gen.path
     abstract = nnx.to_pure_dict(nnx.split(abstract_unet(read_config(
         os.path.join(base, "unet"))))[1])
+    lora = lora_lib.from_config(cfg.train.get("lora"))
     steps = sorted(int(p.name) for p in (run_dir / "train" / "checkpoints").iterdir()
                    if p.name.isdigit())
     points = [{"step": 0, **base_point}]
     for s in steps:
-        params = _checkpoint_params(run_dir, s, abstract)
+        params = _checkpoint_params(run_dir, s, abstract, lora, ref)
         point = {"step": s, **sampler.measure(params)}
         if s == steps[-1]:
             point.update({f"heldout_{k}": v for k, v in evaluate(params).items()})
