@@ -52,6 +52,7 @@ setup(
             "pytest-xdist>=3.5",
             "torch==2.13.0",
             "diffusers>=0.40",
+            "peft>=0.17",        # diffusers' load_lora_weights (tests/training/test_lora_export.py)
             "scikit-learn>=1.4",
             "faiss-cpu>=1.8",
             "sentence-transformers>=5",

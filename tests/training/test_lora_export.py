@@ -155,3 +155,45 @@ def test_lora_file_has_the_usual_mode_and_metadata(case):
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
     with safe_open(path, framework="np") as f:
         assert f.metadata() == {"format": "pt", "fifa_jax.lora_rank": "2"}
+
+
+def test_sdxl_lora_loader_matches_our_policy(tmp_path):
+    """An SDXL-layout UNet (text_time added conditioning): the LoRA file through
+    StableDiffusionXLPipeline's loader (lora_state_dict + load_lora_into_unet, what its
+    load_lora_weights runs) gives our policy's output."""
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from tests.training._tiny import TINY_XL
+    torch.manual_seed(0)
+    tunet = UNet2DConditionModel(**TINY_XL).eval()
+    tunet.save_pretrained(str(tmp_path / "unet"))
+    unet = load_unet(str(tmp_path / "unet"))
+    graphdef, state = nnx.split(unet)
+    params = nnx.to_pure_dict(state)
+    adapters = lora_lib.init_adapters(params, CFG, jax.random.key(4))
+    rng = np.random.default_rng(5)
+    adapters = jax.tree.map(lambda x: x + jnp.asarray(0.3 * rng.standard_normal(x.shape),
+                                                      jnp.float32), adapters)
+    export_io.write_lora(str(tmp_path / "lora"), lora_lib.torch_tensors(adapters, CFG.scale),
+                         {})
+    x = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
+    t = np.array([3.0, 777.0], np.float32)
+    ctx = rng.standard_normal((2, 5, 6)).astype(np.float32)
+    added = {"text_embeds": rng.standard_normal((2, 5)).astype(np.float32),
+             "time_ids": np.tile(np.array([32, 32, 0, 0, 32, 32], np.float32), (2, 1))}
+    with jax.default_matmul_precision("highest"):
+        merged = lora_lib.merge(adapters, params, CFG.scale)
+        ours = np.asarray(nnx.merge(graphdef, merged)(x, t, ctx, added_cond_kwargs=added))
+    def run():
+        with torch.no_grad():
+            return tunet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx),
+                         added_cond_kwargs={k: torch.from_numpy(v) for k, v in added.items()}
+                         ).sample.numpy()
+    before = run()
+    sd, alphas = StableDiffusionXLPipeline.lora_state_dict(str(tmp_path / "lora"))
+    StableDiffusionXLPipeline.load_lora_into_unet(sd, alphas, unet=tunet)
+    theirs = run()
+    assert np.abs(theirs - before).max() > 1e-3
+    assert np.abs(theirs - ours).max() < 1e-4
+    assert any("lora_A" in n for n, _ in tunet.named_parameters())
