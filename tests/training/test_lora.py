@@ -165,3 +165,34 @@ def test_lora_learns():
     after = tr.evaluate(evals, key_seed=9)
     assert after["implicit_acc"] >= 0.8, after
     assert after["loss"] < before["loss"] - 0.05, (before, after)
+
+
+def test_full_fine_tuning_keeps_its_trajectory_hash(tmp_path):
+    """train.lora.rank = 0: checkpoints made before LoRA existed still resume (the resume
+    hash is what it was without the lora keys); rank > 0 is another trajectory."""
+    import ml_collections
+
+    from fifa_jax.training import train
+    config = ml_collections.ConfigDict({"seed": 0, "train": train.default_config()})
+    with_keys = train.trajectory_hash(config, tmp_path)
+    del config.train["lora"]
+    assert train.trajectory_hash(config, tmp_path) == with_keys
+    config.train.lora = train.default_config().lora
+    config.train.lora.rank = 4
+    assert train.trajectory_hash(config, tmp_path) != with_keys
+    assert lora_lib.from_config(config.train.lora) == lora_lib.LoraConfig(
+        rank=4, alpha=4.0, targets=(lora_lib.DEFAULT_TARGETS,))
+
+
+def test_bad_targets_are_named():
+    from fifa_jax.errors import ConfigError, InputError
+    from fifa_jax.training import train
+    tc = train.default_config()
+    tc.lora.targets = "attn1.to_q,("
+    with pytest.raises(ConfigError, match="train.lora.targets"):
+        train.check_config(tc)
+    params = {"attn1": {"to_q": {"kernel": np.zeros((4, 4), np.float32)}}}
+    with pytest.raises(InputError, match="matches no linear layer"):
+        lora_lib.targets(params, lora_lib.LoraConfig(rank=2, alpha=2.0, targets=("ff",)))
+    assert list(lora_lib.targets(params, lora_lib.LoraConfig(rank=2, alpha=2.0))) == [
+        ("attn1", "to_q")]
