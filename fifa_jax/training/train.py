@@ -136,6 +136,10 @@ def default_config() -> ml_collections.ConfigDict:
     #                            select manifest (SmPO-Diffusion; held-out metrics unweighted)
     c.smpo_temperature = SMPO_TEMPERATURE  # 16.658: SmPO's PickScore min-max range x 100
     c.smpo_gain = SMPO_GAIN    # 10: SmPO's constant factor on (2p - 1)
+    c.timestep_weighting = "none"  # none | min_snr | inverse_snr: each pair's beta * w(t)
+    #                            (formulas: training/timestep_weighting.py; off in the
+    #                            paper's recipes)
+    c.snr_gamma = 5.0          # min_snr's gamma: w = min(SNR_t, gamma) / SNR_t
     c.caption_dropout = 0.2    # P(prompt replaced by "")
     c.random_flip = True       # use the encode stage's mirrored posteriors (if stored)
     c.prediction_type = ""     # "" = the base scheduler's; epsilon | v_prediction
@@ -380,7 +384,9 @@ def run(config, workdir) -> dict:
                           shift_factor=float(spec.get("shift_factor") or 0.0),
                           loss=tc.get("loss", "dpo"),
                           margin_weighting=tc.get("margin_weighting", "none"),
-                          smpo_gain=float(tc.get("smpo_gain", SMPO_GAIN)))
+                          smpo_gain=float(tc.get("smpo_gain", SMPO_GAIN)),
+                          timestep_weighting=tc.get("timestep_weighting", "none"),
+                          snr_gamma=float(tc.get("snr_gamma", 5.0)))
     trainer = Trainer(unet, schedule, step_cfg, optimizer, mesh, seed=int(config.seed),
                       lr_fn=learning_rate_schedule(float(tc.learning_rate),
                                                    int(tc.warmup_steps)),
