@@ -114,14 +114,14 @@ def merge(adapters, base, scale: float):
     module; every other leaf is `base`'s own array."""
     ad = traverse_util.flatten_dict(adapters)
     modules = {p[:-1] for p in ad}
-    flat = traverse_util.flatten_dict(base)
-    out = {}
-    for path, w in flat.items():
+
+    def one(keypath, w):             # the tree's own structure is kept (empty nodes too)
+        path = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in keypath)
         mod = path[:-1]
         if path[-1] == "kernel" and mod in modules:
-            w = w.astype(jnp.float32) + delta(ad[mod + (A_KEY,)], ad[mod + (B_KEY,)], scale)
-        out[path] = w
-    return traverse_util.unflatten_dict(out)
+            return w.astype(jnp.float32) + delta(ad[mod + (A_KEY,)], ad[mod + (B_KEY,)], scale)
+        return w
+    return jax.tree_util.tree_map_with_path(one, base)
 
 
 def torch_tensors(adapters, scale: float, prefix: str = "unet") -> dict:
