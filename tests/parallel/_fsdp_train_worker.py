@@ -3,8 +3,8 @@ checkpoints and resume (`train.fit`) on the tiny UNet, FSDP over every device of
 
     python -m tests.parallel._fsdp_train_worker WORKDIR SETTINGS_JSON
 
-SETTINGS_JSON: {"seed", "num_steps", "checkpoint_every", "log_every", optional "hang_at" and
-"signal_at": {"position", "process"}}. The process joins the others through
+SETTINGS_JSON: {"seed", "num_steps", "checkpoint_every", "log_every", optional "hang_at",
+"signal_at": {"position", "process"} and "lora_rank" (LoRA adapters of that rank, alpha 2)}. The process joins the others through
 `fifa_jax.parallel.initialize_distributed` (FIFA_JAX_COORDINATOR / FIFA_JAX_NUM_PROCESSES /
 FIFA_JAX_PROCESS_ID; XLA_FLAGS forces the local CPU device count). The mesh is (data 1, fsdp
 all devices), so every parameter big enough is split between the processes. The batches are
@@ -75,6 +75,7 @@ def config(settings: dict):
               checkpoint_every=int(settings["checkpoint_every"]),
               log_every=int(settings["log_every"]), keep_checkpoints=10, eval_every=0,
               progress=False)
+    tc.lora.rank, tc.lora.alpha = int(settings.get("lora_rank", 0)), 2.0
     return ml_collections.ConfigDict({"seed": int(settings["seed"]), "train": tc})
 
 
@@ -98,6 +99,7 @@ def make_trainer(settings: dict, devices=None):
 
     from fifa_jax import parallel
     from fifa_jax.parallel import hosts, mesh as mesh_lib
+    from fifa_jax.training import lora
     from fifa_jax.training.optimizer import learning_rate_schedule
     from fifa_jax.training.train_step import StepConfig
     from fifa_jax.training.trainer import Trainer
@@ -119,7 +121,8 @@ def make_trainer(settings: dict, devices=None):
     lr = float(tc.learning_rate)
     optimizer = optax.chain(optax.clip_by_global_norm(float(tc.grad_clip)), optax.adamw(lr))
     return Trainer(_tiny.unet(), _tiny.SCHED, step_cfg, optimizer, mesh, seed=cfg.seed,
-                   lr_fn=learning_rate_schedule(lr, 0), consts=_tiny.CONSTS, min_size=64)
+                   lr_fn=learning_rate_schedule(lr, 0), consts=_tiny.CONSTS, min_size=64,
+                   lora=lora.from_config(tc.lora))
 
 
 def run(workdir, settings: dict, trainer=None) -> dict:
