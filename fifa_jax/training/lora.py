@@ -9,14 +9,16 @@ the adapters are PEFT's
     lora_B (Dout, r)     zeros: the policy equals the base at step 0
 
 and the policy's kernel is W + s * (B @ A)^T = W + s * A^T @ B^T, s = alpha / r (PEFT's
-`scaling`). The adapters tree mirrors the parameter tree down to each targeted module, whose
+`scaling`). A targeted convolution, kernel (kh, kw, Cin, Cout), takes PEFT's conv adapters
+lora_A (r, Cin, kh, kw) (U(+-1/sqrt(Cin kh kw))) and lora_B (Cout, r, 1, 1): a conv with A
+then a 1x1 conv with B, i.e. the kernel delta s * sum_r B[o, r] A[r, i, h, w]. The adapters tree mirrors the parameter tree down to each targeted module, whose
 entry is {"lora_A": (r, Din), "lora_B": (Dout, r)} (float32). The reference is the base tree
 itself; `merge` builds the policy's tree inside the jitted step, so gradients reach only the
 adapters.
 
 Targets are regexes searched in the diffusers module name (`unet_module_name`), e.g.
-`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0`; only linear layers (2-D
-kernels) take adapters.
+`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0`; linear layers and
+convolutions (2-D and 4-D kernels) take adapters.
 """
 from __future__ import annotations
 
@@ -25,14 +27,15 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from fifa_jax.errors import InputError
 
 # the attention projections: q, k, v and the output projection of self- and cross-attention
 DEFAULT_TARGETS = r"attn[12]\.to_(q|k|v|out\.0)$"
-# examples of other linear layers: the feed-forward (`ff\.net\.(0\.proj|2)$`), the
-# transformers' `proj_in$` / `proj_out$` (linear when use_linear_projection)
+# examples of other layers: the feed-forward (`ff\.net\.(0\.proj|2)$`), the transformers'
+# `proj_in$` / `proj_out$`, the resnets' convolutions (`resnets\.\d+\.conv[12]$`)
 A_KEY, B_KEY = "lora_A", "lora_B"
 
 
@@ -72,41 +75,56 @@ def unet_module_name(path: tuple) -> str:
     return name[:-1]
 
 
-def targets(params, cfg: LoraConfig) -> dict[tuple, tuple[int, int]]:
-    """nnx module path -> (Din, Dout) of every linear layer whose diffusers name matches one
-    of cfg.targets. Raises when none does (a typo in the patterns)."""
+def targets(params, cfg: LoraConfig) -> dict[tuple, tuple[int, ...]]:
+    """nnx module path -> kernel shape ((Din, Dout) or (kh, kw, Cin, Cout)) of every linear
+    layer or convolution whose diffusers name matches one of cfg.targets. Raises when none
+    does (a typo in the patterns)."""
     pats = [re.compile(p) for p in cfg.targets]
     out = {}
     for path, leaf in traverse_util.flatten_dict(params).items():
-        if path[-1] != "kernel" or len(leaf.shape) != 2:
+        if path[-1] != "kernel" or len(leaf.shape) not in (2, 4):
             continue
         name = unet_module_name(path[:-1])
         if any(p.search(name) for p in pats):
             out[path[:-1]] = tuple(int(d) for d in leaf.shape)
     if not out:
         raise InputError(f"config key 'train.lora.targets' = {','.join(cfg.targets)!r} "
-                         f"matches no linear layer of the UNet (diffusers module names, e.g. "
+                         f"matches no layer of the UNet (diffusers module names, e.g. "
                          f"'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q')")
     return out
 
 
 def init_adapters(params, cfg: LoraConfig, key: jax.Array) -> dict:
-    """The adapters of `params` (concrete or abstract): lora_A uniform(+-1/sqrt(Din)), one
+    """The adapters of `params` (concrete or abstract): lora_A uniform(+-1/sqrt(fan_in)), one
     fold_in(key, i) per target in sorted path order; lora_B zeros."""
     flat = {}
-    for i, (path, (din, dout)) in enumerate(sorted(targets(params, cfg).items(),
-                                                    key=lambda kv: str(kv[0]))):
-        bound = 1.0 / jnp.sqrt(jnp.float32(din))
-        a = jax.random.uniform(jax.random.fold_in(key, i), (cfg.rank, din), jnp.float32,
-                               -bound, bound)
-        flat[path + (A_KEY,)] = a
-        flat[path + (B_KEY,)] = jnp.zeros((dout, cfg.rank), jnp.float32)
+    for i, (path, shape) in enumerate(sorted(targets(params, cfg).items(),
+                                             key=lambda kv: str(kv[0]))):
+        a_shape, b_shape = adapter_shapes(shape, cfg.rank)
+        bound = 1.0 / jnp.sqrt(jnp.float32(np.prod(a_shape[1:])))
+        flat[path + (A_KEY,)] = jax.random.uniform(jax.random.fold_in(key, i), a_shape,
+                                                   jnp.float32, -bound, bound)
+        flat[path + (B_KEY,)] = jnp.zeros(b_shape, jnp.float32)
     return traverse_util.unflatten_dict(flat)
 
 
+def adapter_shapes(kernel_shape: tuple, rank: int) -> tuple[tuple, tuple]:
+    """PEFT's (lora_A, lora_B) shapes for our kernel: linear (Din, Dout) -> (r, Din),
+    (Dout, r); conv (kh, kw, Cin, Cout) -> (r, Cin, kh, kw), (Cout, r, 1, 1)."""
+    if len(kernel_shape) == 2:
+        din, dout = kernel_shape
+        return (rank, din), (dout, rank)
+    kh, kw, cin, cout = kernel_shape
+    return (rank, cin, kh, kw), (cout, rank, 1, 1)
+
+
 def delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """(Din, Dout) kernel delta s * A^T @ B^T from A (r, Din), B (Dout, r), float32."""
-    return scale * jnp.dot(a.T, b.T, precision=jax.lax.Precision.HIGHEST)
+    """Our kernel's delta, float32: linear (Din, Dout) = s * A^T @ B^T from A (r, Din),
+    B (Dout, r); conv (kh, kw, Cin, Cout) = s * sum_r B[o, r] A[r, i, h, w]."""
+    hi = jax.lax.Precision.HIGHEST
+    if a.ndim == 2:
+        return scale * jnp.dot(a.T, b.T, precision=hi)
+    return scale * jnp.einsum("or,rihw->hwio", b[:, :, 0, 0], a, precision=hi)
 
 
 def merge(adapters, base, scale: float):
@@ -129,7 +147,6 @@ def torch_tensors(adapters, scale: float, prefix: str = "unet") -> dict:
     and `.lora_B.weight` (Dout, r) with the scale alpha / r folded into lora_B, so that
     loaders that assume alpha = r (diffusers without alphas or metadata) give
     W + B' @ A = W + s * B @ A exactly."""
-    import numpy as np
     out = {}
     for path, v in traverse_util.flatten_dict(jax.device_get(adapters)).items():
         name = f"{prefix}.{unet_module_name(path[:-1])}.{path[-1]}.weight"
@@ -140,26 +157,28 @@ def torch_tensors(adapters, scale: float, prefix: str = "unet") -> dict:
 
 def from_torch_tensors(tensors, params, source: str, prefix: str = "unet") -> dict:
     """The adapters (scale 1) of a diffusers / PEFT LoRA file's `tensors` for the UNet whose
-    parameter tree is `params` (strict: a key that names no linear layer, a module missing its
-    A or B, or a shape that does not fit is an error naming the key and `source`)."""
-    import numpy as np
+    parameter tree is `params` (strict: a key that names no linear or conv layer, a module
+    missing its A or B, or a shape that does not fit is an error naming the key and
+    `source`)."""
     names = {}
     for path, leaf in traverse_util.flatten_dict(params).items():
-        if path[-1] == "kernel" and len(leaf.shape) == 2:
+        if path[-1] == "kernel" and len(leaf.shape) in (2, 4):
             names[unet_module_name(path[:-1])] = (path[:-1], tuple(int(d) for d in leaf.shape))
     flat = {}
     pat = re.compile(rf"^{re.escape(prefix)}\.(.+)\.(lora_A|lora_B)\.weight$")
     for key in sorted(tensors):
         m = pat.match(key)
         if not m or m.group(1) not in names:
-            raise InputError(f"{source}: key {key!r} is not `{prefix}.<linear layer of this "
-                             f"UNet>.lora_A|lora_B.weight`")
-        path, (din, dout) = names[m.group(1)]
+            raise InputError(f"{source}: key {key!r} is not `{prefix}.<linear layer or conv of "
+                             f"this UNet>.lora_A|lora_B.weight`")
+        path, shape = names[m.group(1)]
         v = np.asarray(tensors[key], np.float32)
-        ok = v.ndim == 2 and (v.shape[1] == din if m.group(2) == A_KEY else v.shape[0] == dout)
-        if not ok:
-            raise InputError(f"{source}: {key} has shape {v.shape}; the layer is "
-                             f"({dout}, {din}) (out, in)")
+        is_a = m.group(2) == A_KEY
+        rank = (v.shape[0] if is_a else v.shape[1]) if v.ndim >= 2 else -1
+        want = adapter_shapes(shape, rank)[0 if is_a else 1]
+        if v.shape != want:
+            raise InputError(f"{source}: {key} has shape {v.shape}; this layer takes {want} "
+                             f"(rank {rank})")
         flat[path + (m.group(2),)] = v
     for path in {p[:-1] for p in flat}:
         a, b = flat.get(path + (A_KEY,)), flat.get(path + (B_KEY,))

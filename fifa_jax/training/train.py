@@ -154,8 +154,10 @@ def default_config() -> ml_collections.ConfigDict:
     #                            diffusers' load_lora_weights (learning_rate: ~1e-4 is usual)
     c.lora.alpha = 4.0         # scale alpha / rank on B @ A (PEFT's lora_alpha)
     c.lora.targets = lora_lib.DEFAULT_TARGETS  # comma list of regexes searched in the
-    #                            diffusers module names of the UNet's linear layers; default
-    #                            the attention q / k / v / out; add e.g. ff\.net\.(0\.proj|2)$
+    #                            diffusers module names of the UNet's linear and conv layers;
+    #                            default the attention q / k / v / out; add e.g. the
+    #                            feed-forward ff\.net\.(0\.proj|2)$, resnet convs
+    #                            resnets\.\d+\.conv[12]$
     c.eval_every = 100         # held-out loss / implicit accuracy every N steps (0 = end only)
     c.eval_pairs = 0           # held-out pairs used (0 = all the encode stage holds)
     c.checkpoint_every = 250   # steps between checkpoints (0 = only the last)

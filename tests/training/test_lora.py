@@ -86,9 +86,13 @@ def test_lora_sharded_equals_single_device(mesh_shape):
 
 
 def test_adapter_gradient_is_the_chain_rule_of_the_kernel_gradient():
-    """W' = W + s A^T B^T (W (in, out), A (r, in), B (out, r)) and G = dL/dW' give
-    dL/dA = s B^T G^T and dL/dB = s G^T A^T."""
-    tr = _tiny.trainer(lora=LORA, dropout=0.0)
+    """Linear: W' = W + s A^T B^T (W (in, out), A (r, in), B (out, r)) and G = dL/dW' give
+    dL/dA = s B^T G^T and dL/dB = s G^T A^T. Conv: W'[h, w, i, o] = W + s sum_r B[o, r]
+    A[r, i, h, w] gives dL/dA[r, i, h, w] = s sum_o G[h, w, i, o] B[o, r] and
+    dL/dB[o, r] = s sum_hwi G[h, w, i, o] A[r, i, h, w]."""
+    cfg = lora_lib.LoraConfig(rank=2, alpha=3.0, targets=(lora_lib.DEFAULT_TARGETS,
+                                                          r"resnets\.\d+\.conv[12]$"))
+    tr = _tiny.trainer(lora=cfg, dropout=0.0)
     rng = np.random.default_rng(0)
     adapters = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
                             * 0.3, tr.state.params)
@@ -99,18 +103,22 @@ def test_adapter_gradient_is_the_chain_rule_of_the_kernel_gradient():
     with jax.default_matmul_precision("highest"):
         g_ad = jax.grad(lambda a: tstep.micro_loss(a, *args, policy_fn=tr.policy_fn)[0])(
             adapters)
-        merged = lora_lib.merge(adapters, tr.ref_params, LORA.scale)
+        merged = lora_lib.merge(adapters, tr.ref_params, cfg.scale)
         g_w = jax.grad(lambda w: tstep.micro_loss(w, *args)[0])(merged)
     g_ad, g_w = traverse_util.flatten_dict(_host(g_ad)), traverse_util.flatten_dict(_host(g_w))
     ad = traverse_util.flatten_dict(_host(adapters))
-    s = LORA.scale
+    s = cfg.scale
+    assert any(v.ndim == 4 for v in ad.values())
     for mod in {p[:-1] for p in ad}:
         a, b, g = ad[mod + ("lora_A",)], ad[mod + ("lora_B",)], g_w[mod + ("kernel",)]
-        scale = np.abs(g).max() * np.abs(b).max() * s + 1e-12
-        np.testing.assert_allclose(g_ad[mod + ("lora_A",)], s * b.T @ g.T, atol=1e-5 * scale,
-                                   rtol=1e-4)
-        np.testing.assert_allclose(g_ad[mod + ("lora_B",)], s * g.T @ a.T, atol=1e-5 * scale,
-                                   rtol=1e-4)
+        if a.ndim == 2:
+            want_a, want_b = s * b.T @ g.T, s * g.T @ a.T
+        else:
+            want_a = s * np.einsum("hwio,or->rihw", g, b[:, :, 0, 0])
+            want_b = s * np.einsum("hwio,rihw->or", g, a)[:, :, None, None]
+        tol = 1e-5 * (np.abs(g).max() * max(np.abs(a).max(), np.abs(b).max()) * s + 1e-12)
+        np.testing.assert_allclose(g_ad[mod + ("lora_A",)], want_a, atol=tol, rtol=1e-4)
+        np.testing.assert_allclose(g_ad[mod + ("lora_B",)], want_b, atol=tol, rtol=1e-4)
     assert any(np.abs(v).max() > 0 for v in g_ad.values())
 
 
@@ -192,7 +200,7 @@ def test_bad_targets_are_named():
     with pytest.raises(ConfigError, match="train.lora.targets"):
         train.check_config(tc)
     params = {"attn1": {"to_q": {"kernel": np.zeros((4, 4), np.float32)}}}
-    with pytest.raises(InputError, match="matches no linear layer"):
+    with pytest.raises(InputError, match="matches no layer"):
         lora_lib.targets(params, lora_lib.LoraConfig(rank=2, alpha=2.0, targets=("ff",)))
     assert list(lora_lib.targets(params, lora_lib.LoraConfig(rank=2, alpha=2.0))) == [
         ("attn1", "to_q")]

@@ -17,8 +17,8 @@ from fifa_jax.models.diffusers_io import read_config
 from fifa_jax.models.unet_io import load_unet
 from fifa_jax.training import export_io, lora as lora_lib
 
-CFG = lora_lib.LoraConfig(rank=2, alpha=5.0, targets=(lora_lib.DEFAULT_TARGETS,
-                                                       r"ff\.net\.(0\.proj|2)$"))
+CFG = lora_lib.LoraConfig(rank=2, alpha=5.0, targets=(
+    lora_lib.DEFAULT_TARGETS, r"ff\.net\.(0\.proj|2)$", r"resnets\.\d+\.conv[12]$"))
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,9 @@ def test_file_keys_are_diffusers_peft_names(case):
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_A.weight" \
         in tensors
     assert any(".ff.net.2.lora_B" in k for k in tensors)
+    conv = tensors["unet.down_blocks.0.resnets.0.conv1.lora_A.weight"]
+    assert conv.ndim == 4 and conv.shape[0] == 2 and conv.shape[2:] == (3, 3)  # (r, in, kh, kw)
+    assert tensors["unet.down_blocks.0.resnets.0.conv1.lora_B.weight"].shape[1:] == (2, 1, 1)
     a = tensors["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"]
     assert a.shape[0] == 2                                      # (r, in)
 
@@ -90,7 +93,8 @@ def test_torch_merge_of_the_file_matches_our_policy(case):
         if k.endswith(".lora_A.weight"):
             mod = k[len("unet."):-len(".lora_A.weight")]
             b = tensors[k.replace(".lora_A.", ".lora_B.")]
-            sd[mod + ".weight"] += torch.from_numpy(b @ a)
+            d = (b @ a if a.ndim == 2 else np.einsum("or,rihw->oihw", b[:, :, 0, 0], a))
+            sd[mod + ".weight"] += torch.from_numpy(d)
     unet.load_state_dict(sd)
     assert np.abs(_torch_out(unet, args) - ours).max() < 1e-4
 
