@@ -201,6 +201,7 @@ def _abstract_unet(base: str, dtype: str, attention_impl: str, remat: str):
 
 
 def train_programs(config, mesh) -> list[Program]:
+    from fifa_jax.training import lora as lora_lib
     from fifa_jax.training import noise_schedule
     from fifa_jax.training import train_state as ts
     from fifa_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -221,9 +222,18 @@ def train_programs(config, mesh) -> list[Program]:
     shard_fn = functools.partial(param_sharding.param_shardings, mesh=mesh, rules=rules)
     replicated = mesh_lib.replicated(mesh)
     optimizer = make_optimizer(tc)
-    abstract_state, state_sh = ts.state_shardings(params, optimizer, shard_fn, replicated)
+    lora = lora_lib.from_config(tc.get("lora"))
+    policy_fn = None
+    if lora is None:
+        abstract_state, state_sh = ts.state_shardings(params, optimizer, shard_fn, replicated)
+    else:                   # the state is the adapters (replicated), as in Trainer
+        adapters = jax.eval_shape(functools.partial(lora_lib.init_adapters, params, lora,
+                                                    lora_lib.init_key(0)))
+        abstract_state, state_sh = ts.state_shardings(
+            adapters, optimizer, lambda t: jax.tree.map(lambda _: replicated, t), replicated)
+        policy_fn = functools.partial(lora_lib.merge, scale=lora.scale)
     state = _abstract(abstract_state, state_sh)
-    ref = _abstract(params, state_sh.params, dtype=DTYPES[tc.ref_dtype])
+    ref = _abstract(params, shard_fn(params), dtype=DTYPES[tc.ref_dtype])
     b = _multiple(mesh, int(tc.batch_size), "train.batch_size")
     a = int(tc.grad_accum)
     c, h, ln, d = geo["channels"], geo["side"], geo["text_len"], geo["text_dim"]
@@ -247,15 +257,18 @@ def train_programs(config, mesh) -> list[Program]:
     step = jax.jit(functools.partial(train_step, unet_fn=unet_fn, optimizer=optimizer,
                                      schedule=schedule, cfg=step_cfg,
                                      lr_fn=learning_rate_schedule(float(tc.learning_rate),
-                                                                  int(tc.warmup_steps))),
+                                                                  int(tc.warmup_steps)),
+                                     policy_fn=policy_fn),
                    donate_argnums=(0,), out_shardings=(state_sh, replicated))
     evaluate = jax.jit(functools.partial(eval_step, unet_fn=unet_fn, schedule=schedule,
-                                         cfg=step_cfg), out_shardings=replicated)
+                                         cfg=step_cfg, policy_fn=policy_fn),
+                       out_shardings=replicated)
     n = mesh_lib.batch_multiple(mesh)
     settings = {"pairs_per_micro_batch": b, "pairs_per_chip": b / n, "grad_accum": a,
                 "effective_batch": a * b, "latent": [c, h, h], "text": [ln, d],
                 "dtype": tc.dtype, "ref_dtype": tc.ref_dtype, "remat": tc.remat,
-                "optimizer": tc.optimizer, "mesh": dict(mesh.shape)}
+                "optimizer": tc.optimizer, "mesh": dict(mesh.shape),
+                "lora_rank": lora.rank if lora else 0}
     advice = (f"lower train.batch_size ({b} pairs, {b / n:g} a chip) and raise "
               f"train.grad_accum ({a}) to keep the effective batch, set "
               f"train.remat=nothing_saveable (now {tc.remat}), raise mesh.fsdp (now "
