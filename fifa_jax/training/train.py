@@ -8,7 +8,8 @@ Writes (workdir/train/):
                         `keep_checkpoints` are kept, and always the final step
   metrics.jsonl         one record per logged step (kind "train") and evaluation ("eval")
   tensorboard/          the same scalars as TensorBoard event files
-  train_report.json     the settings, the final metrics, throughput, MFU
+  train_report.json     the settings, the final metrics, throughput, MFU, trainable_params
+                        (LoRA: the adapters' count; "lora": rank, alpha, layers)
 
 Each update draws `grad_accum` micro-batches of `batch_size` pairs (global, over all devices
 and hosts) from the loader: effective batch = batch_size * grad_accum (the paper: 2048).
@@ -404,7 +405,12 @@ def run(config, workdir) -> dict:
 
     compat = trajectory_hash(config, workdir)
     summary = {"effective_batch": micro * accum, "micro_batch": micro, "grad_accum": accum,
-               "devices": int(mesh.size), "mesh": dict(mesh.shape)}
+               "devices": int(mesh.size), "mesh": dict(mesh.shape),
+               "trainable_params": int(sum(x.size for x in jax.tree.leaves(
+                   trainer.state.params)))}
+    if trainer.lora is not None:
+        summary["lora"] = {"rank": trainer.lora.rank, "alpha": trainer.lora.alpha,
+                           "layers": len(jax.tree.leaves(trainer.state.params)) // 2}
     summary.update(fit(config, trainer, loader, val, out, compat))
     if leader:
         tmp = out / (REPORT + ".tmp")
