@@ -250,3 +250,14 @@ def test_aot_train_programs_take_lora(tmp_path):
         assert step.name == "train_step" and step.settings["lora_rank"] == rank
         sizes[rank] = step.lower().compile().memory_analysis().argument_size_in_bytes
     assert sizes[4] < 0.5 * sizes[0]
+
+
+def test_lora_with_a_bfloat16_reference():
+    """train.ref_dtype=bfloat16 with LoRA: the one base copy is the bfloat16 reference and
+    the policy is that base + the adapters (step 0: a tie, loss log 2)."""
+    tr = _tiny.trainer(lora=LORA, ref_dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(tr.ref_params)} == {jnp.dtype(jnp.bfloat16)}
+    m = tr.step(_batch(_tiny.pairs(4, seed=8), 0, a=1))
+    np.testing.assert_allclose(float(m["loss"]), np.log(2.0), rtol=1e-6)
+    m = tr.step(_batch(_tiny.pairs(4, seed=8), 1, a=1))
+    assert float(m["finite"]) == 1.0
