@@ -2,7 +2,8 @@
 
 With the same budget of train steps, DPO on the pairs chosen by each selection method
 (`study.methods`: FiFA importance top-K, FiFA greedy, random K, margin-only top-K, the full
-dataset; `<method>+lora`: that selection trained with LoRA adapters, `study.lora_*`),
+dataset; `<method>+lora`: that selection trained with LoRA adapters, `study.lora_*`;
+`<method>+smpo`: with SmPO margin weighting, train.margin_weighting=smpo; both may combine),
 `study.seeds` seeds each, all from the same base model; measured on the demo world, where
 every image's true reward is known:
 
@@ -64,19 +65,32 @@ def default_config() -> ml_collections.ConfigDict:
     c.guidance_scale = 7.5
     c.prompt_seed = 4321        # seed of the evaluation prompts' draw
     # methods named "<method>+lora" (e.g. "importance+lora") train LoRA adapters on that
-    # method's pairs (train.lora, training/lora.py) with these settings:
+    # method's pairs (train.lora, training/lora.py) with these settings ("<method>+smpo":
+    # SmPO margin weighting, train.margin_weighting=smpo; "+lora+smpo" both):
     c.lora_rank = 4
     c.lora_alpha = 4.0
     c.lora_learning_rate = 1e-4  # adapters usually take a larger step than the full UNet
     return c
 
 
-LORA_SUFFIX = "+lora"
+VARIANTS = ("lora", "smpo")    # "<method>+lora", "<method>+smpo", "<method>+lora+smpo"
+
+
+def _parts(method: str) -> tuple[str, set[str]]:
+    """A study method -> (its select.method, its training variants): "greedy+lora+smpo" ->
+    ("greedy", {"lora", "smpo"})."""
+    from fifa_jax.errors import ConfigError
+    base, *variants = method.split("+")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ConfigError(f"config key 'study.methods': {method!r} names unknown variant(s) "
+                          f"{bad}; known: " + ", ".join(f"+{v}" for v in VARIANTS))
+    return base, set(variants)
 
 
 def _selection(method: str) -> str:
     """The select.method of a study method ("importance+lora" -> "importance")."""
-    return method[:-len(LORA_SUFFIX)] if method.endswith(LORA_SUFFIX) else method
+    return _parts(method)[0]
 
 
 def _list(spec) -> list[str]:
@@ -154,7 +168,10 @@ def _sub_config(config, method: str, seed: int, stages: str):
     cfg.seed = seed
     cfg.select.method = _selection(method)
     st = config.study
-    if method.endswith(LORA_SUFFIX):
+    variants = _parts(method)[1]
+    if "smpo" in variants:          # each pair's beta scaled by the proxy's preference
+        cfg.train.margin_weighting = "smpo"       # probability (training/pref_loss.py)
+    if "lora" in variants:
         cfg.train.lora.rank = int(st.lora_rank)
         cfg.train.lora.alpha = float(st.lora_alpha)
         cfg.train.learning_rate = float(st.lora_learning_rate)

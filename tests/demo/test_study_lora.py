@@ -35,3 +35,17 @@ def test_study_with_a_lora_row(tmp_path):
     assert [p["step"] for p in rec["curve"]] == [0, 1, 2]
     assert 0.0 <= rec["final"]["heldout_implicit_acc"] <= 1.0
     assert "| importance+lora | 12 |" in (tmp_path / "study" / "results.md").read_text()
+
+
+def test_smpo_and_combined_variants():
+    from fifa_jax.errors import ConfigError
+    config = load_config_file(str(ROOT / "configs" / "demo_study.py"))
+    cfg = study._sub_config(config, "importance+smpo", 0, "select,encode,train")
+    assert cfg.select.method == "importance" and cfg.train.margin_weighting == "smpo"
+    assert cfg.train.lora.rank == 0
+    both = study._sub_config(config, "margin+lora+smpo", 0, "select,encode,train")
+    assert both.select.method == "margin" and both.train.margin_weighting == "smpo"
+    assert both.train.lora.rank == config.study.lora_rank
+    assert study._sub_config(config, "random", 0, "train").train.margin_weighting == "none"
+    with pytest.raises(ConfigError, match=r"'greedy\+dora' names unknown variant"):
+        study._sub_config(config, "greedy+dora", 0, "train")
