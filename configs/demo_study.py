@@ -11,7 +11,8 @@ study.curve_every steps, the harm rate (the harmful mark on samples of harmful p
 implicit accuracy on held-out pairs no run trains on, and the train time to reach the
 full-data run's final true reward. LoRA rows: a method "<method>+lora" trains adapters
 (study.lora_rank, lora_alpha, lora_learning_rate) on that method's pairs, e.g.
---config.study.methods=importance,importance+lora. Writes study/results.md (the table, means
+--config.study.methods=importance,importance+lora; "<method>+smpo" trains with SmPO margin
+weighting (train.margin_weighting=smpo), and "+lora+smpo" both. Writes study/results.md (the table, means
 with 95% intervals over seeds), study/results.json and study/true_reward_vs_step.png.
 Expected: about 26 minutes on 2 idle CPU cores (measured: 26 min 2 s with study.num_steps=100;
 the README quotes the table and the plot).
