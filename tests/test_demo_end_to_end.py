@@ -128,7 +128,8 @@ def test_demo_report_opens_in_chromium(demo_run, tmp_path):
     pick = demo["metrics"]["pickscore"]
     assert pick["n"] == 8 and 0 <= pick["win_rate"] <= 1
     assert pick["win_rate_ci"][0] <= pick["win_rate"] <= pick["win_rate_ci"][1]
-    assert summary["not_configured"] == ["clip_score", "aesthetic", "hpsv2", "nsfw"]
+    assert summary["not_configured"] == ["clip_score", "aesthetic", "hpsv2", "image_reward",
+                                         "nsfw"]
     truth = demo["metrics"]["true_reward"]       # the demo world's oracle, from pixels
     assert truth["n"] == 8 and -1.0 <= truth["base_mean"] <= 4.0
     assert "true_reward" in summary["scorers"]
