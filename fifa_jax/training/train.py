@@ -540,19 +540,23 @@ def _agreed(read, mgr, out: pathlib.Path, step: int):
 
 def _supersede(mgr, out: pathlib.Path, steps: list[int], old: str | None, new: str) -> None:
     """Move the checkpoints (and their metric logs) of other settings to
-    train/checkpoints.superseded/<UTC time>/, naming them and how to get them back."""
+    train/checkpoints.superseded/<UTC time>/ (process 0), naming them and how to get them back
+    (every process says it)."""
+    dest = b""
     if jax.process_index() == 0:
-        dest = out / "checkpoints.superseded" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(out / CKPT_DIR), str(dest / CKPT_DIR))
+        folder = out / "checkpoints.superseded" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(out / CKPT_DIR), str(folder / CKPT_DIR))
         for name in ("metrics.jsonl", "tensorboard", REPORT):
             if (out / name).exists():
-                shutil.move(str(out / name), str(dest / name))
-        logging.warning(
-            "train: the checkpoints in %s (steps %s) were made with other settings (%s, now %s):"
-            " moved them, with their metrics, to %s and starting from the base model; to go on "
-            "with that run, move %s back to %s and run its config", out / CKPT_DIR, steps, old,
-            new, dest, dest / CKPT_DIR, out / CKPT_DIR)
+                shutil.move(str(out / name), str(folder / name))
+        dest = str(folder).encode()
+    dest = pathlib.Path(hosts.bytes_from_leader(dest).decode())
+    logging.warning(
+        "train: the checkpoints in %s (steps %s) were made with other settings (%s, now %s):"
+        " moved them, with their metrics, to %s and starting from the base model; to go on "
+        "with that run, move %s back to %s and run its config", out / CKPT_DIR, steps, old,
+        new, dest, dest / CKPT_DIR, out / CKPT_DIR)
     hosts.barrier("train:superseded")
     mgr.reload()
 
