@@ -60,14 +60,15 @@ def _size_error(model: str, unet_dir: str | None, size: int) -> str | None:
     """None when the UNet and VAE of `model` can make `size` x `size` images, else why not
     (read from their config.json files before any weights load)."""
     from fifa_jax.models.diffusers_io import read_config
+    from fifa_jax.training import resolution
     unet = read_config(unet_dir or os.path.join(model, "unet"))
     vae = read_config(os.path.join(model, "vae"))
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    multiple = factor * 2 ** (len(unet["block_out_channels"]) - 1)
+    factor, multiple = resolution.size_multiple(len(vae["block_out_channels"]),
+                                                len(unet["block_out_channels"]))
     if size % multiple:
-        lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
+        lower, upper = resolution.neighbours(size, multiple)
         return (f"--size {size} is not a multiple of {multiple} (the VAE's factor {factor} "
-                f"times the UNet's downsampling); use {lower or upper} or {upper}")
+                f"times the UNet's downsampling); use {lower} or {upper}")
     return None
 
 

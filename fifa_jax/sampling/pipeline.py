@@ -146,8 +146,10 @@ class TextToImage:
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE factor times the UNet's
-        downsampling (2 per level after the first)."""
-        return self.vae_factor * 2 ** (len(self.unet_config.block_out_channels) - 1)
+        downsampling (2 per level after the first): `resolution.size_multiple`."""
+        from fifa_jax.training.resolution import size_multiple
+        return size_multiple(len(self.vae.config.block_out_channels),
+                             len(self.unet_config.block_out_channels))[1]
 
     @property
     def default_image_size(self) -> int:

@@ -171,11 +171,15 @@ def restore_params(directory, step: int | None, abstract_params, shardings=None
     return params, step
 
 
+def utc_stamp() -> str:
+    """The current UTC time as a folder-name stamp, e.g. 20261206T091500Z."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
 def set_aside(directory, step: int, dest_root) -> pathlib.Path:
     """Move `directory/<step>` to `dest_root/<step>-<UTC time>` (never deleted; process 0
     alone calls it, then every process reloads its manager). Returns the new path."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    dest = pathlib.Path(dest_root) / f"{step}-{stamp}"
+    dest = pathlib.Path(dest_root) / f"{step}-{utc_stamp()}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(pathlib.Path(directory) / str(step)), str(dest))
     return dest

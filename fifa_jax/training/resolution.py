@@ -9,18 +9,33 @@ the stages (they name what is missing).
 """
 from __future__ import annotations
 
-import json
 import os
 
-from fifa_jax.errors import ConfigError
+from fifa_jax import files
+from fifa_jax.errors import ConfigError, InputError
+
+
+def size_multiple(vae_levels: int, unet_levels: int) -> tuple[int, int]:
+    """(VAE factor, the multiple every image side must be) for a VAE and a UNet of these
+    numbers of `block_out_channels` levels: factor 2^(vae_levels - 1), multiple factor x
+    2^(unet_levels - 1)."""
+    factor = 2 ** (vae_levels - 1)
+    return factor, factor * 2 ** (unet_levels - 1)
+
+
+def neighbours(size: int, multiple: int) -> tuple[int, int]:
+    """The multiples of `multiple` just below (or, below one multiple, the first) and above
+    `size`, for the error messages."""
+    lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
+    return lower or upper, upper
 
 
 def _levels(folder: str) -> int | None:
-    """len(block_out_channels) of `folder/config.json`, or None when unreadable."""
+    """len(block_out_channels) of `folder/config.json`, or None when unreadable (the stages
+    then name what is wrong with the file)."""
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            return len(json.load(f)["block_out_channels"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return len(files.read_json(os.path.join(folder, "config.json"))["block_out_channels"])
+    except (OSError, InputError, KeyError, TypeError):
         return None
 
 
@@ -44,12 +59,11 @@ def check(config) -> None:
     unet_levels = _levels(os.path.join(unet_base, "unet"))
     if vae_levels is None or unet_levels is None:
         return
-    factor = 2 ** (vae_levels - 1)
-    multiple = factor * 2 ** (unet_levels - 1)
+    factor, multiple = size_multiple(vae_levels, unet_levels)
     if res % multiple:
-        lower, upper = res // multiple * multiple, (res // multiple + 1) * multiple
+        lower, upper = neighbours(res, multiple)
         raise ConfigError(
             f"config key 'encode.resolution' = {res} does not fit the base model: its VAE "
             f"(factor {factor}) and UNet ({unet_levels} levels) need a multiple of {multiple} "
             f"({res} gives {res / factor:g} x {res / factor:g} latents); use "
-            f"{lower or upper} or {upper}")
+            f"{lower} or {upper}")

@@ -544,7 +544,7 @@ def _supersede(mgr, out: pathlib.Path, steps: list[int], old: str | None, new: s
     (every process says it)."""
     dest = b""
     if jax.process_index() == 0:
-        folder = out / "checkpoints.superseded" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        folder = out / "checkpoints.superseded" / checkpoints.utc_stamp()
         folder.mkdir(parents=True, exist_ok=True)
         shutil.move(str(out / CKPT_DIR), str(folder / CKPT_DIR))
         for name in ("metrics.jsonl", "tensorboard", REPORT):

@@ -57,3 +57,15 @@ def test_cli_stops_before_any_stage(tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "encode.resolution" in errors[0], proc.stderr[-2000:]
     assert not workdir.exists() or not any(workdir.iterdir())
+
+
+@pytest.mark.parametrize("vae, unet, size, factor, multiple, near", [
+    (4, 4, 520, 8, 64, (512, 576)),     # SD1.5 / SDXL layouts
+    (3, 2, 60, 4, 8, (56, 64)),         # the demo: 60 px is 15 x 15 latents
+    (4, 3, 20, 8, 32, (32, 32)),        # below one multiple: the first multiple, twice
+])
+def test_size_multiple_is_the_vae_factor_times_the_unet_downsampling(vae, unet, size, factor,
+                                                                     multiple, near):
+    from fifa_jax.training import resolution
+    assert resolution.size_multiple(vae, unet) == (factor, multiple)
+    assert resolution.neighbours(size, multiple) == near
