@@ -16,6 +16,8 @@ data (a dict; everything but prompt_sets is optional):
        "scores": {metric: {"base": [N floats], "tuned": [N floats]}},   # for the histograms
        "harm": {"base": stats.share_with_ci(...), "tuned": stats.share_with_ci(...)},
        "judge_harmful_prompts": stats.share_with_ci(...),   # share of prompts the LLM judge flags
+       "following": {attribute: {"base": share_with_ci, "tuned": share_with_ci,
+                                 "mean_diff": float, "mean_diff_ci": [lo, hi]}},  # demo world
        "grid": [{"prompt": str, "seed": int, "base": png, "tuned": png,
                  "scores": {metric: {"base": float, "tuned": float}}}],
    }}}
@@ -144,6 +146,22 @@ def _harm_rows(ps: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+_FOLLOW_HEAD = ["asked attribute", "base follows [95%\u00a0CI]", "tuned follows [95%\u00a0CI]",
+                "tuned - base [95%\u00a0CI]"]
+
+
+def _following_rows(ps: dict) -> list[list[tuple[str, str]]]:
+    """Per asked attribute: base and tuned shares of images that show it, and the paired
+    difference (percentage points), coloured when its interval excludes 0."""
+    rows = []
+    for attr, f in (ps.get("following") or {}).items():
+        d, ci = f["mean_diff"], f["mean_diff_ci"]
+        rows.append([(attr, ""), (_share(f["base"]), ""), (_share(f["tuned"]), ""),
+                     (f"{100 * d:+.1f} pp [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]",
+                      _verdict(ci, 0))])
+    return rows
+
+
 # ---- validation of the grid paths ----
 
 def _rel_image(out_dir: str, path: str, where: str) -> str:
@@ -233,6 +251,10 @@ def _html_set(name: str, ps: dict, grid, made: dict) -> str:
     if harm:
         out.append("<h3>Harm</h3>" + _table(["", "base", "tuned"],
                                              [[(a, ""), (b, ""), (c, "")] for a, b, c in harm]))
+    follow = _following_rows(ps)
+    if follow:
+        out.append("<h3>Prompt following (the images whose prompt asks the attribute)</h3>"
+                   + _table(_FOLLOW_HEAD, follow))
     if name in made["hist"]:
         out.append("<h3>Score distributions</h3>" + _img(made["hist"][name], f"{name} scores",
                                                          "plot"))
@@ -297,6 +319,10 @@ def _markdown(data: dict, grids: dict, made: dict) -> str:
         harm = _harm_rows(ps)
         if harm:
             out += ["### Harm", ""] + _md_table(["", "base", "tuned"], [list(r) for r in harm])
+        follow = _following_rows(ps)
+        if follow:
+            out += ["### Prompt following", ""] + _md_table(
+                _FOLLOW_HEAD, [[t for t, _ in r] for r in follow])
         if name in made["hist"]:
             out += ["### Score distributions", "", _md_img(made["hist"][name], "scores"), ""]
         if grids[name]:

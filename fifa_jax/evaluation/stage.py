@@ -280,22 +280,53 @@ def _groups(rs) -> np.ndarray:
     return stats.group_ids([r[0] for r in rs])
 
 
-def _demo_truth(rs, s) -> tuple[np.ndarray, np.ndarray]:
-    """The oracle's true reward of every image of a demo set, and for images of harmful
-    prompts whether they show the harmful mark (others: False, not counted)."""
+FOLLOWING = ("colour", "position", "shape", "count")   # the demo prompts' asked attributes
+
+
+def _demo_truth(rs, s) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The oracle's true reward of every image of a demo set; for images of harmful prompts
+    whether they show the harmful mark (others: False, not counted); and per attribute of
+    `FOLLOWING` (asked (N,) bool: the prompt names it, followed (N,) bool: the image shows
+    what was asked)."""
     from fifa_jax.demo import assets
     meta = s["metadata"]
     rewards, marked = [], []
+    asked = {a: [] for a in FOLLOWING}
+    followed = {a: [] for a in FOLLOWING}
     for pid, text, _, _, path in rs:
         r, details = assets.true_reward(text, np.asarray(Image.open(path).convert("RGB")))
         rewards.append(r)
         marked.append(bool(meta[pid]["harmful"]) and bool(details["measured"]["marked"]))
-    return np.asarray(rewards, np.float32), np.asarray(marked, bool)
+        for a in FOLLOWING:
+            asked[a].append(details["asked"][a] is not None)
+            followed[a].append(bool(details[f"{a}_ok"]))
+    following = {a: (np.asarray(asked[a], bool), np.asarray(followed[a], bool))
+                 for a in FOLLOWING}
+    return np.asarray(rewards, np.float32), np.asarray(marked, bool), following
 
 
-def _summaries(sets, rows, scores, nsfw, ec, seed: int, marks=None) -> dict:
+def _following(follow: dict, groups: np.ndarray, half: int, kw: dict) -> dict:
+    """Per attribute asked by some prompt: the share of base and of tuned images that show
+    it (with intervals) and the paired difference tuned - base (`stats.summarize` of the
+    0/1 flags over the images whose prompt asks it)."""
+    out = {}
+    for a, (asked, ok) in follow.items():
+        sel = asked[:half]
+        if not sel.any():
+            continue
+        base, tuned = ok[:half][sel], ok[half:][sel]
+        diff = stats.summarize(tuned.astype(np.float64), base.astype(np.float64),
+                               groups[sel], **kw)
+        out[a] = {"base": stats.share_with_ci(base, groups[sel], **kw),
+                  "tuned": stats.share_with_ci(tuned, groups[sel], **kw),
+                  "mean_diff": diff["mean_diff"], "mean_diff_ci": diff["mean_diff_ci"]}
+    return out
+
+
+def _summaries(sets, rows, scores, nsfw, ec, seed: int, marks=None, follow=None) -> dict:
     """Per set: metric summaries (tuned vs base per (prompt, seed)) and harm rates (the safety
-    checker's; for the demo world the harmful mark on images of harmful prompts)."""
+    checker's; for the demo world the harmful mark on images of harmful prompts, and the
+    following of each asked attribute, `_following`)."""
     out = {}
     kw = dict(n_boot=int(ec.n_boot), seed=seed)
     for name, rs in rows.items():
@@ -319,6 +350,8 @@ def _summaries(sets, rows, scores, nsfw, ec, seed: int, marks=None) -> dict:
                                                ("tuned", slice(half, None)))}
                 entry["harm_definition"] = ("share of the samples of harmful prompts that "
                                             "show the demo world's harmful mark (oracle)")
+        if follow and name in follow:
+            entry["following"] = _following(follow[name], groups, half, kw)
         out[name] = entry
     return out
 
@@ -393,11 +426,12 @@ def run(config, workdir) -> dict:
     if "nsfw" in scorers:
         flags = score_all({"nsfw": scorers["nsfw"]}, rows, out, int(ec.batch_size) * 4)
         nsfw = {name: v["nsfw"].astype(bool) for name, v in flags.items()}
-    marks = {}
+    marks, follow = {}, {}
     for name, s in sets.items():              # the demo world: its true reward, from pixels
         if s.get("kind") == "demo":
-            scores[name]["true_reward"], marks[name] = _demo_truth(rows[name], s)
-    summary = {"sets": _summaries(sets, rows, scores, nsfw, ec, int(config.seed), marks),
+            scores[name]["true_reward"], marks[name], follow[name] = _demo_truth(rows[name], s)
+    summary = {"sets": _summaries(sets, rows, scores, nsfw, ec, int(config.seed), marks,
+                                  follow),
                "generation": {"sampler": ec.sampler, "num_steps": int(ec.num_steps),
                               "guidance_scale": guidance_used,
                               "images_per_prompt": int(ec.images_per_prompt),
@@ -467,6 +501,8 @@ def _report(out, sets, rows, scores, summary, workdir, ec) -> None:
               "grid": _grid(rdir, name, sets, rows[name], scores, ec)}
         if "harm" in entry:
             ps["harm"] = entry["harm"]
+        if entry.get("following"):
+            ps["following"] = entry["following"]
         if "judge" in summary and name in summary["judge"]:
             ps["judge_harmful_prompts"] = summary["judge"][name]
         data["prompt_sets"][name] = ps

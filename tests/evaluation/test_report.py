@@ -53,7 +53,10 @@ def _prompt_set(out, name, prompts, seeds, shift, rng):
             "harm": {"base": stats.share_with_ci(flags_b, groups, n_boot=200),
                      "tuned": stats.share_with_ci(flags_t, groups, n_boot=200)},
             "judge_harmful_prompts": stats.share_with_ci(rng.random(len(prompts)) < 0.3,
-                                                         n_boot=200)}
+                                                         n_boot=200),
+            "following": {"colour": {"base": stats.share_with_ci(flags_b, groups, n_boot=200),
+                                     "tuned": stats.share_with_ci(flags_t, groups, n_boot=200),
+                                     "mean_diff": -0.125, "mean_diff_ci": [-0.25, -0.0625]}}}
 
 
 def _metrics_jsonl(path):
@@ -136,6 +139,8 @@ def test_content_and_escaping(report):
     assert 'class="good"' in text                # shift 0.8: interval above 50%
     assert "prompts the LLM judge marks harmful" in text
     assert "44 records, 1 unreadable lines skipped" in text
+    assert "Prompt following" in text and '<td class="bad">-12.5 pp [-25.0, -6.2]</td>' in text
+    assert "| colour | " in open(md, encoding="utf-8").read()
     mdtext = open(md, encoding="utf-8").read()
     row = next(line for line in mdtext.splitlines() if "alert" in line)
     assert "<script>" not in row and row.count(" | ") == 3   # the prompt's | is escaped

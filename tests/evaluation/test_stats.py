@@ -209,3 +209,26 @@ def test_share_with_ci():
 
 def test_group_ids():
     np.testing.assert_array_equal(stats.group_ids(["b", "a", "b", "c", "a"]), [0, 1, 0, 2, 1])
+
+
+def test_following_shares_and_difference_match_a_direct_count():
+    from fifa_jax.evaluation.stage import _following
+    rng = np.random.default_rng(3)
+    half = 60                                   # 30 prompts x 2 seeds, base then tuned
+    groups = np.repeat(np.arange(30), 2)
+    asked_prompt = rng.random(30) < 0.5
+    asked = np.tile(np.repeat(asked_prompt, 2), 2)
+    ok = rng.random(2 * half) < 0.4
+    never = np.zeros(2 * half, bool)
+    out = _following({"colour": (asked, ok), "count": (never, ok)}, groups, half,
+                     dict(n_boot=300, seed=0))
+    assert set(out) == {"colour"}               # an attribute no prompt asks is left out
+    sel = asked[:half]
+    base, tuned = ok[:half][sel], ok[half:][sel]
+    f = out["colour"]
+    assert f["base"]["n"] == sel.sum() and f["base"]["count"] == base.sum()
+    assert f["base"]["rate"] == pytest.approx(base.mean())
+    assert f["tuned"]["rate"] == pytest.approx(tuned.mean())
+    assert f["mean_diff"] == pytest.approx(tuned.mean() - base.mean())
+    lo, hi = f["mean_diff_ci"]
+    assert lo <= f["mean_diff"] <= hi and hi - lo > 0
