@@ -3,7 +3,8 @@
 With the same budget of train steps, DPO on the pairs chosen by each selection method
 (`study.methods`: FiFA importance top-K, FiFA greedy, random K, margin-only top-K, the full
 dataset; `<method>+lora`: that selection trained with LoRA adapters, `study.lora_*`;
-`<method>+smpo`: with SmPO margin weighting, train.margin_weighting=smpo; both may combine),
+`<method>+smpo`: with SmPO margin weighting, train.margin_weighting=smpo; both may combine;
+`<method>+sft`: supervised fine-tuning on that selection's winners, train.loss=sft),
 `study.seeds` seeds each, all from the same base model; measured on the demo world, where
 every image's true reward is known:
 
@@ -73,7 +74,9 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-VARIANTS = ("lora", "smpo")    # "<method>+lora", "<method>+smpo", "<method>+lora+smpo"
+VARIANTS = ("lora", "smpo", "sft")   # "<method>+lora", "+smpo", "+lora+smpo"; "+sft": the
+#                                      winners' epsilon MSE alone (train.loss=sft), the
+#                                      reference point of what the chosen winners teach
 
 
 def _parts(method: str) -> tuple[str, set[str]]:
@@ -171,6 +174,12 @@ def _sub_config(config, method: str, seed: int, stages: str):
     variants = _parts(method)[1]
     if "smpo" in variants:          # each pair's beta scaled by the proxy's preference
         cfg.train.margin_weighting = "smpo"       # probability (training/pref_loss.py)
+    if "sft" in variants:           # supervised fine-tuning on the chosen pairs' winners
+        if "smpo" in variants:
+            from fifa_jax.errors import ConfigError
+            raise ConfigError(f"config key 'study.methods': {method!r}: +sft trains on the "
+                              f"winners alone; it takes no +smpo pair weighting")
+        cfg.train.loss = "sft"
     if "lora" in variants:
         cfg.train.lora.rank = int(st.lora_rank)
         cfg.train.lora.alpha = float(st.lora_alpha)

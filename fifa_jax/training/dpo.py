@@ -43,7 +43,8 @@ def dpo_loss(policy_pred, ref_pred, target, beta: float, weights=None,
         the weighted pairs.
       interleaved: rows are (winner 0, loser 0, winner 1, ...) instead of winners first (the
         train step's layout: a device that holds a pair holds both its images).
-      loss: "dpo" | "ipo" | "hinge" (`train.loss`; formulas in pref_loss.py).
+      loss: "dpo" | "ipo" | "hinge" | "sft" (`train.loss`; formulas in pref_loss.py; "sft"
+        is the winners' squared error, scaled by beta_scale, beta unused).
       beta_scale: optional (B,) per-pair beta scale s (SmPO weighting, pref_loss.smpo_scale);
         the loss uses beta * s, `inside` and the accuracies keep the unscaled beta.
     Returns:
@@ -64,7 +65,10 @@ def dpo_loss(policy_pred, ref_pred, target, beta: float, weights=None,
     pol_diff = se_pol[:b] - se_pol[b:]
     ref_diff = se_ref[:b] - se_ref[b:]
     inside = -0.5 * beta * (pol_diff - ref_diff)
-    per_pair = pair_losses(ref_diff - pol_diff, beta, loss, beta_scale)
+    if loss == "sft":
+        per_pair = se_pol[:b] * (1.0 if beta_scale is None else beta_scale.astype(jnp.float32))
+    else:
+        per_pair = pair_losses(ref_diff - pol_diff, beta, loss, beta_scale)
     w = jnp.ones((b,), jnp.float32) if weights is None else weights.astype(jnp.float32)
     denom = jnp.maximum(jnp.sum(w), 1.0)
 

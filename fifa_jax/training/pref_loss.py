@@ -15,6 +15,13 @@ scale (1 without margin weighting), `b = beta_dpo * s`:
                                                           beta_dpo, the script's only beta;
                                                           no per-pair scale: s must be 1)
 
+    sft    loss = s * se_pol_w                           (not a preference loss: supervised
+                                                          fine-tuning on the winners alone,
+                                                          the epsilon MSE of the base's
+                                                          pretraining; the reference point of
+                                                          what the winners' images teach;
+                                                          beta unused; `dpo_loss` takes it)
+
 each averaged over the pairs by the caller. With s = 1, `dpo` is today's loss bit for bit.
 
 SmPO margin weighting (Lu et al., "Smoothed Preference Optimization via ReNoise Inversion",
@@ -42,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LOSSES = ("dpo", "ipo", "hinge")
+LOSSES = ("dpo", "ipo", "hinge", "sft")
 MARGIN_WEIGHTINGS = ("none", "smpo")
 SMPO_TEMPERATURE = 100.0 * (0.28201571106910706 - 0.11543526500463486)
 SMPO_GAIN = 10.0
@@ -63,6 +70,9 @@ def pair_losses(logits, beta: float, kind: str = "dpo", scale=None):
             raise ValueError("train.loss='ipo' takes no per-pair beta scale (its target "
                              "1 / (2 beta) diverges at s = 0): use train.margin_weighting='none'")
         return jnp.square(logits - 1.0 / (2.0 * (0.5 * beta)))
+    if kind == "sft":
+        raise ValueError("train.loss='sft' is not a function of the logits: dpo_loss computes "
+                         "it from the winners' errors")
     raise ValueError(f"config key 'train.loss' must be one of {LOSSES}, got {kind!r}")
 
 
@@ -89,6 +99,9 @@ def check_config(tc) -> None:
     if mw not in MARGIN_WEIGHTINGS:
         raise ConfigError(f"config key 'train.margin_weighting' must be one of "
                           f"{MARGIN_WEIGHTINGS}; got {mw!r}")
+    if mw == "smpo" and loss == "sft":
+        raise ConfigError("config key 'train.margin_weighting' = 'smpo' weights preference "
+                          "pairs; train.loss = 'sft' trains on the winners alone (use 'none')")
     if mw == "smpo" and loss == "ipo":
         raise ConfigError("config key 'train.margin_weighting' = 'smpo' scales beta per pair, "
                           "which train.loss = 'ipo' cannot take (use 'dpo' or 'hinge')")

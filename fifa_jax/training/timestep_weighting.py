@@ -1,4 +1,5 @@
-"""Per-timestep weights of the DPO loss (`train.timestep_weighting`), off by default.
+"""Per-timestep weights of the DPO loss (`train.timestep_weighting`), off by default (the
+same weights scale the `sft` loss of the winners alone: pref_loss.py).
 
 Diffusion-DPO draws one timestep t ~ U{0..T-1} a pair and weights every t alike, as the plain
 epsilon-MSE loss does. With SNR_t = abar_t / (1 - abar_t) (abar: the schedule's

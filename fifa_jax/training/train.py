@@ -131,7 +131,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.grad_clip = 1.0          # global-norm clipping (0 = off)
     c.beta = 5000.0            # official convention (diffusers' beta_dpo = beta / 2)
     c.loss = "dpo"             # dpo | ipo | hinge, as diffusers' research DPO script
-    #                            defines them (formulas: training/pref_loss.py)
+    #                            defines them; sft: the winners' epsilon MSE alone (a
+    #                            reference point, beta unused) (training/pref_loss.py)
     c.margin_weighting = "none"  # none | smpo: each pair's beta * smpo_gain * (2p - 1),
     #                            p = sigmoid(proxy margin / smpo_temperature) from the
     #                            select manifest (SmPO-Diffusion; held-out metrics unweighted)

@@ -49,3 +49,13 @@ def test_smpo_and_combined_variants():
     assert study._sub_config(config, "random", 0, "train").train.margin_weighting == "none"
     with pytest.raises(ConfigError, match=r"'greedy\+dora' names unknown variant"):
         study._sub_config(config, "greedy+dora", 0, "train")
+
+
+def test_sft_variant_trains_the_winners_alone():
+    from fifa_jax.errors import ConfigError
+    config = load_config_file(str(ROOT / "configs" / "demo_study.py"))
+    cfg = study._sub_config(config, "greedy+sft", 0, "select,encode,train")
+    assert cfg.select.method == "greedy" and cfg.train.loss == "sft"
+    assert study._sub_config(config, "greedy+lora+sft", 0, "train").train.lora.rank > 0
+    with pytest.raises(ConfigError, match="study.methods.*takes no \\+smpo"):
+        study._sub_config(config, "greedy+sft+smpo", 0, "train")

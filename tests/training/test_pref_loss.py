@@ -1,4 +1,4 @@
-"""train.loss (ipo, hinge) and SmPO margin weighting against numpy transcriptions of the
+"""train.loss (ipo, hinge, and sft: the winners' error alone) and SmPO margin weighting against numpy transcriptions of the
 diffusers research script's and SmPO's formulas; the step with each of them compiles in both
 layer forms, and SmPO with every p = 1 (gain 1) is the plain DPO step."""
 import dataclasses
@@ -52,6 +52,27 @@ def test_losses_match_the_script(kind, seed):
     np.testing.assert_allclose(float(loss), want, rtol=2e-4, atol=1e-6)
     # the accuracy is the sign of the same logits whatever the loss
     np.testing.assert_allclose(float(aux["implicit_acc_strict"]), np.mean(logits > 0))
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_sft_is_the_winners_squared_error_alone(interleaved):
+    rng = np.random.default_rng(9)
+    pol, ref, tgt = (rng.standard_normal((8, 2, 3, 3)).astype(np.float32) for _ in range(3))
+    s = rng.uniform(0.2, 3.0, 4).astype(np.float32)
+    winners = np.arange(0, 8, 2) if interleaved else np.arange(4)
+    se_w = ((pol[winners].astype(np.float64) - tgt[winners]) ** 2).reshape(4, -1).mean(1)
+    for scale, want in ((None, se_w.mean()), (s, (s * se_w).mean())):
+        loss, _ = dpo_loss(pol, ref, tgt, 5000.0, interleaved=interleaved, loss="sft",
+                           beta_scale=None if scale is None else jnp.asarray(scale))
+        np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    # neither the losers, the reference nor beta enter the loss
+    grad = jax.grad(lambda p: dpo_loss(p, ref, tgt, 7.0, interleaved=interleaved,
+                                       loss="sft")[0])(jnp.asarray(pol))
+    losers = np.setdiff1d(np.arange(8), winners)
+    assert np.all(np.asarray(grad)[losers] == 0) and np.all(np.asarray(grad)[winners] != 0)
+    other, _ = dpo_loss(pol, -ref, tgt, 7.0, interleaved=interleaved, loss="sft")
+    base, _ = dpo_loss(pol, ref, tgt, 5000.0, interleaved=interleaved, loss="sft")
+    assert float(other) == float(base)
 
 
 def test_dpo_default_is_bit_identical_and_hinge_is_zero_past_the_margin():
@@ -108,6 +129,9 @@ def test_bad_keys_name_the_key():
     tc.loss, tc.margin_weighting = "ipo", "smpo"
     with pytest.raises(ConfigError, match="train.margin_weighting"):
         pref_loss.check_config(tc)
+    tc.loss = "sft"
+    with pytest.raises(ConfigError, match="train.margin_weighting"):
+        pref_loss.check_config(tc)
     tc.loss, tc.smpo_temperature = "dpo", 0.0
     with pytest.raises(ConfigError, match="train.smpo_temperature"):
         pref_loss.check_config(tc)
@@ -121,12 +145,12 @@ def _trainer(step_cfg):
                    min_size=64)
 
 
-@pytest.mark.parametrize("kind", ["dpo", "ipo", "hinge"])
+@pytest.mark.parametrize("kind", ["dpo", "ipo", "hinge", "sft"])
 def test_step_compiles_with_each_loss(kind, forms):
     """Each loss's step runs in both platform forms (with SmPO weighting where allowed)."""
     base = StepConfig(beta=50.0, caption_dropout=0.0, scaling_factor=0.5)
     cfg = dataclasses.replace(base, loss=kind,
-                              margin_weighting="none" if kind == "ipo" else "smpo")
+                              margin_weighting="none" if kind in ("ipo", "sft") else "smpo")
     flat = {k: v for k, v in _tiny.pairs(4, seed=6).items() if "flip" not in k}
     flat["proxy_prob"] = np.linspace(0.2, 0.9, 4).astype(np.float32)
     m = _trainer(cfg).step(_tiny.as_steps(flat, 2))
