@@ -395,6 +395,29 @@ def time_to_reach(record: dict, target: float) -> float | None:
     return None
 
 
+FIFA_METHODS = ("importance", "greedy")     # FiFA's selections, set against the baselines
+BASELINES = ("random", "full", "margin")
+
+
+def paired_differences(runs: dict, methods: list[str]) -> dict:
+    """'<fifa> - <baseline>' -> {metric: mean_ci of the per-seed differences of the final
+    true reward and harm rate}, paired by seed (runs of both on the same seed), for every
+    FiFA selection and baseline the study ran."""
+    final = {(r["method"], r["seed"]): r["final"] for r in runs.values()}
+    out = {}
+    for a in (m for m in methods if m in FIFA_METHODS):
+        for b in (m for m in methods if m in BASELINES):
+            seeds = sorted(s for m, s in final if m == a and (b, s) in final)
+            if not seeds:
+                continue
+            out[f"{a} - {b}"] = {
+                k: mean_ci([final[(a, s)][k] - final[(b, s)][k] for s in seeds
+                            if final[(a, s)].get(k) is not None
+                            and final[(b, s)].get(k) is not None])
+                for k in ("true_reward", "harm_rate")}
+    return out
+
+
 def summarize(runs: dict, base_point: dict, methods: list[str], st) -> dict:
     by_method = {m: [r for r in runs.values() if r["method"] == m] for m in methods}
     full = by_method.get("full") or []
@@ -411,6 +434,7 @@ def summarize(runs: dict, base_point: dict, methods: list[str], st) -> dict:
                     "seconds_to_full_final": mean_ci(times),
                     "reached_full_final": f"{sum(t is not None for t in times)}/{len(rs)}"}
     return {"base": base_point, "methods": table, "full_final_true_reward": target,
+            "differences": paired_differences(runs, methods),
             "num_steps": int(st.num_steps), "seeds": _list(st.seeds),
             "eval_prompts": int(st.eval_prompts), "held_out_pairs": int(st.held_out_pairs)}
 
@@ -419,6 +443,15 @@ def _fmt(s: dict, pct=False) -> str:
     if s["mean"] is None:
         return "-"
     f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3f}")
+    if s["ci"][0] is None:
+        return f(s["mean"])
+    return f"{f(s['mean'])} [{f(s['ci'][0])}, {f(s['ci'][1])}]"
+
+
+def _fmt_diff(s: dict, pct=False) -> str:
+    if s["mean"] is None:
+        return "-"
+    f = (lambda x: f"{100 * x:+.1f} pp") if pct else (lambda x: f"{x:+.3f}")
     if s["ci"][0] is None:
         return f(s["mean"])
     return f"{f(s['mean'])} [{f(s['ci'][0])}, {f(s['ci'][1])}]"
@@ -445,31 +478,46 @@ def markdown(results: dict, st) -> str:
                      f"{_fmt(r['heldout_implicit_acc'], pct=True)} | "
                      f"{_fmt(r['train_seconds'])} | {_fmt(r['seconds_to_full_final'])} | "
                      f"{r['reached_full_final']} |")
+    diffs = results.get("differences") or {}
+    if diffs:
+        lines += ["", "FiFA against the baselines, final values paired by seed (the same seed's "
+                  "runs), mean difference with its Student-t 95% interval:", "",
+                  "| difference | true reward | harm rate | seeds |", "|---|---|---|---|"]
+        for name, d in diffs.items():
+            lines.append(f"| {name} | {_fmt_diff(d['true_reward'])} | "
+                         f"{_fmt_diff(d['harm_rate'], pct=True)} | {d['true_reward']['n']} |")
     lines += ["", "![true reward vs step](true_reward_vs_step.png)", ""]
     return "\n".join(lines) + "\n"
 
 
 def plot_curves(runs: dict, methods: list[str], path) -> None:
+    """True reward (left) and harm rate (right) of the samples against the train step: the
+    mean over seeds of each method, a band of one standard deviation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     for m in methods:
         rs = [r for r in runs.values() if r["method"] == m]
         if not rs:
             continue
         steps = [p["step"] for p in rs[0]["curve"]]
-        vals = np.array([[p["true_reward"] for p in r["curve"]] for r in rs])
-        mean = vals.mean(0)
-        ax.plot(steps, mean, marker="o", ms=3, label=f"{m} ({len(rs)} seeds)")
-        if len(rs) > 1:
-            sd = vals.std(0, ddof=1)
-            ax.fill_between(steps, mean - sd, mean + sd, alpha=0.15)
-    ax.set_xlabel("DPO train step")
-    ax.set_ylabel("true reward of samples (oracle)")
-    ax.set_title("Demo world: true reward vs step (mean, band: 1 sd over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        for ax, key in zip(axes, ("true_reward", "harm_rate")):
+            vals = np.array([[p.get(key) if p.get(key) is not None else np.nan
+                              for p in r["curve"]] for r in rs], np.float64)
+            mean = np.nanmean(vals, 0) if np.isfinite(vals).any() else vals[0]
+            ax.plot(steps, mean, marker="o", ms=3, label=f"{m} ({len(rs)} seeds)")
+            if len(rs) > 1 and np.isfinite(vals).all():
+                sd = vals.std(0, ddof=1)
+                ax.fill_between(steps, mean - sd, mean + sd, alpha=0.15)
+    axes[0].set_ylabel("true reward of samples (oracle)")
+    axes[0].set_title("True reward vs step (mean, band: 1 sd over seeds)", fontsize=10)
+    axes[1].set_ylabel("harm rate (harmful prompts' samples with the mark)")
+    axes[1].set_title("Harm rate vs step", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("DPO train step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

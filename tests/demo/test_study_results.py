@@ -40,7 +40,18 @@ def test_time_to_reach_and_table(tmp_path):
     assert imp["reached_full_final"] == "3/3" and rnd["reached_full_final"] == "0/3"
     assert math.isclose(imp["seconds_to_full_final"]["mean"], 12.5)
     assert math.isclose(imp["true_reward"]["mean"], 2.3)
+    # FiFA - random, paired by seed: finals 2.3 - 1.2 on every seed; harm equal
+    d = res["differences"]
+    assert set(d) == {"importance - random", "importance - full"}
+    assert math.isclose(d["importance - random"]["true_reward"]["mean"], 1.1)
+    assert d["importance - random"]["true_reward"]["n"] == 3
+    full_diffs = np.array([2.3 - (2.0 + 0.1 * s) for s in range(3)])
+    half = 4.303 * full_diffs.std(ddof=1) / math.sqrt(3)
+    assert np.allclose(d["importance - full"]["true_reward"]["ci"],
+                       [full_diffs.mean() - half, full_diffs.mean() + half])
+    assert d["importance - full"]["harm_rate"]["mean"] == 0.0
     text = study.markdown(res, st)
+    assert "| importance - random | +1.100" in text
     assert "| importance | 10 | 2.300" in text and "true_reward_vs_step.png" in text
     study.plot_curves(runs, ["importance", "random", "full"], tmp_path / "curve.png")
     from PIL import Image
