@@ -132,7 +132,15 @@ def test_demo_report_opens_in_chromium(demo_run, tmp_path):
                                          "nsfw"]
     truth = demo["metrics"]["true_reward"]       # the demo world's oracle, from pixels
     assert truth["n"] == 8 and -1.0 <= truth["base_mean"] <= 4.0
-    assert "true_reward" in summary["scorers"]
+    assert "true_reward" in summary["scorers"] and "oracle_aesthetic" in summary["scorers"]
+    noise = demo["metrics"]["oracle_aesthetic"]  # the true reward's pixel-noise term
+    assert noise["n"] == 8 and 0.0 <= noise["base_mean"] <= 1.0
+    follow = demo["following"]                   # per asked attribute, base vs tuned
+    assert follow and set(follow) <= {"colour", "position", "shape", "count"}
+    for f in follow.values():
+        assert 0 < f["base"]["n"] == f["tuned"]["n"] <= 8
+        assert f["mean_diff"] == pytest.approx(f["tuned"]["rate"] - f["base"]["rate"])
+    assert "Prompt following" in (workdir / "evaluate" / "report" / "index.html").read_text()
     assert len(list((workdir / "evaluate" / "images" / "demo" / "tuned").glob("*.png"))) == 8
     index = workdir / "evaluate" / "report" / "index.html"
     assert f"{index}" in out                  # the run says where the report is

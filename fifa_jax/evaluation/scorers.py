@@ -29,6 +29,8 @@ DEFINITIONS = {
     "true_reward": "the demo world's true reward measured from pixels by its oracle "
                    "(fifa_jax/demo/oracle.py): colour 1 + shape 1 + count 0.5 + position 0.5 "
                    "+ aesthetic 0..1, minus 1 for the harmful mark",
+    "oracle_aesthetic": "the true reward's aesthetic term, 0..1: 1 - the image's pixel-noise "
+                        "std / the world's noise scale (fifa_jax/demo/oracle.py)",
 }
 
 

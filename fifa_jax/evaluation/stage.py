@@ -283,26 +283,30 @@ def _groups(rs) -> np.ndarray:
 FOLLOWING = ("colour", "position", "shape", "count")   # the demo prompts' asked attributes
 
 
-def _demo_truth(rs, s) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The oracle's true reward of every image of a demo set; for images of harmful prompts
-    whether they show the harmful mark (others: False, not counted); and per attribute of
+def _demo_truth(rs, s) -> tuple[dict, np.ndarray, dict]:
+    """The oracle's reading of every image of a demo set: {"true_reward": (N,), and its
+    noise term "oracle_aesthetic": (N,) in [0, 1]}; for images of harmful prompts whether
+    they show the harmful mark (others: False, not counted); and per attribute of
     `FOLLOWING` (asked (N,) bool: the prompt names it, followed (N,) bool: the image shows
     what was asked)."""
     from fifa_jax.demo import assets
     meta = s["metadata"]
-    rewards, marked = [], []
+    rewards, marked, aesthetic = [], [], []
     asked = {a: [] for a in FOLLOWING}
     followed = {a: [] for a in FOLLOWING}
     for pid, text, _, _, path in rs:
         r, details = assets.true_reward(text, np.asarray(Image.open(path).convert("RGB")))
         rewards.append(r)
+        aesthetic.append(details["measured"]["aesthetic"])
         marked.append(bool(meta[pid]["harmful"]) and bool(details["measured"]["marked"]))
         for a in FOLLOWING:
             asked[a].append(details["asked"][a] is not None)
             followed[a].append(bool(details[f"{a}_ok"]))
     following = {a: (np.asarray(asked[a], bool), np.asarray(followed[a], bool))
                  for a in FOLLOWING}
-    return np.asarray(rewards, np.float32), np.asarray(marked, bool), following
+    truth = {"true_reward": np.asarray(rewards, np.float32),
+             "oracle_aesthetic": np.asarray(aesthetic, np.float32)}
+    return truth, np.asarray(marked, bool), following
 
 
 def _following(follow: dict, groups: np.ndarray, half: int, kw: dict) -> dict:
@@ -429,7 +433,8 @@ def run(config, workdir) -> dict:
     marks, follow = {}, {}
     for name, s in sets.items():              # the demo world: its true reward, from pixels
         if s.get("kind") == "demo":
-            scores[name]["true_reward"], marks[name], follow[name] = _demo_truth(rows[name], s)
+            truth, marks[name], follow[name] = _demo_truth(rows[name], s)
+            scores[name].update(truth)
     summary = {"sets": _summaries(sets, rows, scores, nsfw, ec, int(config.seed), marks,
                                   follow),
                "generation": {"sampler": ec.sampler, "num_steps": int(ec.num_steps),
@@ -437,7 +442,8 @@ def run(config, workdir) -> dict:
                               "images_per_prompt": int(ec.images_per_prompt),
                               "counts": counts},
                "scorers": {m: scorers_lib.definition(m)
-                           for m in list(scorers) + ["true_reward"] * bool(marks)},
+                           for m in list(scorers)
+                           + ["true_reward", "oracle_aesthetic"] * bool(marks)},
                "not_configured": not_configured}
     if ec.judge_prompts:
         summary["judge"] = _judge_harm(config, sets, mesh, workdir)
