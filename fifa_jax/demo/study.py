@@ -57,7 +57,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.methods = "importance,greedy,random,margin,full"
-    c.seeds = "0,1,2"
+    c.seeds = "0,1,2,3,4"
     c.held_out_pairs = 200      # pairs removed from every run's candidates (validation)
     c.eval_prompts = 32         # new demo prompts sampled for the true-reward curve
     c.curve_every = 25          # train steps between curve points (and checkpoints)
