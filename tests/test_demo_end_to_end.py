@@ -151,3 +151,32 @@ def test_demo_report_opens_in_chromium(demo_run, tmp_path):
     chrome(browser, tmp_path / "p2", f"--screenshot={shot}", "--window-size=1280,1600",
            f"file://{index}")
     assert np.asarray(Image.open(shot).convert("RGB"), np.float64).std() > 20
+
+
+def test_training_sees_the_text_states_the_sampler_makes(demo_run):
+    """Each encoded train pair points at its own prompt's text states, and those (and the
+    empty prompt's, for caption dropout) equal what the sampler computes for the same text:
+    the trained UNet is conditioned as it is at sampling time."""
+    import numpy as np
+
+    from fifa_jax.demo import assets
+    from fifa_jax.sampling.pipeline import TextToImage
+    from fifa_jax.training import pair_dataset as pds
+    workdir, _ = demo_run
+    enc = workdir / "encode"
+    pairs = pds.data_source(enc, "pairs", "train")
+    prompts = pds.data_source(enc, "prompts", "prompts")
+    ingest = pq.read_table(workdir / "ingest" / "pairs.parquet", columns=["pair_id", "prompt_id"])
+    prompt_of = dict(zip(ingest.column("pair_id").to_pylist(),
+                         ingest.column("prompt_id").to_pylist()))
+    texts = pq.read_table(workdir / "ingest" / "prompts.parquet", columns=["prompt_id", "text"])
+    text_of = dict(zip(texts.column("prompt_id").to_pylist(), texts.column("text").to_pylist()))
+    rows = [pairs[i] for i in range(5)]
+    for r in rows:
+        assert int(prompts[int(r["prompt_row"])]["prompt_id"]) == prompt_of[int(r["pair_id"])]
+    gen = TextToImage.load(assets.resolve_base_model("demo", workdir))
+    wanted = [text_of[prompt_of[int(r["pair_id"])]] for r in rows] + [""]
+    states = np.asarray(gen.text_states(wanted)["prompt_embeds"])
+    stored = [prompts[int(r["prompt_row"])]["prompt_embeds"] for r in rows]
+    stored.append(pds.load_empty_prompt(enc)["prompt_embeds"])
+    np.testing.assert_array_equal(np.stack(stored).astype(np.float32), states)
