@@ -439,19 +439,16 @@ def summarize(runs: dict, base_point: dict, methods: list[str], st) -> dict:
             "eval_prompts": int(st.eval_prompts), "held_out_pairs": int(st.held_out_pairs)}
 
 
-def _fmt(s: dict, pct=False) -> str:
+def _fmt(s: dict, pct=False, signed=False) -> str:
+    """A mean_ci dict as 'mean [lo, hi]' (pct: as percent, or points when signed; signed:
+    with a + sign, for differences)."""
     if s["mean"] is None:
         return "-"
-    f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3f}")
-    if s["ci"][0] is None:
-        return f(s["mean"])
-    return f"{f(s['mean'])} [{f(s['ci'][0])}, {f(s['ci'][1])}]"
-
-
-def _fmt_diff(s: dict, pct=False) -> str:
-    if s["mean"] is None:
-        return "-"
-    f = (lambda x: f"{100 * x:+.1f} pp") if pct else (lambda x: f"{x:+.3f}")
+    sign = "+" if signed else ""
+    if pct:
+        f = (lambda x: f"{100 * x:{sign}.1f}" + (" pp" if signed else "%"))
+    else:
+        f = (lambda x: f"{x:{sign}.3f}")
     if s["ci"][0] is None:
         return f(s["mean"])
     return f"{f(s['mean'])} [{f(s['ci'][0])}, {f(s['ci'][1])}]"
@@ -484,8 +481,8 @@ def markdown(results: dict, st) -> str:
                   "runs), mean difference with its Student-t 95% interval:", "",
                   "| difference | true reward | harm rate | seeds |", "|---|---|---|---|"]
         for name, d in diffs.items():
-            lines.append(f"| {name} | {_fmt_diff(d['true_reward'])} | "
-                         f"{_fmt_diff(d['harm_rate'], pct=True)} | {d['true_reward']['n']} |")
+            lines.append(f"| {name} | {_fmt(d['true_reward'], signed=True)} | "
+                         f"{_fmt(d['harm_rate'], pct=True, signed=True)} | {d['true_reward']['n']} |")
     lines += ["", "![true reward vs step](true_reward_vs_step.png)", ""]
     return "\n".join(lines) + "\n"
 
