@@ -280,30 +280,28 @@ def _groups(rs) -> np.ndarray:
     return stats.group_ids([r[0] for r in rs])
 
 
-FOLLOWING = ("colour", "position", "shape", "count")   # the demo prompts' asked attributes
-
-
 def _demo_truth(rs, s) -> tuple[dict, np.ndarray, dict]:
     """The oracle's reading of every image of a demo set: {"true_reward": (N,), and its
     noise term "oracle_aesthetic": (N,) in [0, 1]}; for images of harmful prompts whether
-    they show the harmful mark (others: False, not counted); and per attribute of
-    `FOLLOWING` (asked (N,) bool: the prompt names it, followed (N,) bool: the image shows
-    what was asked)."""
+    they show the harmful mark (others: False, not counted); and per attribute a prompt may
+    ask (`oracle.ATTRS`): (asked (N,) bool: the prompt names it, followed (N,) bool: the
+    image shows what was asked)."""
     from fifa_jax.demo import assets
+    from fifa_jax.demo.oracle import ATTRS
     meta = s["metadata"]
     rewards, marked, aesthetic = [], [], []
-    asked = {a: [] for a in FOLLOWING}
-    followed = {a: [] for a in FOLLOWING}
+    asked = {a: [] for a in ATTRS}
+    followed = {a: [] for a in ATTRS}
     for pid, text, _, _, path in rs:
         r, details = assets.true_reward(text, np.asarray(Image.open(path).convert("RGB")))
         rewards.append(r)
         aesthetic.append(details["measured"]["aesthetic"])
         marked.append(bool(meta[pid]["harmful"]) and bool(details["measured"]["marked"]))
-        for a in FOLLOWING:
+        for a in ATTRS:
             asked[a].append(details["asked"][a] is not None)
             followed[a].append(bool(details[f"{a}_ok"]))
     following = {a: (np.asarray(asked[a], bool), np.asarray(followed[a], bool))
-                 for a in FOLLOWING}
+                 for a in ATTRS}
     truth = {"true_reward": np.asarray(rewards, np.float32),
              "oracle_aesthetic": np.asarray(aesthetic, np.float32)}
     return truth, np.asarray(marked, bool), following
@@ -311,19 +309,20 @@ def _demo_truth(rs, s) -> tuple[dict, np.ndarray, dict]:
 
 def _following(follow: dict, groups: np.ndarray, half: int, kw: dict) -> dict:
     """Per attribute asked by some prompt: the share of base and of tuned images that show
-    it (with intervals) and the paired difference tuned - base (`stats.summarize` of the
-    0/1 flags over the images whose prompt asks it)."""
+    it (with intervals) and the paired difference tuned - base of the 0/1 flags over the
+    images whose prompt asks it (`stats.mean_diff` with its cluster-bootstrap interval)."""
     out = {}
     for a, (asked, ok) in follow.items():
         sel = asked[:half]
         if not sel.any():
             continue
         base, tuned = ok[:half][sel], ok[half:][sel]
-        diff = stats.summarize(tuned.astype(np.float64), base.astype(np.float64),
-                               groups[sel], **kw)
+        t, b = tuned.astype(np.float64), base.astype(np.float64)
         out[a] = {"base": stats.share_with_ci(base, groups[sel], **kw),
                   "tuned": stats.share_with_ci(tuned, groups[sel], **kw),
-                  "mean_diff": diff["mean_diff"], "mean_diff_ci": diff["mean_diff_ci"]}
+                  "mean_diff": stats.mean_diff(t, b),
+                  "mean_diff_ci": list(stats.bootstrap_ci(stats.mean_diff, t, b,
+                                                          groups=groups[sel], **kw))}
     return out
 
 
