@@ -124,6 +124,15 @@ def remat(root):
     return run_check(_config(root, remat="nothing_saveable"), TOPOLOGY, only=("train_step",))[0]
 
 
+@pytest.fixture(scope="module")
+def host(root):
+    """train.accumulate="host", FSDP over four chips, 4 micro-batches an update."""
+    from fifa_jax.aot import run_check
+    res = run_check(_config(root, mesh_fsdp=4, mesh_data=1, grad_accum=4, accumulate="host"),
+                    TOPOLOGY, only=("train_micro_step", "train_update"))
+    return {r["program"]: r for r in res}
+
+
 def _data_bytes(r):
     """Per-chip bytes less the generated code (which a tiny model's buffers do not dwarf)."""
     return r["bytes_per_chip"] - r["code_bytes"]
@@ -164,6 +173,23 @@ def test_remat_lowers_temporaries(base, remat):
     assert remat["temp_bytes"] < step["temp_bytes"]
     assert _data_bytes(remat) < _data_bytes(step)
     assert remat["flops"] > step["flops"]                   # the forward runs again
+
+
+def test_host_accumulation_compiles_a_micro_step_and_an_update(host, fsdp):
+    """accumulate="host": two loop-free programs; the micro-step's arguments hold the whole
+    state (optimiser moments too) and the gradient buffer, so its memory is the step's."""
+    assert set(host) == {"train_micro_step", "train_update"}
+    for r in host.values():
+        assert r["compiled"] and r["fits"], r
+        assert analysis.cpu_only_targets(r["custom_calls"]) == []
+        assert r["settings"]["grad_accum"] == 4 and r["settings"]["mesh"] == {"data": 1,
+                                                                            "fsdp": 4}
+    micro, update = host["train_micro_step"], host["train_update"]
+    # the scan's step holds state + reference + batch; the micro-step a gradient more
+    assert micro["argument_bytes"] > fsdp["argument_bytes"]
+    assert micro["alias_bytes"] > 0 and update["alias_bytes"] > 0     # grads / state donated
+    assert micro["collectives"]["all-gather"]["count"] > 0            # FSDP gathers
+    assert micro["flops"] > 100 * update["flops"]                     # the UNet is in the first
 
 
 def test_not_fitting_program_is_one_line_naming_the_settings(root):

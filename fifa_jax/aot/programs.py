@@ -18,7 +18,9 @@ Stage -> programs:
   encode:   encode_vae (posteriors of `encode.batch_size` images a chip, with the mirrored
             copies when `encode.random_flip`), encode_text[_2] (each text encoder)
   train:    train_step (one update: grad_accum micro-batches of train.batch_size pairs),
-            eval_step (one held-out micro-batch)
+            or with train.accumulate "host" train_micro_step (one micro-batch added into the
+            gradient buffer; it takes the whole state, so its memory counts every resident
+            buffer) and train_update; eval_step (one held-out micro-batch)
   evaluate: sample (the whole sampler loop with classifier-free guidance over
             `evaluate.batch_size` images), vae_decode
 """
@@ -205,7 +207,9 @@ def train_programs(config, mesh) -> list[Program]:
     from fifa_jax.training import noise_schedule
     from fifa_jax.training import train_state as ts
     from fifa_jax.training.optimizer import learning_rate_schedule, make_optimizer
-    from fifa_jax.training.train_step import StepConfig, eval_step, train_step
+    from fifa_jax.training.train import step_config
+    from fifa_jax.training.train_step import (eval_step, micro_step, train_step, update_step,
+                                              zero_grads, zero_sums)
     from fifa_jax.training.trainer import step_batch_sharding, unet_apply
     tc = config.train
     base = _need_base(_base_models(config)["train"], "train.base_model")
@@ -250,16 +254,9 @@ def train_programs(config, mesh) -> list[Program]:
     if geo["pooled"]:
         consts["empty_pooled"] = _sds((geo["pooled"],), jnp.float32, replicated)
         consts["time_ids"] = _sds((6,), jnp.float32, replicated)
-    step_cfg = StepConfig(beta=float(tc.beta), caption_dropout=float(tc.caption_dropout),
-                          scaling_factor=geo["scaling_factor"],
-                          shift_factor=geo["shift_factor"])
+    step_cfg = step_config(tc, geo["scaling_factor"], geo["shift_factor"])
     unet_fn = unet_apply(graphdef)
-    step = jax.jit(functools.partial(train_step, unet_fn=unet_fn, optimizer=optimizer,
-                                     schedule=schedule, cfg=step_cfg,
-                                     lr_fn=learning_rate_schedule(float(tc.learning_rate),
-                                                                  int(tc.warmup_steps)),
-                                     policy_fn=policy_fn),
-                   donate_argnums=(0,), out_shardings=(state_sh, replicated))
+    lr_fn = learning_rate_schedule(float(tc.learning_rate), int(tc.warmup_steps))
     evaluate = jax.jit(functools.partial(eval_step, unet_fn=unet_fn, schedule=schedule,
                                          cfg=step_cfg, policy_fn=policy_fn),
                        out_shardings=replicated)
@@ -275,8 +272,29 @@ def train_programs(config, mesh) -> list[Program]:
               f"{mesh.shape['fsdp']}) or set train.ref_dtype=bfloat16 (now {tc.ref_dtype})")
     key = _sds((2,), jnp.uint32, replicated)
     index = _sds((), jnp.uint32, replicated)
-    return [Program("train_step", "train", step, (state, ref, batch(a), consts), mesh,
-                    settings, advice),
+    if tc.get("accumulate", "scan") == "scan":
+        step = jax.jit(functools.partial(train_step, unet_fn=unet_fn, optimizer=optimizer,
+                                         schedule=schedule, cfg=step_cfg, lr_fn=lr_fn,
+                                         policy_fn=policy_fn),
+                       donate_argnums=(0,), out_shardings=(state_sh, replicated))
+        steps = [Program("train_step", "train", step, (state, ref, batch(a), consts), mesh,
+                         settings, advice)]
+    else:       # the Trainer's accumulate="host" programs: A micro-steps, then the update
+        grads = _abstract(jax.eval_shape(zero_grads, abstract_state.params), state_sh.params)
+        sums = _replicated_tree(jax.eval_shape(zero_sums), mesh)
+        micro = jax.jit(functools.partial(micro_step, unet_fn=unet_fn, schedule=schedule,
+                                          cfg=step_cfg, policy_fn=policy_fn),
+                        donate_argnums=(1, 2), keep_unused=True,
+                        out_shardings=(state_sh.params, replicated))
+        update = jax.jit(functools.partial(update_step, a=a, optimizer=optimizer,
+                                           lr_fn=lr_fn),
+                         donate_argnums=(0,), out_shardings=(state_sh, replicated))
+        steps = [Program("train_micro_step", "train", micro,
+                         (state, grads, sums, ref, batch(1), consts, index), mesh, settings,
+                         advice),
+                 Program("train_update", "train", update, (state, grads, sums), mesh,
+                         settings, advice)]
+    return steps + [
             Program("eval_step", "train", evaluate,
                     (state.params, ref, batch(1), consts, key, index), mesh,
                     dict(settings, grad_accum=1, effective_batch=b), advice)]

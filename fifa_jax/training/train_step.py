@@ -8,7 +8,11 @@ Batch layout (global arrays; axis 1 split over the mesh's batch axes):
     proxy_prob              (A, B)            the proxy's preference probability p of each
                                               pair (only with margin_weighting "smpo")
 A micro-batches of B pairs make one update; gradients are averaged over them, so A x B is
-one batch of A*B pairs (up to float rounding). Constants: `empty_embeds` (L, D) and, for SDXL,
+one batch of A*B pairs (up to float rounding). `train.accumulate` picks where the A-loop runs:
+"scan" (`train_step`: one compiled program, a loop over the micro-batches inside) or "host"
+(`micro_step` called A times, adding into a donated gradient buffer, then `update_step`): the
+same values; the second compiles loop-free programs (what that saves in TPU compile time and
+host memory: benchmarks/RESULTS.md). Constants: `empty_embeds` (L, D) and, for SDXL,
 `empty_pooled` (P,) and `time_ids` (6,).
 
 Per pair (its key: fold_in(fold_in(state.key, step), index in the step), so a draw never
@@ -57,10 +61,11 @@ class StepConfig:
     snr_gamma: float = 5.0                              # min_snr's gamma
 
 
-def pair_keys(key_data, step, n: int):
-    """(n,) typed keys of the pairs of one step: fold_in(fold_in(key, step), j)."""
+def pair_keys(key_data, step, n: int, start=0):
+    """(n,) typed keys of pairs start..start+n-1 of one step: fold_in(fold_in(key, step), j)."""
     base = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
-    return jax.vmap(lambda j: jax.random.fold_in(base, j))(jnp.arange(n, dtype=jnp.uint32))
+    idx = jnp.asarray(start, jnp.uint32) + jnp.arange(n, dtype=jnp.uint32)
+    return jax.vmap(lambda j: jax.random.fold_in(base, j))(idx)
 
 
 def _sample(moments, noise, cfg: StepConfig):
@@ -144,20 +149,49 @@ AUX_METRICS = ("implicit_acc", "implicit_acc_strict", "se_pol_w", "se_pol_l", "s
                "se_ref_l", "error_gap")
 
 
+def _grad_fn(policy_fn):
+    return jax.value_and_grad(
+        functools.partial(micro_loss, policy_fn=policy_fn) if policy_fn else micro_loss,
+        has_aux=True)
+
+
+def _named(loss, aux) -> dict:
+    """One micro-batch's loss and aux metrics, by name."""
+    return {"loss": loss, **{m: aux[m] for m in AUX_METRICS}}
+
+
+def apply_update(state: TrainState, grads, sums: dict, a: int, *,
+                 optimizer: optax.GradientTransformation, lr_fn: Callable
+                 ) -> tuple[TrainState, dict[str, Any]]:
+    """One optimiser update from gradients and metrics summed over `a` micro-batches: their
+    means, AdamW (or the configured optimiser), and a state left unchanged when the loss or
+    the gradient is not finite."""
+    if a > 1:
+        grads = jax.tree.map(lambda g: g / a, grads)
+        sums = {n: v / a for n, v in sums.items()}
+    metrics = dict(sums)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, key=state.key)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics.update(grad_norm=grad_norm, learning_rate=lr_fn(state.step),
+                   param_norm=optax.tree.norm(new.params),
+                   finite=finite.astype(jnp.float32))
+    return new, metrics
+
+
 def train_step(state: TrainState, ref_params, batch: dict, consts: dict, *,
                unet_fn: Callable, optimizer: optax.GradientTransformation,
                schedule: ns.NoiseSchedule, cfg: StepConfig, lr_fn: Callable,
                policy_fn: Callable | None = None) -> tuple[TrainState, dict[str, Any]]:
-    """Accumulate gradients over the A micro-batches of `batch`, apply one update (to
-    `state.params`: the UNet's, or with `policy_fn` the LoRA adapters only)."""
+    """Accumulate gradients over the A micro-batches of `batch` in a loop of the compiled
+    program (`train.accumulate` "scan"), apply one update (to `state.params`: the UNet's, or
+    with `policy_fn` the LoRA adapters only)."""
     a, b = batch["moments_w"].shape[:2]
     keys = pair_keys(state.key, state.step, a * b).reshape(a, b)
-    grad_fn = jax.value_and_grad(
-        functools.partial(micro_loss, policy_fn=policy_fn) if policy_fn else micro_loss,
-        has_aux=True)
-
-    def named(loss, aux):  # one micro-batch's loss and aux metrics, by name
-        return {"loss": loss, **{m: aux[m] for m in AUX_METRICS}}
+    grad_fn = _grad_fn(policy_fn)
 
     def body(carry, xs):
         grads, sums, params, ref = carry
@@ -169,31 +203,54 @@ def train_step(state: TrainState, ref_params, batch: dict, consts: dict, *,
         k, micro = xs
         (loss, aux), g = grad_fn(params, ref, k, micro, consts, unet_fn, schedule, cfg)
         grads = jax.tree.map(jnp.add, grads, g)
-        sums = {n: sums[n] + v for n, v in named(loss, aux).items()}
+        sums = {n: sums[n] + v for n, v in _named(loss, aux).items()}
         return (grads, sums, params, ref), None
 
     if a == 1:     # no accumulation: the same values without a loop, zeros and a division
         (loss, aux), grads = grad_fn(state.params, ref_params, keys[0],
                                      jax.tree.map(lambda x: x[0], batch), consts, unet_fn,
                                      schedule, cfg)
-        metrics = named(loss, aux)
+        sums = _named(loss, aux)
     else:
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        sums0 = {n: jnp.zeros((), jnp.float32) for n in ("loss",) + AUX_METRICS}
         (grads, sums, _, _), _ = jax.lax.scan(
-            body, (zeros, sums0, state.params, ref_params), (keys, batch))
-        grads = jax.tree.map(lambda g: g / a, grads)
-        metrics = {n: v / a for n, v in sums.items()}
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, key=state.key)
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-    metrics.update(grad_norm=grad_norm, learning_rate=lr_fn(state.step),
-                   param_norm=optax.tree.norm(new.params),
-                   finite=finite.astype(jnp.float32))
-    return new, metrics
+            body, (zero_grads(state.params), zero_sums(), state.params, ref_params),
+            (keys, batch))
+    return apply_update(state, grads, sums, a, optimizer=optimizer, lr_fn=lr_fn)
+
+
+def zero_grads(params):
+    """Float32 zeros shaped like the trained parameters: the gradient accumulator."""
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+
+def zero_sums() -> dict:
+    return {n: jnp.zeros((), jnp.float32) for n in ("loss",) + AUX_METRICS}
+
+
+def micro_step(state: TrainState, grads, sums: dict, ref_params, micro: dict, consts: dict,
+               index, *, unet_fn: Callable, schedule: ns.NoiseSchedule, cfg: StepConfig,
+               policy_fn: Callable | None = None) -> tuple[Any, dict]:
+    """`train.accumulate` "host": add micro-batch `index`'s gradients and metric sums into
+    `grads` / `sums` (donated; the accumulator of one update, zeros before micro-batch 0).
+    `micro`: the A=1 layout (1, B, ...). Its pairs draw the keys they have in `train_step`
+    (pairs index*B .. index*B + B-1 of the step), so A calls and `update_step` give the values
+    of one `train_step` over the A micro-batches. It takes the whole state (optimiser moments
+    included, unused) so that its compiled memory counts every buffer resident in the step."""
+    b = micro["moments_w"].shape[1]
+    keys = pair_keys(state.key, state.step, b, start=index * b)
+    (loss, aux), g = _grad_fn(policy_fn)(state.params, ref_params, keys,
+                                         jax.tree.map(lambda x: x[0], micro), consts,
+                                         unet_fn, schedule, cfg)
+    grads = jax.tree.map(jnp.add, grads, g)
+    return grads, {n: sums[n] + v for n, v in _named(loss, aux).items()}
+
+
+def update_step(state: TrainState, grads, sums: dict, *, a: int,
+                optimizer: optax.GradientTransformation, lr_fn: Callable
+                ) -> tuple[TrainState, dict[str, Any]]:
+    """`train.accumulate` "host": the update after A `micro_step`s (the state donated; the
+    gradient buffer is freed when the caller drops it)."""
+    return apply_update(state, grads, sums, a, optimizer=optimizer, lr_fn=lr_fn)
 
 
 def eval_step(params, ref_params, batch: dict, consts: dict, key_data, index, *,

@@ -2,6 +2,7 @@
 
     trainer = Trainer(unet, schedule, step_cfg, optimizer, mesh, seed=0)
     trainer.step(host_batch)       # host_batch: this host's rows, (A, B / hosts, ...) numpy
+                                   # accumulate="host": A micro-steps, then the update
     trainer.evaluate(batches)      # held-out loss and implicit accuracy
 
 `unet` is a loaded Flax UNet (its parameters may already be sharded by the loader); the
@@ -34,7 +35,8 @@ from fifa_jax.parallel import param_sharding
 from fifa_jax.training import lora as lora_lib
 from fifa_jax.training import train_state as ts
 from fifa_jax.training.batches import heldout_means
-from fifa_jax.training.train_step import StepConfig, eval_step, train_step
+from fifa_jax.training.train_step import (StepConfig, eval_step, micro_step, train_step,
+                                          update_step, zero_grads, zero_sums)
 
 
 def unet_apply(graphdef) -> Callable:
@@ -60,11 +62,18 @@ def to_global(host_batch: dict, mesh: Mesh) -> dict:
     return out
 
 
+ACCUMULATE = ("scan", "host")     # train.accumulate: where the micro-batch loop runs
+
+
 class Trainer:
     def __init__(self, unet, schedule, step_cfg: StepConfig,
                  optimizer: optax.GradientTransformation, mesh: Mesh, *, seed: int,
                  lr_fn: Callable, consts: dict, rules=None, min_size: int = 0,
-                 ref_dtype=jnp.float32, lora: lora_lib.LoraConfig | None = None):
+                 ref_dtype=jnp.float32, lora: lora_lib.LoraConfig | None = None,
+                 accumulate: str = "scan"):
+        if accumulate not in ACCUMULATE:
+            raise ValueError(f"accumulate={accumulate!r}: use one of {ACCUMULATE}")
+        self.accumulate = accumulate
         self.mesh, self.optimizer, self.schedule, self.step_cfg = mesh, optimizer, schedule, \
             step_cfg
         graphdef, state = nnx.split(unet)
@@ -104,6 +113,18 @@ class Trainer:
                               schedule=schedule, cfg=step_cfg, lr_fn=lr_fn,
                               policy_fn=self.policy_fn),
             donate_argnums=(0,), out_shardings=(self.state_shardings, self.replicated))
+        step_fns = dict(unet_fn=self.unet_fn, schedule=schedule, cfg=step_cfg,
+                        policy_fn=self.policy_fn)
+        grad_sh = self.state_shardings.params
+        self._micro = jax.jit(functools.partial(micro_step, **step_fns),
+                              donate_argnums=(1, 2), keep_unused=True,
+                              out_shardings=(grad_sh, self.replicated))
+        self._update = jax.jit(
+            functools.partial(update_step, optimizer=optimizer, lr_fn=lr_fn),
+            static_argnames=("a",), donate_argnums=(0,),
+            out_shardings=(self.state_shardings, self.replicated))
+        self._zeros = jax.jit(lambda p: (zero_grads(p), zero_sums()),
+                              out_shardings=(grad_sh, self.replicated))
         self._compiled, self.step_flops = {}, None
         self._eval = jax.jit(functools.partial(eval_step, unet_fn=self.unet_fn,
                                                schedule=schedule, cfg=step_cfg,
@@ -122,14 +143,40 @@ class Trainer:
 
     def compiled_step(self, host_batch: dict):
         """The compiled step for this batch's shapes (compiled once; `step_flops` from the cost
-        analysis of one micro-batch's step, its memory analysis the device memory)."""
+        analysis of one micro-batch's step, its memory analysis the device memory): a function
+        (state, ref_params, batch, consts) -> (state, metrics), and the global batch."""
         batch = to_global(host_batch, self.mesh)
         sig = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
         if sig not in self._compiled:
-            self._compiled[sig] = self.lower_step(batch).compile()
+            if self.accumulate == "scan":
+                self._compiled[sig] = self.lower_step(batch).compile()
+            else:
+                self._compiled[sig] = self._host_loop(batch)
             if self.step_flops is None:
                 self.step_flops = self._step_flops(batch)
         return self._compiled[sig], batch
+
+    @staticmethod
+    def _micro_shapes(batch: dict) -> dict:
+        """Micro-batch i of `batch` as (1, B, ...) shapes, the step's sharding."""
+        return {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype, sharding=v.sharding)
+                for k, v in batch.items()}
+
+    def _host_loop(self, batch: dict):
+        """accumulate="host": the compiled micro-step and update, and the loop over them."""
+        a = int(batch["moments_w"].shape[0])
+        micro_c, update_c = (low.compile() for low in self.lower_host(batch))
+        slice_c = jax.jit(lambda x, i: jax.lax.dynamic_slice_in_dim(x, i, 1, axis=0),
+                          out_shardings=None)
+
+        def run(state, ref_params, batch, consts):
+            grads, sums = self._zeros(state.params)
+            for i in range(a):
+                micro = batch if a == 1 else {k: slice_c(v, i) for k, v in batch.items()}
+                grads, sums = micro_c(state, grads, sums, ref_params, micro, consts,
+                                      np.uint32(i))
+            return update_c(state, grads, sums)
+        return run
 
     def _step_flops(self, batch: dict) -> float | None:
         """FLOPs of one update: those of a one-micro-batch step times the A micro-batches.
@@ -139,9 +186,9 @@ class Trainer:
         model's FLOPs, as MFU counts them (remat's recomputation included when it is on)."""
         from fifa_jax.training.metrics import step_flops
         a = int(batch["moments_w"].shape[0])
-        one = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype, sharding=v.sharding)
-               for k, v in batch.items()}
-        flops = step_flops(self.lower_step(one))
+        one = self._micro_shapes(batch)
+        low = self.lower_step(one) if self.accumulate == "scan" else self.lower_host(one)[0]
+        flops = step_flops(low)
         return None if flops is None else flops * a
 
     def lower_step(self, batch: dict):
@@ -149,6 +196,20 @@ class Trainer:
         so the models' activation constraints apply (FSDP gathers weights, not activations)."""
         with jax.set_mesh(self.mesh):
             return self._step.lower(self.state, self.ref_params, batch, self.consts)
+
+    def lower_host(self, batch: dict):
+        """accumulate="host": (micro-step, update) lowered for `batch`'s micro-batches."""
+        a = int(batch["moments_w"].shape[0])
+        grads, sums = jax.eval_shape(self._zeros, self.state.params)
+        grads = jax.tree.map(lambda g, sh: jax.ShapeDtypeStruct(g.shape, g.dtype, sharding=sh),
+                             grads, self.state_shardings.params)
+        sums = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                                           sharding=self.replicated), sums)
+        with jax.set_mesh(self.mesh):
+            return (self._micro.lower(self.state, grads, sums, self.ref_params,
+                                      self._micro_shapes(batch), self.consts,
+                                      jax.ShapeDtypeStruct((), jnp.uint32)),
+                    self._update.lower(self.state, grads, sums, a=a))
 
     def step(self, host_batch: dict) -> dict:
         """One optimiser update; returns the step's metrics as device scalars."""

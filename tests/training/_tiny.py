@@ -55,7 +55,8 @@ CONSTS = {"empty_embeds": np.zeros((L, D), np.float32)}
 
 
 def trainer(mesh_shape=(1, 1), optimizer=None, lr=1e-3, seed=0, beta=50.0, dropout=0.2,
-            ref_dtype=jnp.float32, model_seed=0, kernels=False, unet_cfg=None, lora=None):
+            ref_dtype=jnp.float32, model_seed=0, kernels=False, unet_cfg=None, lora=None,
+            accumulate="scan"):
     """A Trainer of the tiny UNet; `kernels`: the 16-channel UNet with "auto" attention, whose
     CPU form takes our CPU kernels (the form in force decides: tests' `forms` fixture);
     `unet_cfg`: another UNet config (with "auto" attention); `lora`: a lora.LoraConfig."""
@@ -69,7 +70,7 @@ def trainer(mesh_shape=(1, 1), optimizer=None, lr=1e-3, seed=0, beta=50.0, dropo
              else unet(model_seed))
     return Trainer(model, SCHED, step_cfg, optimizer, mesh, seed=seed,
                    lr_fn=learning_rate_schedule(lr, 0), consts=CONSTS, ref_dtype=ref_dtype,
-                   min_size=64, lora=lora)
+                   min_size=64, lora=lora, accumulate=accumulate)
 
 
 # SDXL-style added conditioning: pooled text embeddings + 6 time ids
