@@ -126,9 +126,11 @@ def remat(root):
 
 @pytest.fixture(scope="module")
 def host(root):
-    """train.accumulate="host", FSDP over four chips, 4 micro-batches an update."""
+    """train.accumulate="host", mesh.param_tactic="zero" over four chips, 4 micro-batches
+    an update."""
     from fifa_jax.aot import run_check
-    res = run_check(_config(root, mesh_fsdp=4, mesh_data=1, grad_accum=4, accumulate="host"),
+    res = run_check(_config(root, mesh_fsdp=4, mesh_data=1, mesh_param_tactic="zero",
+                            grad_accum=4, accumulate="host"),
                     TOPOLOGY, only=("train_micro_step", "train_update"))
     return {r["program"]: r for r in res}
 
@@ -175,20 +177,27 @@ def test_remat_lowers_temporaries(base, remat):
     assert remat["flops"] > step["flops"]                   # the forward runs again
 
 
-def test_host_accumulation_compiles_a_micro_step_and_an_update(host, fsdp):
+def test_host_accumulation_with_zero_compiles_a_micro_step_and_an_update(host, fsdp):
     """accumulate="host": two loop-free programs; the micro-step's arguments hold the whole
-    state (optimiser moments too) and the gradient buffer, so its memory is the step's."""
+    state (optimiser moments too) and the gradient buffer, so its memory is the step's. Under
+    "zero" the micro-step gathers no weight and reduces the gradients (XLA picks all-reduce
+    or reduce-scatter, then keeps the accumulator's shard); the update all-gathers the new
+    parameters."""
     assert set(host) == {"train_micro_step", "train_update"}
     for r in host.values():
         assert r["compiled"] and r["fits"], r
         assert analysis.cpu_only_targets(r["custom_calls"]) == []
         assert r["settings"]["grad_accum"] == 4 and r["settings"]["mesh"] == {"data": 1,
                                                                             "fsdp": 4}
+        assert r["settings"]["param_tactic"] == "zero"
     micro, update = host["train_micro_step"], host["train_update"]
-    # the scan's step holds state + reference + batch; the micro-step a gradient more
+    # FSDP's scan step holds a quarter of state + reference; this one whole weights more
     assert micro["argument_bytes"] > fsdp["argument_bytes"]
     assert micro["alias_bytes"] > 0 and update["alias_bytes"] > 0     # grads / state donated
-    assert micro["collectives"]["all-gather"]["count"] > 0            # FSDP gathers
+    assert micro["collectives"]["all-gather"]["count"] == 0
+    col = micro["collectives"]
+    assert col["reduce-scatter"]["count"] + col["all-reduce"]["count"] > 0
+    assert update["collectives"]["all-gather"]["count"] > 0
     assert micro["flops"] > 100 * update["flops"]                     # the UNet is in the first
 
 

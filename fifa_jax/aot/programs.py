@@ -223,19 +223,26 @@ def train_programs(config, mesh) -> list[Program]:
     schedule = noise_schedule.from_scheduler_config(_scheduler(base), sched_path,
                                                     tc.prediction_type or None)
     rules = param_sharding.rules_from_config(config.get("mesh") or {})
+    tactic = (config.get("mesh") or {}).get("param_tactic", "fsdp")
     shard_fn = functools.partial(param_sharding.param_shardings, mesh=mesh, rules=rules)
+    state_fn = functools.partial(param_sharding.param_shardings, mesh=mesh,
+                                 rules=param_sharding.state_rules_from_config(
+                                     config.get("mesh") or {}))
     replicated = mesh_lib.replicated(mesh)
     optimizer = make_optimizer(tc)
     lora = lora_lib.from_config(tc.get("lora"))
     policy_fn = None
     if lora is None:
-        abstract_state, state_sh = ts.state_shardings(params, optimizer, shard_fn, replicated)
+        abstract_state, state_sh = ts.state_shardings(params, optimizer, shard_fn, replicated,
+                                                      state_fn)
+        grad_sh = state_fn(params)
     else:                   # the state is the adapters (replicated), as in Trainer
         adapters = jax.eval_shape(functools.partial(lora_lib.init_adapters, params, lora,
                                                     lora_lib.init_key(0)))
         abstract_state, state_sh = ts.state_shardings(
             adapters, optimizer, lambda t: jax.tree.map(lambda _: replicated, t), replicated)
         policy_fn = functools.partial(lora_lib.merge, scale=lora.scale)
+        grad_sh = state_sh.params
     state = _abstract(abstract_state, state_sh)
     ref = _abstract(params, shard_fn(params), dtype=DTYPES[tc.ref_dtype])
     b = _multiple(mesh, int(tc.batch_size), "train.batch_size")
@@ -265,11 +272,15 @@ def train_programs(config, mesh) -> list[Program]:
                 "effective_batch": a * b, "latent": [c, h, h], "text": [ln, d],
                 "dtype": tc.dtype, "ref_dtype": tc.ref_dtype, "remat": tc.remat,
                 "optimizer": tc.optimizer, "mesh": dict(mesh.shape),
+                "param_tactic": tactic, "accumulate": tc.get("accumulate", "scan"),
                 "lora_rank": lora.rank if lora else 0}
     advice = (f"lower train.batch_size ({b} pairs, {b / n:g} a chip) and raise "
               f"train.grad_accum ({a}) to keep the effective batch, set "
               f"train.remat=nothing_saveable (now {tc.remat}), raise mesh.fsdp (now "
-              f"{mesh.shape['fsdp']}) or set train.ref_dtype=bfloat16 (now {tc.ref_dtype})")
+              f"{mesh.shape['fsdp']}"
+              + (", with mesh.param_tactic=fsdp to split the weights too (now zero)"
+                 if tactic == "zero" else "")
+              + f") or set train.ref_dtype=bfloat16 (now {tc.ref_dtype})")
     key = _sds((2,), jnp.uint32, replicated)
     index = _sds((), jnp.uint32, replicated)
     if tc.get("accumulate", "scan") == "scan":
@@ -280,12 +291,12 @@ def train_programs(config, mesh) -> list[Program]:
         steps = [Program("train_step", "train", step, (state, ref, batch(a), consts), mesh,
                          settings, advice)]
     else:       # the Trainer's accumulate="host" programs: A micro-steps, then the update
-        grads = _abstract(jax.eval_shape(zero_grads, abstract_state.params), state_sh.params)
+        grads = _abstract(jax.eval_shape(zero_grads, abstract_state.params), grad_sh)
         sums = _replicated_tree(jax.eval_shape(zero_sums), mesh)
         micro = jax.jit(functools.partial(micro_step, unet_fn=unet_fn, schedule=schedule,
                                           cfg=step_cfg, policy_fn=policy_fn),
                         donate_argnums=(1, 2), keep_unused=True,
-                        out_shardings=(state_sh.params, replicated))
+                        out_shardings=(grad_sh, replicated))
         update = jax.jit(functools.partial(update_step, a=a, optimizer=optimizer,
                                            lr_fn=lr_fn),
                          donate_argnums=(0,), out_shardings=(state_sh, replicated))

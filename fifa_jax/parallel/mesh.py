@@ -8,9 +8,11 @@ Config (`config.mesh`):
         JAX_COORDINATOR env). Under SLURM, JAX reads the coordinator, count and id from SLURM's
         variables and, unless JAX_LOCAL_DEVICE_IDS is set, keeps GPU SLURM_LOCALID only (one
         task per GPU); launch/slurm.sh runs one task per node and exports all the node's ids.
-    param_tactic: "fsdp" | "replicate": how model parameters are laid out (param_sharding.py).
+    param_tactic: "fsdp" | "replicate" | "zero": how model parameters are laid out
+        (param_sharding.py); "zero": replicated, with the trainer's optimiser state and
+        gradient accumulator split by the rules (ZeRO-2).
     rules: (regex, tactic) pairs over dotted parameter paths, first match wins (used when
-        param_tactic is "fsdp").
+        param_tactic is "fsdp", and for the optimiser state under "zero").
 
 Explicit multi-process start-up (any platform, e.g. several CPU processes on one machine, where
 JAX cannot detect the process count or id): set FIFA_JAX_COORDINATOR (host:port of process 0;
@@ -30,7 +32,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fifa_jax.errors import InputError
-from fifa_jax.parallel.param_sharding import DEFAULT_RULES
+from fifa_jax.parallel.param_sharding import DEFAULT_RULES, PARAM_TACTICS
 
 
 class MeshConfigError(InputError):
@@ -52,7 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
         "fsdp": 1,             # parameter-sharding devices; 1: every device holds whole params
         "distributed": "auto",  # "auto" | "on" | "off": jax.distributed.initialize()
         # "fsdp": each parameter that a rule marks "fsdp" is split over the fsdp axis (when its
-        # size > 1) along its largest divisible dimension; "replicate": whole on every device.
+        # size > 1) along its largest divisible dimension; "replicate": whole on every device;
+        # "zero": parameters whole, the optimiser state and (train.accumulate "host") the
+        # gradient accumulator split by the rules (ZeRO-2: no weight gathers in the step)
         "param_tactic": "fsdp",
         # (regex, tactic) over dotted parameter paths (e.g. "down_blocks.0.resnets.1.conv1.kernel"),
         # first match wins, no match: replicate. Default: biases and norm scales replicated,
@@ -65,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
 # Value rules of the mesh section (pipeline.validate's format), checked before any stage that uses
 # devices runs; ("size", None): -1 (the rest of the devices) or >= 1.
 RULES = {"distributed": ("choice", ("auto", "on", "off")), "data": ("size", None),
-         "fsdp": ("size", None), "param_tactic": ("choice", ("fsdp", "replicate"))}
+         "fsdp": ("size", None), "param_tactic": ("choice", PARAM_TACTICS)}
 
 
 def check_config(mesh) -> None:

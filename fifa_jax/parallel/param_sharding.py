@@ -18,8 +18,13 @@ Rules see the parameter's dotted nnx path, e.g. `down_blocks.0.resnets.1.conv1.k
 first matching rule (`re.search`) decides; a parameter no rule matches is replicated. The model
 code carries no sharding annotations.
 
-Config (`config.mesh`, see `mesh.default_config`): `param_tactic` ("fsdp" | "replicate") and
-`rules`, a tuple of (regex, tactic) pairs; `param_shardings_from_config` applies them.
+Config (`config.mesh`, see `mesh.default_config`): `param_tactic` ("fsdp" | "replicate" |
+"zero") and `rules`, a tuple of (regex, tactic) pairs; `param_shardings_from_config` applies
+them. "zero" (ZeRO stage 2) replicates every model's parameters and splits only the trainer's
+optimiser state and gradient accumulator by the rules (`state_rules_from_config`): the forward
+and backward gather no weight; each micro-batch's gradients are reduced (XLA picks all-reduce
+or reduce-scatter) into the accumulator's shard, the updated parameters all-gathered once a
+step.
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fifa_jax.errors import InputError
 
-TACTICS = ("replicate", "fsdp")
+TACTICS = ("replicate", "fsdp")                 # what a rule may say of a parameter
+PARAM_TACTICS = ("fsdp", "replicate", "zero")   # mesh.param_tactic
 FSDP_AXIS = "fsdp"
 # Norm scales and all biases are small vectors: replicate; shard every other tensor.
 DEFAULT_RULES: tuple[tuple[str, str], ...] = (
@@ -138,17 +144,29 @@ def param_shardings(state, mesh: Mesh, *, tactic: str = "fsdp",
     return jax.tree_util.tree_map_with_path(one, state)
 
 
-def rules_from_config(mesh_config) -> tuple[tuple[str, str], ...]:
-    """The rule table a `config.mesh` section asks for: `mesh.rules` (checked; absent:
-    DEFAULT_RULES), or REPLICATE_ALL when `mesh.param_tactic` is "replicate"."""
+def _tactic(mesh_config) -> tuple[str, tuple[tuple[str, str], ...]]:
     get = mesh_config.get if hasattr(mesh_config, "get") else lambda k, d=None: d
     tactic = get("param_tactic", "fsdp")
-    if tactic not in TACTICS:
-        raise ShardingRulesError(f"mesh.param_tactic must be one of {TACTICS}, got {tactic!r}")
-    if tactic == "replicate":
-        return REPLICATE_ALL
+    if tactic not in PARAM_TACTICS:
+        raise ShardingRulesError(f"mesh.param_tactic must be one of {PARAM_TACTICS}, got "
+                                 f"{tactic!r}")
     rules = get("rules", None)
-    return DEFAULT_RULES if rules is None else check_rules(rules, "mesh.rules")
+    return tactic, DEFAULT_RULES if rules is None else check_rules(rules, "mesh.rules")
+
+
+def rules_from_config(mesh_config) -> tuple[tuple[str, str], ...]:
+    """The rule table for model parameters that a `config.mesh` section asks for: `mesh.rules`
+    (checked; absent: DEFAULT_RULES), or REPLICATE_ALL when `mesh.param_tactic` is "replicate"
+    or "zero"."""
+    tactic, rules = _tactic(mesh_config)
+    return REPLICATE_ALL if tactic in ("replicate", "zero") else rules
+
+
+def state_rules_from_config(mesh_config) -> tuple[tuple[str, str], ...]:
+    """The rule table for the trainer's optimiser state and gradient accumulator: the
+    parameters' (`rules_from_config`), except under "zero", where `mesh.rules` split them."""
+    tactic, rules = _tactic(mesh_config)
+    return rules if tactic == "zero" else rules_from_config(mesh_config)
 
 
 def param_shardings_from_config(abstract_state, mesh: Mesh, mesh_config):

@@ -406,7 +406,9 @@ def run(config, workdir) -> dict:
                                                    int(tc.warmup_steps)),
                       consts=batches_lib.step_consts(encode_dir, spec), rules=rules,
                       ref_dtype=DTYPES[tc.ref_dtype], lora=lora_lib.from_config(tc.get("lora")),
-                      accumulate=tc.get("accumulate", "scan"))
+                      accumulate=tc.get("accumulate", "scan"),
+                      state_rules=param_sharding.state_rules_from_config(
+                          config.get("mesh") or {}))
     del unet
     loader = PairLoader(encode_dir, "train", global_batch=micro, seed=int(config.seed),
                         flip="random" if tc.random_flip else "none",

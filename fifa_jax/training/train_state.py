@@ -25,14 +25,17 @@ class TrainState:
     key: jax.Array             # (2,) uint32 raw key: every draw is fold_in(key, step, pair)
 
 
-def state_shardings(abstract_params, optimizer, param_shardings_fn, replicated):
-    """(abstract TrainState, its shardings): parameters and optimiser leaves by
-    `param_shardings_fn(tree)`, step and key replicated."""
+def state_shardings(abstract_params, optimizer, param_shardings_fn, replicated,
+                    opt_shardings_fn=None):
+    """(abstract TrainState, its shardings): parameters by `param_shardings_fn(tree)`,
+    optimiser leaves by `opt_shardings_fn` (None: the parameters'; ZeRO: split while the
+    parameters are whole), step and key replicated."""
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                           opt_state=abstract_opt, key=jax.ShapeDtypeStruct((2,), jnp.uint32))
     shardings = TrainState(step=replicated, params=param_shardings_fn(abstract_params),
-                           opt_state=param_shardings_fn(abstract_opt), key=replicated)
+                           opt_state=(opt_shardings_fn or param_shardings_fn)(abstract_opt),
+                           key=replicated)
     return abstract, shardings
 
 

@@ -9,7 +9,8 @@
 reference is its parameters as loaded (cast to `ref_dtype`), the policy a float32 copy in new
 buffers. Parameters and optimiser state follow `param_shardings(rules)` (FSDP over the mesh's
 "fsdp" axis where the rules say so, `parallel/param_sharding.py`), the layout `load_unet(mesh=,
-rules=)` reads them into; batches are split over every device along the pair axis, and the
+rules=)` reads them into; `state_rules` (mesh.param_tactic "zero") split the optimiser state and
+the host loop's gradient accumulator by other rules than the (then replicated) parameters; batches are split over every device along the pair axis, and the
 step is traced under the mesh (`jax.set_mesh`), where the models keep activations split by
 batch (`parallel.mesh.constrain_batch`): FSDP gathers weights, never activations. The step
 donates the state. Every host calls every method (SPMD).
@@ -70,7 +71,7 @@ class Trainer:
                  optimizer: optax.GradientTransformation, mesh: Mesh, *, seed: int,
                  lr_fn: Callable, consts: dict, rules=None, min_size: int = 0,
                  ref_dtype=jnp.float32, lora: lora_lib.LoraConfig | None = None,
-                 accumulate: str = "scan"):
+                 accumulate: str = "scan", state_rules=None):
         if accumulate not in ACCUMULATE:
             raise ValueError(f"accumulate={accumulate!r}: use one of {ACCUMULATE}")
         self.accumulate = accumulate
@@ -88,9 +89,14 @@ class Trainer:
         self.lora, self.seed, self.policy_fn = lora, int(seed), None
         self.param_shardings = shard_fn(abstract_params)       # the UNet's layout
         base = jax.device_put(base, self.param_shardings)
+        # optimiser state and gradient accumulator (ZeRO: split while the parameters are whole)
+        state_fn = shard_fn if state_rules is None else functools.partial(
+            param_sharding.param_shardings, mesh=mesh, rules=state_rules, min_size=min_size)
+        self.grad_shardings = state_fn(abstract_params)
         if lora is None:
             self.abstract_state, self.state_shardings = ts.state_shardings(
-                abstract_params, optimizer, lambda t: shard_fn(t), self.replicated)
+                abstract_params, optimizer, lambda t: shard_fn(t), self.replicated,
+                lambda t: state_fn(t))
             self.state = ts.init_state(base, optimizer, self.seed, self.state_shardings)
         else:
             make = functools.partial(lora_lib.init_adapters, abstract_params, lora,
@@ -100,6 +106,7 @@ class Trainer:
                 lambda t: jax.tree.map(lambda _: self.replicated, t), self.replicated)
             self.state = ts.init_state_from(make, optimizer, self.seed, self.state_shardings)
             self.policy_fn = functools.partial(lora_lib.merge, scale=lora.scale)
+            self.grad_shardings = self.state_shardings.params
         # the reference is the loaded arrays themselves (the policy is a copy in new buffers),
         # or their bfloat16 cast: never a third full copy
         self.ref_params = base if jnp.dtype(ref_dtype) == jnp.float32 else jax.jit(
@@ -115,7 +122,7 @@ class Trainer:
             donate_argnums=(0,), out_shardings=(self.state_shardings, self.replicated))
         step_fns = dict(unet_fn=self.unet_fn, schedule=schedule, cfg=step_cfg,
                         policy_fn=self.policy_fn)
-        grad_sh = self.state_shardings.params
+        grad_sh = self.grad_shardings
         self._micro = jax.jit(functools.partial(micro_step, **step_fns),
                               donate_argnums=(1, 2), keep_unused=True,
                               out_shardings=(grad_sh, self.replicated))
@@ -202,7 +209,7 @@ class Trainer:
         a = int(batch["moments_w"].shape[0])
         grads, sums = jax.eval_shape(self._zeros, self.state.params)
         grads = jax.tree.map(lambda g, sh: jax.ShapeDtypeStruct(g.shape, g.dtype, sharding=sh),
-                             grads, self.state_shardings.params)
+                             grads, self.grad_shardings)
         sums = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                                            sharding=self.replicated), sums)
         with jax.set_mesh(self.mesh):

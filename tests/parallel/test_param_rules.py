@@ -55,6 +55,18 @@ def test_replicate_tactic_and_custom_rules():
     assert rules_from_config({}) == DEFAULT_RULES
 
 
+def test_zero_tactic_replicates_parameters_and_splits_the_optimiser_state():
+    from fifa_jax.parallel import state_rules_from_config
+    cfg = default_config()
+    cfg.param_tactic = "zero"
+    cfg.rules = ((r"^conv_in\.", "replicate"), (r"kernel$", "fsdp"))
+    assert rules_from_config(cfg) == REPLICATE_ALL
+    assert state_rules_from_config(cfg) == tuple(cfg.rules)
+    for tactic, want in (("fsdp", tuple(cfg.rules)), ("replicate", REPLICATE_ALL)):
+        cfg.param_tactic = tactic
+        assert state_rules_from_config(cfg) == rules_from_config(cfg) == want
+
+
 def test_fsdp_axis_of_one_replicates():
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
     shardings = param_shardings_from_config(STATE, mesh, default_config())

@@ -7,6 +7,7 @@ from flax import nnx
 
 from fifa_jax.models.unet import UNet2DConditionModel
 from fifa_jax.parallel import mesh as mesh_lib
+from fifa_jax.parallel import param_sharding
 from fifa_jax.training import noise_schedule as ns
 from fifa_jax.training.optimizer import learning_rate_schedule
 from fifa_jax.training.train_step import StepConfig
@@ -56,7 +57,7 @@ CONSTS = {"empty_embeds": np.zeros((L, D), np.float32)}
 
 def trainer(mesh_shape=(1, 1), optimizer=None, lr=1e-3, seed=0, beta=50.0, dropout=0.2,
             ref_dtype=jnp.float32, model_seed=0, kernels=False, unet_cfg=None, lora=None,
-            accumulate="scan"):
+            accumulate="scan", tactic="fsdp"):
     """A Trainer of the tiny UNet; `kernels`: the 16-channel UNet with "auto" attention, whose
     CPU form takes our CPU kernels (the form in force decides: tests' `forms` fixture);
     `unet_cfg`: another UNet config (with "auto" attention); `lora`: a lora.LoraConfig."""
@@ -70,7 +71,10 @@ def trainer(mesh_shape=(1, 1), optimizer=None, lr=1e-3, seed=0, beta=50.0, dropo
              else unet(model_seed))
     return Trainer(model, SCHED, step_cfg, optimizer, mesh, seed=seed,
                    lr_fn=learning_rate_schedule(lr, 0), consts=CONSTS, ref_dtype=ref_dtype,
-                   min_size=64, lora=lora, accumulate=accumulate)
+                   min_size=64, lora=lora, accumulate=accumulate,
+                   rules=param_sharding.rules_from_config({"param_tactic": tactic}),
+                   state_rules=param_sharding.state_rules_from_config(
+                       {"param_tactic": tactic}))
 
 
 # SDXL-style added conditioning: pooled text embeddings + 6 time ids
