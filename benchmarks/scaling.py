@@ -5,8 +5,10 @@
 
 For every (model, chip family, chip count) it compiles, for the compile-only devices of that
 slice (`fifa_jax.aot`), the SD1.5 or SDXL Diffusion-DPO train step with the settings of the
-configs' recipe for the slice (`fifa_jax/aot/recipes.py`: pairs a chip, remat, FSDP split,
-reference dtype; the effective batch kept by accumulation), or the score step with the
+configs' recipe for the slice (`fifa_jax/aot/recipes.py`: pairs a chip, remat, FSDP split
+and tactic, reference dtype; the effective batch kept by accumulation on the host: a row's
+step is grad_accum micro-steps and one update, its memory the larger program's), or the
+score step with the
 ViT-H/14 reward (PickScore's layout, 256 images a chip, bfloat16). It writes
 OUT/scaling.csv (one row a compile; rerunning skips the rows already there, so a long sweep
 resumes) and OUT/scaling.png: per-chip memory against HBM, XLA's estimated step time, the
@@ -36,7 +38,8 @@ sys.path.insert(0, REPO)
 FULL_DATA_PAIR_STEPS = 2048 * 2000          # the official full-data Diffusion-DPO run
 CONFIGS = {"sd15": "configs/pickapic_sd15.py", "sdxl": "configs/pickapic_sdxl.py",
            "score": "configs/pickapic_sd15.py"}
-FIELDS = ("model", "program", "family", "chips", "topology", "data", "fsdp", "pairs_per_chip",
+FIELDS = ("model", "program", "family", "chips", "topology", "data", "fsdp", "param_tactic",
+          "pairs_per_chip",
           "micro_batch", "grad_accum", "effective_batch", "remat", "ref_dtype", "compiled",
           "fits", "gib_per_chip", "hbm_gib", "tflop_per_chip", "est_step_s", "est_source",
           "est_pairs_per_s", "est_chip_hours_fifa", "est_chip_hours_full",
@@ -61,6 +64,30 @@ def _config(model: str, root: str, target: str):
     return config
 
 
+def _train_step(res: list[dict], accum: int) -> dict:
+    """One update from the host loop's programs (`train.accumulate=host`): memory the larger
+    program's, FLOPs, time and collectives those of `accum` micro-steps and one update."""
+    micro, update = res
+    step = dict(micro)
+    step.update(compiled=micro["compiled"] and update["compiled"],
+                fits=micro["fits"] and update["fits"],
+                bytes_per_chip=max(micro["bytes_per_chip"] or 0, update["bytes_per_chip"] or 0),
+                error=micro["error"] or update["error"])
+    step["flops"] = (None if micro["flops"] is None or update["flops"] is None
+                     else accum * micro["flops"] + update["flops"])
+    for key in ("estimated_seconds", "roofline_seconds"):
+        m, u = micro.get(key), update.get(key)
+        step[key] = None if not m or u is None else accum * m + u
+    col = {}
+    for r, times in ((micro, accum), (update, 1)):
+        for k, v in (r.get("collectives") or {}).items():
+            c = col.setdefault(k, {"count": 0, "bytes": 0.0})
+            c["count"] += v["count"] * times
+            c["bytes"] += v["bytes"] * times
+    step["collectives"] = col
+    return step
+
+
 def one(model: str, family: str, chips: int, root: str) -> dict:
     from fifa_jax.aot import run_check
     from fifa_jax.aot.topology import GIB, slice_name
@@ -68,10 +95,16 @@ def one(model: str, family: str, chips: int, root: str) -> dict:
     config = _config(model, root, target)
     program = "score_step" if model == "score" else "train_step"
     t0 = time.time()
-    res = run_check(config, slice_name(target), only=(program,))[0]
+    if model == "score":
+        res = run_check(config, slice_name(target), only=(program,))[0]
+    else:                   # the recipes accumulate on the host: micro-steps, then the update
+        res = _train_step(run_check(config, slice_name(target),
+                                    only=("train_micro_step", "train_update")),
+                          int(config.train.grad_accum))
     s = res["settings"]
     row = {"model": model, "program": program, "family": family, "chips": chips,
            "topology": slice_name(target), "data": s["mesh"]["data"], "fsdp": s["mesh"]["fsdp"],
+           "param_tactic": s.get("param_tactic", ""),
            "compiled": res["compiled"], "fits": res["fits"],
            "gib_per_chip": _r(res["bytes_per_chip"], GIB), "hbm_gib": _r(res["hbm_bytes"], GIB),
            "tflop_per_chip": _r(res["flops"], 1e12),

@@ -201,6 +201,21 @@ def test_host_accumulation_with_zero_compiles_a_micro_step_and_an_update(host, f
     assert micro["flops"] > 100 * update["flops"]                     # the UNet is in the first
 
 
+def test_scaling_counts_a_step_as_the_micro_steps_and_the_update(host):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import scaling
+    micro, update = host["train_micro_step"], host["train_update"]
+    step = scaling._train_step([micro, update], 4)
+    assert step["flops"] == 4 * micro["flops"] + update["flops"]
+    assert step["bytes_per_chip"] == max(micro["bytes_per_chip"], update["bytes_per_chip"])
+    assert step["fits"] and step["compiled"]
+    assert step["collectives"]["all-gather"]["count"] == update["collectives"]["all-gather"][
+        "count"]
+    if micro["estimated_seconds"]:
+        assert step["estimated_seconds"] == pytest.approx(
+            4 * micro["estimated_seconds"] + update["estimated_seconds"])
+
+
 def test_not_fitting_program_is_one_line_naming_the_settings(root):
     from fifa_jax.aot import failure_line, run_check
     r = run_check(_config(root), TOPOLOGY, hbm_gib=0.0001, only=("score_step",))[0]
@@ -312,6 +327,7 @@ def test_recipes_set_the_train_settings_for_a_target(config_name, model, effecti
     assert (config.train.batch_size, config.train.grad_accum) == (r.batch_size, r.grad_accum)
     assert config.train.batch_size % r.devices == 0        # whole pairs on every chip
     assert r.devices % config.mesh.fsdp == 0
+    assert (config.mesh.param_tactic, config.train.accumulate) == (r.param_tactic, "host")
     assert config.train.batch_size * config.train.grad_accum == max(effective,
                                                                    config.train.batch_size)
     assert config.train.learning_rate == pytest.approx(

@@ -5,9 +5,13 @@
 
 A target is a TPU slice as Cloud TPU names it (v4-8, v5e-8, v5p-8, v6e-8, v5e-16, ...; v4
 and v5p names count TensorCores, two a chip; v5e and v6e names count chips) or a GPU host
-(h100-8, h200-8: eight 80 / 141 GB GPUs). The recipe gives pairs a chip, remat, the FSDP
-split and the reference's dtype, chosen with `python -m fifa_jax.aot` so that the train step
-and the other programs fit each chip with headroom (figures in each config's docstring);
+(h100-8, h200-8: eight 80 / 141 GB GPUs). The recipe gives pairs a chip, remat, the split over
+the "fsdp" axis and what it splits (`mesh.param_tactic`: "fsdp" the weights too, "zero" the
+optimiser state and gradient accumulator only, "replicate" nothing), and the reference's
+dtype, chosen with `python -m fifa_jax.aot` so that the train step and the other programs fit
+each chip with headroom (figures in each config's docstring). Every recipe accumulates on the
+host (`train.accumulate=host`: loop-free programs, which compile for TPU at SD scale where the
+scan's accumulation loop ran this project's 24 GiB compile host out of memory);
 the micro-batch is pairs a chip x chips and grad_accum keeps the model's effective batch
 (the learning rate stays 1e-8 per pair of it). A slice too large for the effective batch at
 one pair a chip raises the effective batch to one pair a chip (grad_accum 1).
@@ -20,23 +24,23 @@ import dataclasses
 import re
 
 # model -> (effective batch, {chip family: (pairs a chip, remat, fsdp over at most N chips,
-# ref_dtype)}). fsdp: the parameter-sharding axis takes min(N, chips) chips.
+# param_tactic, ref_dtype)}). fsdp: the "fsdp" axis takes min(N, chips) chips.
 _PER_CHIP = {
     "sd15": (128, {
-        "v5e": (2, "nothing_saveable", 8, "bfloat16"),
-        "v4": (2, "nothing_saveable", 8, "bfloat16"),     # 15.25 GiB a TensorCore device
-        "v6e": (2, "nothing_saveable", 4, "bfloat16"),
-        "v5p": (4, "nothing_saveable", 1, "float32"),
-        "h100": (4, "nothing_saveable", 1, "float32"),
-        "h200": (4, "nothing_saveable", 1, "float32"),
+        "v5e": (2, "nothing_saveable", 8, "zero", "bfloat16"),
+        "v4": (2, "nothing_saveable", 8, "zero", "bfloat16"),  # 15.25 GiB a TensorCore
+        "v6e": (2, "nothing_saveable", 4, "zero", "bfloat16"),
+        "v5p": (4, "nothing_saveable", 1, "fsdp", "float32"),
+        "h100": (4, "nothing_saveable", 1, "fsdp", "float32"),
+        "h200": (4, "nothing_saveable", 1, "fsdp", "float32"),
     }),
     "sdxl": (64, {
-        "v5e": (1, "nothing_saveable", 16, "bfloat16"),
-        "v4": (1, "nothing_saveable", 16, "bfloat16"),
-        "v6e": (1, "nothing_saveable", 8, "bfloat16"),
-        "v5p": (1, "nothing_saveable", 4, "bfloat16"),
-        "h100": (1, "nothing_saveable", 8, "bfloat16"),
-        "h200": (1, "nothing_saveable", 4, "bfloat16"),
+        "v5e": (1, "nothing_saveable", 16, "fsdp", "bfloat16"),
+        "v4": (1, "nothing_saveable", 16, "fsdp", "bfloat16"),
+        "v6e": (1, "nothing_saveable", 8, "fsdp", "bfloat16"),
+        "v5p": (1, "nothing_saveable", 4, "fsdp", "bfloat16"),
+        "h100": (1, "nothing_saveable", 8, "fsdp", "bfloat16"),
+        "h200": (1, "nothing_saveable", 4, "fsdp", "bfloat16"),
     }),
 }
 _TARGET = re.compile(r"^(v4|v5e|v5p|v6e|h100|h200)-(\d+)$")
@@ -53,7 +57,9 @@ class Recipe:
     grad_accum: int
     remat: str
     fsdp: int
+    param_tactic: str
     ref_dtype: str
+    accumulate: str = "host"
 
     @property
     def effective_batch(self) -> int:
@@ -90,24 +96,26 @@ def recipe(model: str, target: str) -> Recipe:
     if devices < 1:
         raise ValueError(f"target {target!r} has no whole chip")
     effective, table = _PER_CHIP[model]
-    pairs, remat, fsdp_max, ref_dtype = table[family]
+    pairs, remat, fsdp_max, tactic, ref_dtype = table[family]
     fsdp = min(fsdp_max, devices)
     while devices % fsdp:
         fsdp -= 1
     batch = pairs * devices
     accum = max(1, effective // batch)
-    return Recipe(target, devices, batch, accum, remat, fsdp, ref_dtype)
+    return Recipe(target, devices, batch, accum, remat, fsdp, tactic, ref_dtype)
 
 
 def apply(config, model: str, target: str) -> Recipe:
-    """Set train.batch_size / grad_accum / remat / ref_dtype / learning_rate and mesh.fsdp /
-    mesh.data of `config` for `target`; returns the recipe."""
+    """Set train.batch_size / grad_accum / accumulate / remat / ref_dtype / learning_rate and
+    mesh.fsdp / data / param_tactic of `config` for `target`; returns the recipe."""
     r = recipe(model, target)
     config.train.batch_size = r.batch_size
     config.train.grad_accum = r.grad_accum
+    config.train.accumulate = r.accumulate
     config.train.remat = r.remat
     config.train.ref_dtype = r.ref_dtype
     config.train.learning_rate = 1e-8 * r.effective_batch
     config.mesh.fsdp = r.fsdp
+    config.mesh.param_tactic = r.param_tactic
     config.mesh.data = -1
     return r
