@@ -14,24 +14,27 @@ the FSDP split and the reference dtype, keeping the effective batch through grad
 (`fifa_jax/aot/recipes.py`):
     --config configs/pickapic_sd15.py:ROOT,v5e-8      (also v5e-16 ... v5e-256, v5p-8, v6e-8,
                                                        v4-8, h100-8, h200-8; ROOT,greedy,v5e-8)
+Evaluation after training: `--config.stages=evaluate` samples base and tuned on Pick-a-Pic's
+test prompts (ROOT/pickapic_v2/test_unique/, the parquet shards of the test_unique split) and
+scores them with PickScore.
 Check a recipe on a CPU before renting the slice (README, "Checking a config for a TPU
 slice before renting it"):
     python -m fifa_jax.aot --config configs/pickapic_sd15.py:ROOT,v5e-8 --topology v5e-8
 Compiler figures (XLA's memory analysis a chip; `python -m fifa_jax.aot`, jax 0.10.2 / libtpu
-0.0.42.1, 512 px = 64 x 64 latents, bf16 compute, AdamW, float32 policy and optimiser state):
-  v5e-8 recipe (fsdp 8, 2 pairs a chip, remat nothing_saveable, bf16 reference), train step:
-    compile not finished in this repository's session (over 90 minutes on two shared cores,
-    stopped); the recipe is sized from the replicated figures below divided by the FSDP
-    split (about 1.5 GiB state and 1.7 GiB gradient and update buffers a chip, plus about
-    3 GiB of remat activations at 2 pairs): run the check above before renting.
-  v5e 2x2, 2 pairs a chip, no remat, replicated, float32 reference: 23.3 GiB of temporaries
-    alone against 15.75 GiB: does not fit (18.6 GiB with nothing_saveable).
-  v5p 2x2x1, 4 pairs a chip, nothing_saveable, replicated, bf16 reference: 11.25 GiB
-    arguments + 20.9 GiB temporaries of 95.74; XLA's estimate 0.242 s and 31 TFLOP a chip
-    per micro-batch (shared/reference/tpu_aot.md).
+0.0.42.1, 512 px = 64 x 64 latents, bf16 compute, AdamW, float32 policy and optimiser state;
+the recipes accumulate on the host: `grad_accum` micro-steps, then an update; JSON in
+benchmarks/aot_recipes/):
+  v5e-8 recipe (2 pairs a chip, remat nothing_saveable, mesh.param_tactic=zero over 8: weights
+    whole, AdamW moments and the gradient accumulator split; bf16 reference): micro-step
+    12.03 GiB of 15.75 (6.04 arguments + 5.63 temporaries), update 7.87, eval step 5.34;
+    roofline 0.219 s a micro-step (XLA gives no v5e estimate): 1.80 s or more an update of 128.
+  v5p-8 recipe (4 chips; 4 pairs a chip, nothing_saveable, replicated, float32 reference):
+    micro-step 20.59 GiB of 95.74, update 12.94, eval step 7.29; XLA's estimate 0.139 s a
+    micro-step, 1.13 s an update of 128.
+  Not fitting: v5e, 8 pairs a chip, no remat, replicated, float32 reference: 34.91 GiB a chip.
   h100-8 / h200-8: the v5p settings (4 pairs a device, replicated, nothing_saveable); memory
-    about that of the v5p row above (the same per-device shapes): an estimate from the TPU
-    compile, not measured on a GPU.
+    about that of the v5p row (the same per-device shapes): an estimate from the TPU compile,
+    not measured on a GPU.
 Out of memory elsewhere: `--config.train.remat=nothing_saveable`, `--config.mesh.fsdp=8`,
 `--config.train.ref_dtype=bfloat16`, or fewer pairs a chip with more grad_accum.
 
@@ -52,6 +55,7 @@ import ml_collections
 
 from fifa_jax.aot import recipes
 from fifa_jax.config_check import load_config_file
+from fifa_jax.evaluation import stage as eval_stage
 from fifa_jax.training import encode, export, train
 
 
@@ -84,4 +88,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.export = export.default_config()
     config.export.variants = "fp16"
+
+    # after training: --config.stages=evaluate (base vs tuned on Pick-a-Pic's test prompts,
+    # scored by PickScore), the sampler's programs checked by fifa_jax.aot with it
+    config.evaluate = eval_stage.default_config()
+    config.evaluate.prompt_sets = f"pickapic:{root}/pickapic_v2/test_unique"
+    config.evaluate.batch_size = 32
+    config.evaluate.scorers.pickscore = f"{root}/PickScore_v1"
+    config.evaluate.scorers.pickscore_processor = f"{root}/CLIP-ViT-H-14-laion2B-s32B-b79K"
     return config

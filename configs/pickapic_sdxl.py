@@ -12,6 +12,8 @@ it after the root and the recipe sets pairs a chip, remat, the FSDP split and th
 dtype, keeping the effective batch through grad_accum (`fifa_jax/aot/recipes.py`):
     --config configs/pickapic_sdxl.py:ROOT,v5p-8      (also v5e-8 ... v5e-256, v6e-8, v4-8,
                                                        h100-8, h200-8)
+Evaluation after training: `--config.stages=evaluate` (Pick-a-Pic's test prompts from
+ROOT/pickapic_v2/test_unique/, PickScore), as configs/pickapic_sd15.py.
 Check it on a CPU first: `python -m fifa_jax.aot --config configs/pickapic_sdxl.py:ROOT,v5p-8
 --topology v5p-8` (README, "Checking a config for a TPU slice before renting it"). The SDXL
 recipes (1 pair a chip, nothing_saveable, bf16 reference; fsdp 16 on v5e / v4, 8 on v6e and
@@ -38,6 +40,7 @@ import ml_collections
 
 from fifa_jax.aot import recipes
 from fifa_jax.config_check import load_config_file
+from fifa_jax.evaluation import stage as eval_stage
 from fifa_jax.training import encode, export, train
 
 
@@ -76,5 +79,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.export = export.default_config()
     config.export.variants = "fp16"
+
+    # after training: --config.stages=evaluate (base vs tuned on Pick-a-Pic's test prompts,
+    # scored by PickScore), the sampler's programs checked by fifa_jax.aot with it
+    config.evaluate = eval_stage.default_config()
+    config.evaluate.prompt_sets = f"pickapic:{root}/pickapic_v2/test_unique"
+    config.evaluate.batch_size = 32
+    config.evaluate.scorers.pickscore = f"{root}/PickScore_v1"
+    config.evaluate.scorers.pickscore_processor = f"{root}/CLIP-ViT-H-14-laion2B-s32B-b79K"
     config.export.max_shard_mb = 10000
     return config

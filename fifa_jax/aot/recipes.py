@@ -38,9 +38,9 @@ _PER_CHIP = {
         "v5e": (1, "nothing_saveable", 16, "fsdp", "bfloat16"),
         "v4": (1, "nothing_saveable", 16, "fsdp", "bfloat16"),
         "v6e": (1, "nothing_saveable", 8, "fsdp", "bfloat16"),
-        "v5p": (1, "nothing_saveable", 4, "fsdp", "bfloat16"),
-        "h100": (1, "nothing_saveable", 8, "fsdp", "bfloat16"),
-        "h200": (1, "nothing_saveable", 4, "fsdp", "bfloat16"),
+        "v5p": (1, "nothing_saveable", 4, "zero", "bfloat16"),
+        "h100": (1, "nothing_saveable", 8, "zero", "bfloat16"),
+        "h200": (1, "nothing_saveable", 4, "zero", "bfloat16"),
     }),
 }
 _TARGET = re.compile(r"^(v4|v5e|v5p|v6e|h100|h200)-(\d+)$")
