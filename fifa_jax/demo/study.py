@@ -276,7 +276,8 @@ def _make_evaluator(base: str, encode_dir: pathlib.Path, config):
                                                    cfg=cfg))
 
     def evaluate(params):
-        means = heldout_means(lambda b, k, i: step(params, ref, b, k, i), batches, 7)
+        means = heldout_means(lambda b, k, i: step(params, ref, b, k, i), batches, 7,
+                              sched.num_train_timesteps)
         means.pop("pairs", None)
         return means
     return evaluate, ref

@@ -55,10 +55,12 @@ def eval_batches(val, limit: int):
         yield host_batch([dict(b, mask=mask)], weights_key="mask")
 
 
-def heldout_means(eval_fn: Callable, batches: Iterable[dict], key_seed: int) -> dict:
+def heldout_means(eval_fn: Callable, batches: Iterable[dict], key_seed: int,
+                  num_train_timesteps: int = 1000) -> dict:
     """Weighted held-out means: `eval_fn(batch, key_data (2,) uint32, i uint32)` returns the
     weighted sums of `train_step.eval_step` (with their weight `n`) for batch i; -> each sum
-    over the batches / the total weight, plus `pairs` (the total weight). {} without batches."""
+    over the batches / the total weight, plus `pairs` (the total weight), and the timestep
+    bands' means (`band_means`). {} without batches."""
     key_data = jax.random.key_data(jax.random.key(key_seed)).astype(jnp.uint32)
     sums = None
     for i, b in enumerate(batches):
@@ -68,4 +70,21 @@ def heldout_means(eval_fn: Callable, batches: Iterable[dict], key_seed: int) -> 
         return {}
     sums = jax.device_get(sums)
     n = max(float(sums.pop("n")), 1.0)
-    return {k: float(v) / n for k, v in sums.items()} | {"pairs": n}
+    out = {k: float(v) / n for k, v in sums.items() if k != "bands"} | {"pairs": n}
+    if "bands" in sums:
+        out.update(band_means(sums["bands"], num_train_timesteps))
+    return out
+
+
+def band_means(bands: dict, num_train_timesteps: int) -> dict:
+    """{"<metric>@t<lo>-<hi>": mean, "pairs@t<lo>-<hi>": n} from `eval_step`'s band sums (a
+    band without pairs gets no mean)."""
+    from fifa_jax.training.train_step import band_edges
+    out = {}
+    for j, (lo, hi) in enumerate(band_edges(num_train_timesteps, len(bands["n"]))):
+        nb = float(bands["n"][j])
+        out[f"pairs@t{lo}-{hi}"] = nb
+        if nb > 0:
+            out.update({f"{k}@t{lo}-{hi}": float(v[j]) / nb for k, v in bands.items()
+                        if k != "n"})
+    return out

@@ -48,7 +48,8 @@ def dpo_loss(policy_pred, ref_pred, target, beta: float, weights=None,
       beta_scale: optional (B,) per-pair beta scale s (SmPO weighting, pref_loss.smpo_scale);
         the loss uses beta * s, `inside` and the accuracies keep the unscaled beta.
     Returns:
-      (loss scalar float32, aux) with aux: `inside` (B,), `implicit_acc` (ties 0.5),
+      (loss scalar float32, aux) with aux: `inside`, `pair_loss`, `pair_acc` (B,) (each
+      pair's beta * margin, loss and accuracy), `implicit_acc` (ties 0.5),
       `implicit_acc_strict`, `se_pol_w`, `se_pol_l`, `se_ref_w`, `se_ref_l` (batch means),
       `error_gap` (mean of (se_pol_w - se_pol_l) - (se_ref_w - se_ref_l): below 0 when the
       policy has learnt the preference).
@@ -76,7 +77,7 @@ def dpo_loss(policy_pred, ref_pred, target, beta: float, weights=None,
         return jnp.sum(w * x) / denom
 
     acc = jnp.where(inside > 0, 1.0, jnp.where(inside == 0, 0.5, 0.0))
-    aux = {"inside": inside,
+    aux = {"inside": inside, "pair_loss": per_pair, "pair_acc": acc,
            "implicit_acc": mean(acc),
            "implicit_acc_strict": mean((inside > 0).astype(jnp.float32)),
            "se_pol_w": mean(se_pol[:b]), "se_pol_l": mean(se_pol[b:]),

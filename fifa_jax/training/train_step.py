@@ -141,8 +141,9 @@ def micro_loss(params, ref_params, keys, micro, consts, unet_fn, schedule, cfg, 
     if w_t is not None:       # the pair's timestep weight scales its beta (training only:
         #                       held-out metrics stay the plain DPO loss, comparable)
         scale = w_t if scale is None else scale * w_t
-    return dpo_loss(pol, ref, tgt, cfg.beta, weights=micro.get("weights"), interleaved=True,
-                    loss=cfg.loss, beta_scale=scale)
+    loss, aux = dpo_loss(pol, ref, tgt, cfg.beta, weights=micro.get("weights"),
+                         interleaved=True, loss=cfg.loss, beta_scale=scale)
+    return loss, dict(aux, t=t[0::2].astype(jnp.int32))          # each pair's timestep
 
 
 AUX_METRICS = ("implicit_acc", "implicit_acc_strict", "se_pol_w", "se_pol_l", "se_ref_w",
@@ -253,18 +254,36 @@ def update_step(state: TrainState, grads, sums: dict, *, a: int,
     return apply_update(state, grads, sums, a, optimizer=optimizer, lr_fn=lr_fn)
 
 
+TIMESTEP_BANDS = 4     # held-out loss and accuracy in 4 equal bands of t (low t: little noise)
+
+
+def band_edges(num_train_timesteps: int, bands: int = TIMESTEP_BANDS) -> list[tuple[int, int]]:
+    """[(lo, hi)] inclusive timestep ranges of `bands` equal bands of 0..T-1."""
+    cuts = [round(i * num_train_timesteps / bands) for i in range(bands + 1)]
+    return [(cuts[i], cuts[i + 1] - 1) for i in range(bands)]
+
+
 def eval_step(params, ref_params, batch: dict, consts: dict, key_data, index, *,
               unet_fn: Callable, schedule: ns.NoiseSchedule, cfg: StepConfig,
               policy_fn: Callable | None = None) -> dict:
     """Sums over one validation batch (A=1 layout, weights mark real pairs): `n`, and the
-    weighted sums of the per-pair loss and implicit accuracy. No dropout, no flips; draws
-    from fold_in(key, index) so every evaluation sees the same noise."""
+    weighted sums of the per-pair loss and implicit accuracy; `bands`: the same per timestep
+    band (`band_edges`), each (TIMESTEP_BANDS,). No dropout, no flips; draws from
+    fold_in(key, index) so every evaluation sees the same noise."""
     micro = jax.tree.map(lambda x: x[0], batch)
     b = micro["moments_w"].shape[0]
     keys = pair_keys(key_data, index, b)
     loss, aux = micro_loss(params, ref_params, keys, micro, consts, unet_fn, schedule, cfg,
                            train=False, policy_fn=policy_fn)
-    n = jnp.sum(micro["weights"])
+    w = micro["weights"].astype(jnp.float32)
+    n = jnp.sum(w)
+    t = aux["t"]
+    lo = jnp.asarray([e[0] for e in band_edges(schedule.num_train_timesteps)])
+    band = jnp.sum(t[:, None] >= lo[None, :], axis=1) - 1              # (B,) 0..bands-1
+    onehot = (band[:, None] == jnp.arange(TIMESTEP_BANDS)[None, :]) * w[:, None]
     return {"n": n, "loss": loss * n, "implicit_acc": aux["implicit_acc"] * n,
             "implicit_acc_strict": aux["implicit_acc_strict"] * n,
-            "error_gap": aux["error_gap"] * n}
+            "error_gap": aux["error_gap"] * n,
+            "bands": {"n": jnp.sum(onehot, axis=0),
+                      "loss": onehot.T @ aux["pair_loss"].astype(jnp.float32),
+                      "implicit_acc": onehot.T @ aux["pair_acc"]}}

@@ -230,4 +230,5 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 return self._eval(self.state.params, self.ref_params, to_global(hb, self.mesh),
                                   self.consts, key_data, i)
-        return heldout_means(one, host_batches, key_seed)
+        return heldout_means(one, host_batches, key_seed,
+                             self.schedule.num_train_timesteps)

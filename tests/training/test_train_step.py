@@ -182,3 +182,47 @@ def test_step_flops_count_every_micro_batch():
     four.compiled_step(_tiny.as_steps(_tiny.pairs(8), 4))
     assert one.step_flops > 0
     np.testing.assert_allclose(four.step_flops / one.step_flops, 4.0, rtol=0.01)
+
+
+def test_heldout_metrics_by_timestep_band_match_a_per_pair_count():
+    """eval_step's band sums, read back by heldout_means, equal each pair's loss and accuracy
+    binned by its own timestep in plain Python; the bands add up to the whole."""
+    from fifa_jax.training.batches import band_means, heldout_means
+    from fifa_jax.training.dpo import dpo_loss
+    tr = _tiny.trainer(lr=3e-3, beta=200.0, dropout=0.0)
+    for _ in range(3):         # move the policy off the reference so accuracies differ
+        tr.step(_tiny.as_steps(_tiny.pairs(16, seed=3, separable=True), 2))
+    flat = _tiny.pairs(32, seed=8)
+    batch = dict(_tiny.as_steps(flat, 1), weights=np.ones((1, 32), np.float32))
+    batch["weights"][0, -3:] = 0.0                               # padding is not counted
+    res = tr.evaluate([batch], key_seed=4)
+    # the slow reference: each pair's timestep and values from the step's own inputs
+    key_data = jax.random.key_data(jax.random.key(4)).astype(jnp.uint32)
+    keys = tstep.pair_keys(key_data, 0, 32)
+    micro = {k: jnp.asarray(v[0]) for k, v in batch.items()}
+    xt, t, ctx, tgt = tstep.micro_batch_inputs(keys, micro, _tiny.CONSTS, _tiny.SCHED,
+                                               tr.step_cfg, train=False)
+    pol = tstep.call_unet(tr.unet_fn, tr.state.params, xt, t, ctx)
+    ref = tstep.call_unet(tr.unet_fn, tr.ref_params, xt, t, ctx)
+    _, aux = dpo_loss(pol, ref, tgt, tr.step_cfg.beta, interleaved=True)
+    t_pair = np.asarray(t[0::2]).astype(int)
+    w = batch["weights"][0]
+    edges = tstep.band_edges(1000)
+    assert edges[0] == (0, 249) and edges[-1] == (750, 999)
+    for lo, hi in edges:
+        m = (t_pair >= lo) & (t_pair <= hi) & (w > 0)
+        assert res[f"pairs@t{lo}-{hi}"] == m.sum()
+        if m.sum():
+            np.testing.assert_allclose(res[f"implicit_acc@t{lo}-{hi}"],
+                                       np.asarray(aux["pair_acc"])[m].mean(), atol=1e-6)
+            np.testing.assert_allclose(res[f"loss@t{lo}-{hi}"],
+                                       np.asarray(aux["pair_loss"])[m].mean(), rtol=1e-4)
+    total = sum(res[f"pairs@t{lo}-{hi}"] for lo, hi in edges)
+    assert total == res["pairs"] == 29
+    acc = sum(res[f"pairs@t{lo}-{hi}"] * res.get(f"implicit_acc@t{lo}-{hi}", 0)
+              for lo, hi in edges) / total
+    np.testing.assert_allclose(acc, res["implicit_acc"], atol=1e-6)
+    assert 0.0 < res["implicit_acc"] < 1.0
+    # an empty band gets a count and no mean
+    empty = band_means({"n": np.array([2.0, 0.0]), "loss": np.array([1.0, 0.0])}, 10)
+    assert empty == {"pairs@t0-4": 2.0, "loss@t0-4": 0.5, "pairs@t5-9": 0.0}
