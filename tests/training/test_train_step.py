@@ -187,7 +187,7 @@ def test_step_flops_count_every_micro_batch():
 def test_heldout_metrics_by_timestep_band_match_a_per_pair_count():
     """eval_step's band sums, read back by heldout_means, equal each pair's loss and accuracy
     binned by its own timestep in plain Python; the bands add up to the whole."""
-    from fifa_jax.training.batches import band_means, heldout_means
+    from fifa_jax.training.batches import band_means
     from fifa_jax.training.dpo import dpo_loss
     tr = _tiny.trainer(lr=3e-3, beta=200.0, dropout=0.0)
     for _ in range(3):         # move the policy off the reference so accuracies differ
