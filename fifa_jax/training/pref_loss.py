@@ -113,6 +113,10 @@ def check_config(tc) -> None:
     if tw != "none" and loss == "ipo":
         raise ConfigError("config key 'train.timestep_weighting' scales beta per pair, which "
                           "train.loss = 'ipo' cannot take (use 'dpo' or 'hinge')")
+    lo, hi = int(tc.get("min_timestep", 0)), int(tc.get("max_timestep", -1))
+    if lo < 0 or (hi != -1 and hi < lo):
+        raise ConfigError(f"config keys 'train.min_timestep' / 'train.max_timestep' must give "
+                          f"0 <= min <= max (max -1: the last timestep); got {lo} / {hi}")
     if not float(tc.get("snr_gamma", 5.0)) > 0:
         raise ConfigError(f"config key 'train.snr_gamma' must be > 0; got {tc.snr_gamma}")
     if not float(tc.get("smpo_temperature", SMPO_TEMPERATURE)) > 0:

@@ -147,6 +147,8 @@ def default_config() -> ml_collections.ConfigDict:
     #                            (formulas: training/timestep_weighting.py; off in the
     #                            paper's recipes)
     c.snr_gamma = 5.0          # min_snr's gamma: w = min(SNR_t, gamma) / SNR_t
+    c.min_timestep = 0         # training draws t ~ U{min_timestep..max_timestep} (-1: T - 1);
+    c.max_timestep = -1        # held-out metrics use every t; the whole range in the recipes
     c.caption_dropout = 0.2    # P(prompt replaced by "")
     c.random_flip = True       # use the encode stage's mirrored posteriors (if stored)
     c.prediction_type = ""     # "" = the base scheduler's; epsilon | v_prediction
@@ -360,7 +362,9 @@ def step_config(tc, scaling_factor: float, shift_factor: float = 0.0) -> StepCon
                       margin_weighting=tc.get("margin_weighting", "none"),
                       smpo_gain=float(tc.get("smpo_gain", SMPO_GAIN)),
                       timestep_weighting=tc.get("timestep_weighting", "none"),
-                      snr_gamma=float(tc.get("snr_gamma", 5.0)))
+                      snr_gamma=float(tc.get("snr_gamma", 5.0)),
+                      min_timestep=int(tc.get("min_timestep", 0)),
+                      max_timestep=int(tc.get("max_timestep", -1)))
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -392,6 +396,11 @@ def run(config, workdir) -> dict:
                          f"schedule)")
     schedule = noise_schedule.from_scheduler_config(
         read_json(sched_path, "a scheduler config"), sched_path, tc.prediction_type or None)
+    if int(tc.get("max_timestep", -1)) >= schedule.num_train_timesteps \
+            or int(tc.get("min_timestep", 0)) >= schedule.num_train_timesteps:
+        raise InputError(f"config keys 'train.min_timestep' / 'train.max_timestep' "
+                         f"({tc.min_timestep} / {tc.max_timestep}) must be below the base "
+                         f"model's {schedule.num_train_timesteps} timesteps ({sched_path})")
     rules = param_sharding.rules_from_config(config.get("mesh") or {})   # mesh.param_tactic
     unet = load_unet(unet_dir, dtype=DTYPES[tc.dtype], attention_impl=tc.attention_impl,
                      remat_policy=None if tc.remat == "none" else tc.remat, mesh=mesh,

@@ -20,7 +20,8 @@ depends on the micro-batch split, the sharding or an interruption):
   draw latents z = mean + exp(logvar / 2) * n (a fresh posterior sample, never the mean;
   random flips are the loader's choice of the stored mirrored posterior), shifted and scaled
   by the VAE's factors; one timestep t ~ U{0..T-1} and one noise draw, shared by winner and
-  loser;
+  loser (training: t ~ U{min_timestep..max_timestep}, `train.min_timestep` /
+  `max_timestep`, all of them by default);
   replace the prompt by the empty prompt with probability `caption_dropout`.
 The policy predicts with gradients, the reference without; `dpo_loss` compares them with
 `cfg.loss` (dpo | ipo | hinge) and, with `cfg.margin_weighting` "smpo", each pair's beta
@@ -59,6 +60,8 @@ class StepConfig:
     smpo_gain: float = 10.0                             # SmPO's factor 10
     timestep_weighting: str = "none"                    # none | min_snr | inverse_snr
     snr_gamma: float = 5.0                              # min_snr's gamma
+    min_timestep: int = 0              # training draws t ~ U{min..max} (held-out: all of
+    max_timestep: int = -1             # 0..T-1); -1: T - 1
 
 
 def pair_keys(key_data, step, n: int, start=0):
@@ -86,7 +89,9 @@ def prepare_pair(key, pair: dict, consts: dict, schedule: ns.NoiseSchedule, cfg:
     x0 = jnp.stack([_sample(moments[0], jax.random.normal(k[0], shape), cfg),
                     _sample(moments[1], jax.random.normal(k[1], shape), cfg)])
     noise = jax.random.normal(k[2], shape)
-    t = jax.random.randint(k[3], (), 0, schedule.num_train_timesteps)
+    lo, hi = (cfg.min_timestep, cfg.max_timestep) if train else (0, -1)
+    hi = schedule.num_train_timesteps - 1 if hi < 0 else hi
+    t = jax.random.randint(k[3], (), lo, hi + 1)
     noise2 = jnp.stack([noise, noise])
     tt = jnp.stack([t, t])
     xt = ns.add_noise(schedule, x0, noise2, tt)

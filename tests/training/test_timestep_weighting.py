@@ -72,3 +72,55 @@ def test_weighting_reaches_the_step():
         assert float(plain[key]) == float(same[key]), key
     # the first step's loss is log 2 (policy = reference); its gradient carries w(t)
     assert float(noisy["grad_norm"]) > float(plain["grad_norm"])
+
+
+def test_timestep_range_draws_within_it_and_keeps_the_full_range_draws():
+    """train.min_timestep / max_timestep: training draws t ~ U{lo..hi} (uniform: every value
+    seen, counts within binomial noise); the default range draws exactly the old
+    U{0..T-1} values; held-out inputs (train=False) always use the whole range."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from fifa_jax.training import train_step as tstep
+    from tests.training import _tiny
+    n = 4000
+    flat = {k: np.repeat(v[:1], n, axis=0) for k, v in _tiny.pairs(1, seed=0).items()
+            if "flip" not in k}
+    keys = tstep.pair_keys(jnp.array([3, 4], jnp.uint32), 0, n)
+    base = tstep.StepConfig(beta=1.0, caption_dropout=0.0, scaling_factor=0.5)
+    T = _tiny.SCHED.num_train_timesteps
+
+    def draws(cfg, train=True):
+        _, t, _, _ = tstep.micro_batch_inputs(keys, flat, _tiny.CONSTS, _tiny.SCHED, cfg,
+                                              train=train)
+        return np.asarray(t[0::2]).astype(int)
+
+    full = draws(base)
+    want = np.asarray([int(jax_randint(k, T)) for k in keys[:50]])
+    np.testing.assert_array_equal(full[:50], want)
+    ranged = dataclasses.replace(base, min_timestep=T // 2, max_timestep=T // 2 + 9)
+    t = draws(ranged)
+    assert t.min() == T // 2 and t.max() == T // 2 + 9
+    counts = np.bincount(t - T // 2, minlength=10)
+    assert (np.abs(counts - n / 10) < 5 * np.sqrt(n / 10)).all()
+    np.testing.assert_array_equal(draws(ranged, train=False), draws(base, train=False))
+    only_high = draws(dataclasses.replace(base, min_timestep=T - 1))
+    assert (only_high == T - 1).all()
+
+
+def jax_randint(key, T):
+    """The pair's timestep as drawn without a range: randint(split(key, 7)[3], 0, T)."""
+    import jax
+    return jax.random.randint(jax.random.split(key, 7)[3], (), 0, T)
+
+
+def test_timestep_range_config_checks():
+    tc = train.default_config()
+    assert (tc.min_timestep, tc.max_timestep) == (0, -1)     # the whole range by default
+    for lo, hi in ((-1, -1), (500, 100)):
+        tc.min_timestep, tc.max_timestep = lo, hi
+        with pytest.raises(ConfigError, match="train.min_timestep"):
+            pref_loss.check_config(tc)
+    tc.min_timestep, tc.max_timestep = 250, -1
+    pref_loss.check_config(tc)
