@@ -57,6 +57,7 @@ def test_accumulation_equals_one_large_batch(forms):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow        # three 8-device trainers (about a minute); .ci/run's second pass
 def test_host_accumulation_and_zero_equal_the_scan():
     """train.accumulate="host" (A compiled micro-steps into a donated gradient buffer, then the
     update) gives the scan's step: same pair keys, losses, gradients and Adam updates, with
