@@ -166,12 +166,20 @@ def _named(loss, aux) -> dict:
     return {"loss": loss, **{m: aux[m] for m in AUX_METRICS}}
 
 
-def apply_update(state: TrainState, grads, sums: dict, a: int, *,
-                 optimizer: optax.GradientTransformation, lr_fn: Callable
-                 ) -> tuple[TrainState, dict[str, Any]]:
+def _add(grads, sums: dict, g, loss, aux) -> tuple[Any, dict]:
+    """The accumulator after one more micro-batch: its gradients and named metrics added."""
+    return (jax.tree.map(jnp.add, grads, g),
+            {n: sums[n] + v for n, v in _named(loss, aux).items()})
+
+
+def update_step(state: TrainState, grads, sums: dict, *, a: int,
+                optimizer: optax.GradientTransformation, lr_fn: Callable
+                ) -> tuple[TrainState, dict[str, Any]]:
     """One optimiser update from gradients and metrics summed over `a` micro-batches: their
     means, AdamW (or the configured optimiser), and a state left unchanged when the loss or
-    the gradient is not finite."""
+    the gradient is not finite. The end of `train_step`, and (`train.accumulate` "host") its
+    own program after A `micro_step`s (the state donated; the gradient buffer is freed when
+    the caller drops it)."""
     if a > 1:
         grads = jax.tree.map(lambda g: g / a, grads)
         sums = {n: v / a for n, v in sums.items()}
@@ -208,8 +216,7 @@ def train_step(state: TrainState, ref_params, batch: dict, consts: dict, *,
         params, ref = jax.lax.optimization_barrier((params, ref))
         k, micro = xs
         (loss, aux), g = grad_fn(params, ref, k, micro, consts, unet_fn, schedule, cfg)
-        grads = jax.tree.map(jnp.add, grads, g)
-        sums = {n: sums[n] + v for n, v in _named(loss, aux).items()}
+        grads, sums = _add(grads, sums, g, loss, aux)
         return (grads, sums, params, ref), None
 
     if a == 1:     # no accumulation: the same values without a loop, zeros and a division
@@ -221,7 +228,7 @@ def train_step(state: TrainState, ref_params, batch: dict, consts: dict, *,
         (grads, sums, _, _), _ = jax.lax.scan(
             body, (zero_grads(state.params), zero_sums(), state.params, ref_params),
             (keys, batch))
-    return apply_update(state, grads, sums, a, optimizer=optimizer, lr_fn=lr_fn)
+    return update_step(state, grads, sums, a=a, optimizer=optimizer, lr_fn=lr_fn)
 
 
 def zero_grads(params):
@@ -247,16 +254,7 @@ def micro_step(state: TrainState, grads, sums: dict, ref_params, micro: dict, co
     (loss, aux), g = _grad_fn(policy_fn)(state.params, ref_params, keys,
                                          jax.tree.map(lambda x: x[0], micro), consts,
                                          unet_fn, schedule, cfg)
-    grads = jax.tree.map(jnp.add, grads, g)
-    return grads, {n: sums[n] + v for n, v in _named(loss, aux).items()}
-
-
-def update_step(state: TrainState, grads, sums: dict, *, a: int,
-                optimizer: optax.GradientTransformation, lr_fn: Callable
-                ) -> tuple[TrainState, dict[str, Any]]:
-    """`train.accumulate` "host": the update after A `micro_step`s (the state donated; the
-    gradient buffer is freed when the caller drops it)."""
-    return apply_update(state, grads, sums, a, optimizer=optimizer, lr_fn=lr_fn)
+    return _add(grads, sums, g, loss, aux)
 
 
 TIMESTEP_BANDS = 4     # held-out loss and accuracy in 4 equal bands of t (low t: little noise)

@@ -9,10 +9,11 @@
 reference is its parameters as loaded (cast to `ref_dtype`), the policy a float32 copy in new
 buffers. Parameters and optimiser state follow `param_shardings(rules)` (FSDP over the mesh's
 "fsdp" axis where the rules say so, `parallel/param_sharding.py`), the layout `load_unet(mesh=,
-rules=)` reads them into; `state_rules` (mesh.param_tactic "zero") split the optimiser state and
-the host loop's gradient accumulator by other rules than the (then replicated) parameters; batches are split over every device along the pair axis, and the
-step is traced under the mesh (`jax.set_mesh`), where the models keep activations split by
-batch (`parallel.mesh.constrain_batch`): FSDP gathers weights, never activations. The step
+rules=)` reads them into; `state_rules` (mesh.param_tactic "zero") split the optimiser state
+and the host loop's gradient accumulator by other rules than the (then replicated)
+parameters; batches are split over every device along the pair axis, and the step is traced
+under the mesh (`jax.set_mesh`), where the models keep activations split by batch
+(`parallel.mesh.constrain_batch`): FSDP gathers weights, never activations. The step
 donates the state. Every host calls every method (SPMD).
 
 LoRA (`lora`, lora.py): the state's params are the adapters (replicated, float32) and their
@@ -95,8 +96,7 @@ class Trainer:
         self.grad_shardings = state_fn(abstract_params)
         if lora is None:
             self.abstract_state, self.state_shardings = ts.state_shardings(
-                abstract_params, optimizer, lambda t: shard_fn(t), self.replicated,
-                lambda t: state_fn(t))
+                abstract_params, optimizer, shard_fn, self.replicated, state_fn)
             self.state = ts.init_state(base, optimizer, self.seed, self.state_shardings)
         else:
             make = functools.partial(lora_lib.init_adapters, abstract_params, lora,
@@ -173,8 +173,7 @@ class Trainer:
         """accumulate="host": the compiled micro-step and update, and the loop over them."""
         a = int(batch["moments_w"].shape[0])
         micro_c, update_c = (low.compile() for low in self.lower_host(batch))
-        slice_c = jax.jit(lambda x, i: jax.lax.dynamic_slice_in_dim(x, i, 1, axis=0),
-                          out_shardings=None)
+        slice_c = jax.jit(lambda x, i: jax.lax.dynamic_slice_in_dim(x, i, 1, axis=0))
 
         def run(state, ref_params, batch, consts):
             grads, sums = self._zeros(state.params)
