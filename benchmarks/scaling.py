@@ -41,7 +41,7 @@ CONFIGS = {"sd15": "configs/pickapic_sd15.py", "sdxl": "configs/pickapic_sdxl.py
 FIELDS = ("model", "program", "family", "chips", "topology", "data", "fsdp", "param_tactic",
           "pairs_per_chip",
           "micro_batch", "grad_accum", "effective_batch", "remat", "ref_dtype", "compiled",
-          "fits", "gib_per_chip", "hbm_gib", "tflop_per_chip", "est_step_s", "est_source",
+          "fits", "msa", "gib_per_chip", "hbm_gib", "tflop_per_chip", "est_step_s", "est_source",
           "est_pairs_per_s", "est_chip_hours_fifa", "est_chip_hours_full",
           "collective_gib_per_step", "all_gather", "reduce_scatter", "all_reduce",
           "all_to_all", "compile_s", "error")
@@ -90,29 +90,40 @@ def _train_step(res: list[dict], accum: int) -> dict:
 
 def one(model: str, family: str, chips: int, root: str) -> dict:
     from fifa_jax.aot import run_check
-    from fifa_jax.aot.topology import GIB, slice_name
-    target = _target(family, chips)
-    config = _config(model, root, target)
-    program = "score_step" if model == "score" else "train_step"
+    from fifa_jax.aot.topology import slice_name
+    config = _config(model, root, _target(family, chips))
     t0 = time.time()
+    only = (("score_step",) if model == "score" else ("train_micro_step", "train_update"))
+    res = run_check(config, slice_name(_target(family, chips)), only=only)
+    return to_row(model, family, chips, config, res, time.time() - t0)
+
+
+def to_row(model: str, family: str, chips: int, config, res: list[dict],
+           compile_s: float) -> dict:
+    """One CSV row from `run_check`'s results (or `fifa_jax.aot --json`'s list) for `model` on
+    `chips` chips of `family`: the score step, or the train micro-step and update."""
+    from fifa_jax.aot.topology import GIB, slice_name
+    by_name = {r["program"]: r for r in res}
     if model == "score":
-        res = run_check(config, slice_name(target), only=(program,))[0]
+        res = by_name["score_step"]
+        program = "score_step"
     else:                   # the recipes accumulate on the host: micro-steps, then the update
-        res = _train_step(run_check(config, slice_name(target),
-                                    only=("train_micro_step", "train_update")),
+        res = _train_step([by_name["train_micro_step"], by_name["train_update"]],
                           int(config.train.grad_accum))
+        program = "train_step"
     s = res["settings"]
     row = {"model": model, "program": program, "family": family, "chips": chips,
-           "topology": slice_name(target), "data": s["mesh"]["data"], "fsdp": s["mesh"]["fsdp"],
-           "param_tactic": s.get("param_tactic", ""),
-           "compiled": res["compiled"], "fits": res["fits"],
+           "topology": slice_name(_target(family, chips)), "data": s["mesh"]["data"],
+           "fsdp": s["mesh"]["fsdp"],
+           "param_tactic": s.get("param_tactic") or config.mesh.get("param_tactic", ""),
+           "compiled": res["compiled"], "fits": res["fits"], "msa": res.get("msa", True),
            "gib_per_chip": _r(res["bytes_per_chip"], GIB), "hbm_gib": _r(res["hbm_bytes"], GIB),
            "tflop_per_chip": _r(res["flops"], 1e12),
            # XLA's own estimate; where it gives none, the roofline of XLA's FLOPs and bytes
            "est_step_s": res["estimated_seconds"] or res.get("roofline_seconds"),
            "est_source": "xla" if res["estimated_seconds"] else (
                "roofline" if res.get("roofline_seconds") else ""),
-           "compile_s": round(time.time() - t0, 1), "error": res["error"] or ""}
+           "compile_s": round(compile_s, 1), "error": res["error"] or ""}
     col = res.get("collectives") or {}
     for key in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all"):
         row[key.replace("-", "_")] = col.get(key, {}).get("count")
@@ -137,6 +148,25 @@ def one(model: str, family: str, chips: int, root: str) -> dict:
             row["est_pairs_per_s"] = round(s["images_per_chip"] * chips / 2
                                            / row["est_step_s"], 1)
     return row
+
+
+def from_json(spec: str, root: str) -> dict:
+    """'MODEL:FILE' (FILE written by `python -m fifa_jax.aot --json` for that model's config
+    and the recipe's slice) -> its CSV row, without compiling again."""
+    import json
+    model, path = spec.split(":", 1)
+    with open(path, encoding="utf-8") as f:
+        res = json.load(f)
+    need = ("score_step",) if model == "score" else ("train_micro_step", "train_update")
+    missing = [n for n in need if n not in {r.get("program") for r in res}]
+    if missing:
+        raise SystemExit(f"{path}: no {', '.join(missing)} result (compile the {model!r} "
+                         f"config's {'score' if model == 'score' else 'train'} stage)")
+    family, chips = res[0]["topology"].replace(":", "-").split("-")[0], int(res[0]["chips"])
+    config = _config(model, root, _target(family, chips))
+    return to_row(model, family, chips, config, res,
+                  sum(r.get("compile_seconds") or 0 for r in res
+                      if r["program"] in ("score_step", "train_micro_step", "train_update")))
 
 
 def _r(x, unit):
@@ -174,8 +204,15 @@ def plot(rows: list[dict], path: str) -> None:
             pts = sorted((int(r["chips"]), val(r, field)) for r in rows
                          if r["model"] == model and r["family"] == family
                          and val(r, field) is not None and r["compiled"] == "True")
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{model} {family}")
+            series = [r for r in rows if r["model"] == model and r["family"] == family]
+            roof = field.startswith("est_") and all(r["est_source"] == "roofline"
+                                                    for r in series)
+            no_msa = any(r.get("msa") == "False" for r in series)
+            if pts:   # hollow: the roofline bound (XLA gave no estimate for the chip); square:
+                # some points compiled without memory-space assignment (HBM an upper bound)
+                ax.plot(*zip(*pts), marker="s" if no_msa else "o", mfc="none" if roof else None,
+                        label=f"{model} {family}" + (" (roofline)" if roof else "")
+                        + (" (no MSA)" if no_msa else ""))
             if field == "gib_per_chip":
                 hbm = [val(r, "hbm_gib") for r in rows if r["family"] == family]
                 if hbm and hbm[0]:
@@ -186,10 +223,22 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
+    axes.flat[1].legend(fontsize=8)
     fig.suptitle("FiFA Diffusion-DPO on TPU slices: XLA compiler estimates (compile-only "
                  "devices; nothing was run)", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _append(rows: list[dict], row: dict, csv_path: str) -> None:
+    """Print `row`, add it to `rows` and rewrite the CSV (a sweep resumes from it)."""
+    print(", ".join(f"{k}={row.get(k)}" for k in FIELDS if row.get(k) not in (None, "")),
+          flush=True)
+    rows.append({k: ("" if row.get(k) is None else str(row.get(k))) for k in FIELDS})
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def main() -> None:
@@ -200,10 +249,17 @@ def main() -> None:
     ap.add_argument("--chips", default="4,8,16,32,64,128,256")
     ap.add_argument("--root", default="", help="model folders (default: config-only layouts)")
     ap.add_argument("--plot_only", action="store_true")
+    ap.add_argument("--no_msa", action="store_true", help="compile without libtpu's "
+                    "memory-space assignment (as `fifa_jax.aot --no_msa`: HBM an upper bound)")
+    ap.add_argument("--from_json", default="", help="MODEL:FILE,...: rows from saved "
+                    "`fifa_jax.aot --json` results of the recipe's slice (no compile)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "scaling.csv")
     rows = read_rows(csv_path)
+    if args.no_msa:
+        from fifa_jax.aot.topology import disable_msa
+        disable_msa()
     if not args.plot_only:
         root = args.root
         if not root:
@@ -211,20 +267,19 @@ def main() -> None:
             root = tempfile.mkdtemp(prefix="fifa_layouts_")
             layouts.write(root)
         done = {(r["model"], r["family"], r["chips"]) for r in rows}
-        for model in args.models.split(","):
+        for spec in filter(None, args.from_json.split(",")):
+            row = from_json(spec, root)
+            if (row["model"], row["family"], str(row["chips"])) not in done:
+                _append(rows, row, csv_path)
+                done.add((row["model"], row["family"], str(row["chips"])))
+        if args.from_json:
+            args.models = ""
+        for model in filter(None, args.models.split(",")):
             for family in args.families.split(","):
                 for chips in (int(c) for c in args.chips.split(",")):
                     if (model, family, str(chips)) in done:
                         continue
-                    row = one(model, family, chips, root)
-                    print(", ".join(f"{k}={row.get(k)}" for k in FIELDS if row.get(k)
-                                    not in (None, "")), flush=True)
-                    rows.append({k: ("" if row.get(k) is None else str(row.get(k)))
-                                 for k in FIELDS})
-                    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-                        w = csv.DictWriter(f, fieldnames=FIELDS)
-                        w.writeheader()
-                        w.writerows(rows)
+                    _append(rows, one(model, family, chips, root), csv_path)
     if rows:
         plot(rows, os.path.join(args.out, "scaling.png"))
         print(f"wrote {csv_path} and {os.path.join(args.out, 'scaling.png')} "

@@ -216,6 +216,29 @@ def test_scaling_counts_a_step_as_the_micro_steps_and_the_update(host):
             4 * micro["estimated_seconds"] + update["estimated_seconds"])
 
 
+
+def test_scaling_row_from_saved_check_results(host, root):
+    """`scaling.py --from_json`: the row of a saved `fifa_jax.aot --json` list equals what the
+    sweep computes, the step's FLOPs four micro-steps and the update."""
+    import json
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import scaling
+    config = _config(root, mesh_fsdp=4, mesh_data=1, mesh_param_tactic="zero", grad_accum=4,
+                     accumulate="host")
+    saved = json.loads(json.dumps(list(host.values())))       # as --json writes them
+    row = scaling.to_row("sd15", "v5e", 4, config, saved, 1.0)
+    micro, update = host["train_micro_step"], host["train_update"]
+    assert row["topology"] == "v5e:2x2" and row["param_tactic"] == "zero"
+    assert row["fsdp"] == 4 and row["grad_accum"] == 4 and row["compiled"] and row["fits"]
+    assert row["tflop_per_chip"] == pytest.approx((4 * micro["flops"] + update["flops"]) / 1e12,
+                                                  abs=1e-3)
+    eff = row["effective_batch"]
+    assert eff == int(config.train.batch_size) * 4
+    assert row["est_pairs_per_s"] == pytest.approx(eff / row["est_step_s"], rel=1e-2)
+    with pytest.raises(KeyError):
+        scaling.to_row("sd15", "v5e", 4, config, saved[:1], 1.0)
+
+
 def test_not_fitting_program_is_one_line_naming_the_settings(root):
     from fifa_jax.aot import failure_line, run_check
     r = run_check(_config(root), TOPOLOGY, hbm_gib=0.0001, only=("score_step",))[0]
@@ -265,6 +288,25 @@ def test_cli_writes_json_and_exits_1_when_a_program_does_not_fit(root, tmp_path)
             assert key in r
         assert r["fits"] is False and r["hbm_bytes"] == int(0.0001 * 2 ** 30)
     assert "| score_step | yes | NO |" in proc.stdout
+
+
+def test_no_msa_compiles_the_same_program_with_hbm_an_upper_bound(root, base, tmp_path):
+    """--no_msa (libtpu without memory-space assignment, a process-wide flag): the same FLOPs,
+    nothing placed in VMEM, so at least the temporaries of the full compile; rows say so."""
+    out = tmp_path / "r.json"
+    env = dict(os.environ, LIBTPU_INIT_ARGS="")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fifa_jax.aot", "--config",
+         os.path.join(root, "tiny_config.py") + ":" + root, "--topology", TOPOLOGY,
+         "--programs", "train_step", "--no_msa", "--json", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "no memory-space assignment" in proc.stdout
+    (row,) = json.loads(out.read_text())
+    full = base["train_step"]
+    assert row["msa"] is False and full["msa"] is True
+    assert row["flops"] == pytest.approx(full["flops"], rel=0.02)
+    assert row["temp_bytes"] >= full["temp_bytes"]
 
 
 @pytest.mark.parametrize("layout,latent,text,pooled", [

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-from fifa_jax.aot.topology import GIB, PEAKS, hbm_bytes, mesh_over, tpu_devices
+from fifa_jax.aot.topology import GIB, PEAKS, hbm_bytes, mesh_over, msa_enabled, tpu_devices
 
 
 def run_check(config, topology: str, *, num_slices: int = 1, hbm_gib: float | None = None,
               knn_rows: int | None = None, only: tuple[str, ...] = (),
-              echo: Callable[[str], None] | None = None) -> list[dict]:
-    """Compile the programs of `config.stages` for `topology`; one result dict a program."""
+              echo: Callable[[str], None] | None = None,
+              on_result: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Compile the programs of `config.stages` for `topology`; one result dict a program.
+    on_result(results so far) runs after each program (the CLI saves its JSON there, so a
+    check cut short keeps the programs it finished)."""
     import jax
     from fifa_jax.aot import analysis, programs
     devices = tpu_devices(topology, num_slices)
@@ -38,11 +41,14 @@ def run_check(config, topology: str, *, num_slices: int = 1, hbm_gib: float | No
         for p in progs:
             res = analysis.check(p, hbm)
             res.update(topology=topology, num_slices=int(num_slices), chips=len(devices),
+                       msa=msa_enabled(),
                        device_kind=devices[0].device_kind,
                        roofline_seconds=roofline(res, devices[0].device_kind))
             out.append(res)
             if echo is not None:
                 echo(row(res))
+            if on_result is not None:
+                on_result(out)
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
     return out

@@ -1,5 +1,5 @@
 """`python -m fifa_jax.aot --config CONFIG --topology v5e:4x4 [--num_slices N] [--json FILE]
-[--hbm_gib G] [--knn_rows N] [--programs a,b] [--config.key=value ...]`
+[--hbm_gib G] [--knn_rows N] [--programs a,b] [--no_msa] [--config.key=value ...]`
 
 Prints a table (one row a program: per-chip GiB against HBM, XLA's TFLOP a chip and estimated
 seconds, collective counts); a program that does not compile or does not fit ends in one
@@ -9,6 +9,7 @@ exit code is 1. Config mistakes: one line, exit code 2. Every figure is a compil
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app, flags
@@ -28,6 +29,18 @@ _HBM = flags.DEFINE_float("hbm_gib", None, "HBM a chip in GiB instead of the chi
 _KNN_ROWS = flags.DEFINE_integer("knn_rows", None, "Rows of the k-NN (default: Pick-a-Pic's "
                                  "unique prompts, 58,960).")
 _PROGRAMS = flags.DEFINE_list("programs", [], "Only these programs (e.g. train_step,sample).")
+_NO_MSA = flags.DEFINE_bool("no_msa", False, "Compile without libtpu's memory-space "
+                            "assignment: far less compile time and host memory for SD-size "
+                            "programs; HBM temporaries are then an upper bound and the time "
+                            "estimate that of an unplaced program (a memory check).")
+
+
+def _save_json(results: list[dict]) -> None:
+    """Write --json (after each program: a check cut short keeps what it finished)."""
+    tmp = _JSON.value + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1, default=str)
+    os.replace(tmp, _JSON.value)
 
 
 def _run(argv) -> int:
@@ -39,24 +52,28 @@ def _run(argv) -> int:
               "configs/pickapic_sd15.py:ROOT --topology v5e-8", file=sys.stderr)
         return 2
     from fifa_jax import aot, pipeline
-    from fifa_jax.aot.topology import TopologyError
+    from fifa_jax.aot.topology import TopologyError, disable_msa
+    if _NO_MSA.value:
+        disable_msa()
     try:
         pipeline.validate(config)
         print(f"compiling for {_TOPOLOGY.value}"
               f"{f' x {_SLICES.value} slices' if _SLICES.value > 1 else ''} "
-              f"(compile-only devices; every figure is a compiler estimate)", flush=True)
+              f"(compile-only devices; every figure is a compiler estimate"
+              f"{'; no memory-space assignment: HBM an upper bound' if _NO_MSA.value else ''})",
+              flush=True)
         print(aot.table_header(), flush=True)
         results = aot.run_check(config, _TOPOLOGY.value, num_slices=_SLICES.value,
                                 hbm_gib=_HBM.value, knn_rows=_KNN_ROWS.value,
                                 only=tuple(_PROGRAMS.value),
-                                echo=lambda line: print(line, flush=True))
+                                echo=lambda line: print(line, flush=True),
+                                on_result=_save_json if _JSON.value else None)
     except (InputError, TopologyError, ConfigError, pipeline.PipelineError,
             FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if _JSON.value:
-        with open(_JSON.value, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1, default=str)
+    if _JSON.value and not results:
+        _save_json(results)
     failures = [line for line in map(aot.failure_line, results) if line]
     for line in failures:
         print(line, file=sys.stderr)

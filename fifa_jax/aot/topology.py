@@ -90,6 +90,25 @@ def quiet_libtpu():
                 sys.stderr.write("\n".join(kept) + "\n")
 
 
+NO_MSA_FLAG = "--xla_msa_enable=false"
+
+
+def msa_enabled() -> bool:
+    """False when libtpu runs without memory-space assignment (`--no_msa`)."""
+    return NO_MSA_FLAG not in os.environ.get("LIBTPU_INIT_ARGS", "").split()
+
+
+def disable_msa() -> None:
+    """Compile without libtpu's memory-space assignment (the pass that places buffers in the
+    chip's on-core VMEM; where SD-size programs spend most of their compile time and host
+    memory). Nothing then lives in VMEM, so HBM temporaries are an upper bound of the real
+    program's and XLA's time estimate is that of an unplaced program. libtpu reads its flags
+    once, when it loads: call before the first compile-only device is made."""
+    args = os.environ.get("LIBTPU_INIT_ARGS", "").split()
+    if NO_MSA_FLAG not in args:
+        os.environ["LIBTPU_INIT_ARGS"] = " ".join(args + [NO_MSA_FLAG])
+
+
 def tpu_devices(topology: str, num_slices: int = 1):
     """The compile-only devices of `topology` (a jax name or a slice name), `num_slices`
     slices of it (multi-slice, over DCN)."""
