@@ -17,15 +17,17 @@ ROOT/pickapic_v2/test_unique/, PickScore), as configs/pickapic_sd15.py.
 Check it on a CPU first: `python -m fifa_jax.aot --config configs/pickapic_sdxl.py:ROOT,v5p-8
 --topology v5p-8` (README, "Checking a config for a TPU slice before renting it"). The SDXL
 recipes (1 pair a chip, nothing_saveable, bf16 reference, accumulation on the host; FSDP over
-16 on v5e / v4 and 8 on v6e; mesh.param_tactic=zero, weights whole and the gradient
-accumulator split, over 4 on v5p and 8 / 4 on h100-8 / h200-8) were sized from the parameter
+16 on v5e / v4; mesh.param_tactic=zero, weights whole and the gradient accumulator split,
+over 8 on v6e, 4 on v5p and 8 / 4 on h100-8 / h200-8) were sized from the parameter
 bytes (2.6 B parameters: 10.3 GB float32 policy, 5.2 GB bfloat16 reference, a factored
 Adafactor state of a few MB). Compiler figures (jax 0.10.2 / libtpu 0.0.42.1, 1024 px =
 128 x 128 latents): v5p-8 micro-step 22.87 GiB of 95.74 (17.00 arguments + 5.46
-temporaries), update 19.24 GiB; XLA's estimate 0.321 s a micro-step, 5.20 s an update of 64
-pairs. Not compiled: the eval step, and the FSDP recipes (v5e, v6e: their compile needs
-more than the 24 GB host this repository was checked on): run the command above before
-renting. GPU memory: about the v5p micro-step's (the same per-device shapes), an estimate,
+temporaries), update 19.24 GiB, eval step 16.06; XLA's estimate 0.321 s a micro-step, 5.20 s
+an update of 64 pairs. v6e-8 (zero over 8, compiled with `--no_msa`, which this host needs
+for v6e: HBM then an upper bound): micro-step 29.98 GiB of 31.25 (1.3 GiB headroom by that
+bound), update 17.47; XLA's estimate of that unplaced program 0.217 s a micro-step, 1.78 s
+an update of 64. Not compiled: the FSDP recipes (v5e, v4: their compile needs more than
+the 24 GB host this repository was checked on): run the command above before renting. GPU memory: about the v5p micro-step's (the same per-device shapes), an estimate,
 not measured.
 
 The recipe (method.md section 3.6, the official SDXL settings): Adafactor (no relative step,

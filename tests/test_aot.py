@@ -158,6 +158,34 @@ def test_programs_compile_for_tpu_without_cpu_custom_calls(base, fsdp):
     assert step["collectives"]["all-reduce"]["count"] >= 1  # data parallel: gradients summed
 
 
+def test_loop_factor_reads_the_trip_count_xla_cost_leaves_out():
+    """XLA's cost analysis counts a loop body once; `loop_factor` reads the trip count from
+    the compiled loop's condition (compiled TPU HLO has no known_trip_count)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from fifa_jax.aot import tpu_devices
+    devices = tpu_devices(TOPOLOGY)
+    x = jax.ShapeDtypeStruct((256, 256), jnp.float32, sharding=NamedSharding(
+        Mesh(np.array(devices[:1]), ("d",)), PartitionSpec()))
+    looped = jax.jit(lambda w: jax.lax.fori_loop(0, 7, lambda i, a: jnp.tanh(a @ w), w))
+    once = jax.jit(lambda w: jnp.tanh(w @ w))
+    c_loop, c_once = looped.lower(x).compile(), once.lower(x).compile()
+    assert analysis.loop_factor(c_loop.as_text()) == 7
+    assert analysis.loop_factor(c_once.as_text()) == 1
+    flops = [analysis._cost(c)["flops"] for c in (c_loop, c_once)]
+    assert flops[0] == pytest.approx(flops[1], rel=0.05)        # one pass, not seven
+
+
+def test_sampler_row_says_its_cost_is_one_step(base):
+    from fifa_jax.aot import row
+    sample = base["sample"]
+    assert sample["loop_factor"] == 2                 # evaluate.num_steps of the tiny config
+    assert "(1 of 2 passes)" in row(sample)
+    assert base["score_step"]["loop_factor"] == 1 and "passes" not in row(base["score_step"])
+
+
 def test_fsdp_lowers_per_chip_memory(base, fsdp):
     step = base["train_step"]
     assert fsdp["settings"]["mesh"] == {"data": 1, "fsdp": 4}

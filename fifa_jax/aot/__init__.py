@@ -72,12 +72,15 @@ def row(res: dict) -> str:
     g = lambda n: "-" if n is None else f"{n / GIB:.2f}"  # noqa: E731
     col = res.get("collectives") or {}
     cnt = lambda k: str(col.get(k, {}).get("count", "-")) if col else "-"  # noqa: E731
+    loops = res.get("loop_factor") or 1       # XLA's cost counts a loop body once
+    per_pass = f" (1 of {loops} passes)" if loops > 1 else ""
     cells = (res["program"], "yes" if res["compiled"] else "no",
              "yes" if res["fits"] else "NO", g(res["bytes_per_chip"]), g(res["hbm_bytes"]),
              g(res["argument_bytes"]), g(res["temp_bytes"]), g(res["output_bytes"]),
              g(res["alias_bytes"]),
-             "-" if res["flops"] is None else f"{res['flops'] / 1e12:.2f}",
-             "-" if res["estimated_seconds"] is None else f"{res['estimated_seconds']:.3f}",
+             "-" if res["flops"] is None else f"{res['flops'] / 1e12:.2f}" + per_pass,
+             "-" if res["estimated_seconds"] is None else (f"{res['estimated_seconds']:.3f}"
+                                                           + per_pass),
              cnt("all-gather"), cnt("reduce-scatter"), cnt("all-reduce"), cnt("all-to-all"))
     return "| " + " | ".join(cells) + " |"
 

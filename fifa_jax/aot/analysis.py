@@ -7,7 +7,8 @@ arguments, temporaries, outputs, aliased (outputs that reuse a donated argument'
 generated code; total = arguments + outputs - aliased + temporaries + code, compared with the
 HBM the compiler allows. Cost: XLA's cost analysis, `flops` and `bytes accessed` for one
 chip and `optimal_seconds`, XLA's own estimate of the run time (a compiler estimate, not a
-measurement). Collectives: the all-gather, reduce-scatter, all-reduce, all-to-all and
+measurement); XLA counts a loop body once, so where `loop_factor` (the trip count over the
+matmuls and convolutions, e.g. the sampler's steps) is above 1 they are one pass's. Collectives: the all-gather, reduce-scatter, all-reduce, all-to-all and
 collective-permute ops of the compiled HLO, counted as executed (an op inside a loop of known
 trip count counts that many times), with the bytes of their results.
 A program the compiler finds too big fails with RESOURCE_EXHAUSTED; the result then carries
@@ -75,6 +76,18 @@ def _computations(hlo: str) -> dict[str, list[str]]:
     return comps
 
 
+def _bound(cond_lines) -> int:
+    """Trip count of a while loop whose condition is `counter < constant` (how jax's
+    fori_loop and scan compile; the counter starts at 0): the constant, else 1. Compiled TPU
+    HLO carries no known_trip_count, so it is read from the condition."""
+    consts = dict(re.findall(r"%([\w.\-]+) = s32\[\]\S* constant\((\d+)\)", "\n".join(cond_lines)))
+    for line in cond_lines:
+        m = re.search(r"ROOT .*compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT", line)
+        if m and m.group(1) in consts:
+            return max(1, int(consts[m.group(1)]))
+    return 1
+
+
 def _multipliers(comps: dict[str, list[str]]) -> dict[str, float]:
     """How many times each computation runs per execution of the entry computation."""
     bare = {k.split(":", 1)[-1]: k for k in comps}
@@ -82,7 +95,9 @@ def _multipliers(comps: dict[str, list[str]]) -> dict[str, float]:
     for comp, lines in comps.items():
         for line in lines:
             trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-            n = int(trip.group(1)) if trip else 1
+            cond = re.search(r"\bcondition=%?([\w.\-]+)", line)
+            n = (int(trip.group(1)) if trip else
+                 _bound(comps.get(bare.get(cond.group(1), ""), ())) if cond else 1)
             for key, ref in re.findall(r"\b(body|condition|to_apply|calls|true_computation|"
                                        r"false_computation)=%?([\w.\-]+)", line):
                 if ref in bare:
@@ -126,6 +141,18 @@ def collectives(hlo: str) -> dict[str, dict[str, float]]:
             out[m.group(2)]["bytes"] += times * size
     return {k: {"count": int(round(v["count"])), "bytes": float(v["bytes"])}
             for k, v in out.items()}
+
+
+def loop_factor(hlo: str) -> int:
+    """The most times a computation holding a dot or convolution runs per execution of the
+    compiled program (known loop trip counts; 1 for a loop-free program). XLA's cost analysis
+    counts a loop body once, so a program's `flops` and time estimate are those of one pass
+    through its loops (e.g. one sampler step) where this is above 1."""
+    comps = _computations(hlo)
+    mult = _multipliers(comps)
+    heavy = re.compile(r"\s(dot|convolution)\(")
+    return int(round(max([mult.get(c, 1.0) for c, lines in comps.items()
+                          if any(heavy.search(line) for line in lines)] or [1.0])))
 
 
 def _cost(compiled) -> dict:
@@ -202,7 +229,7 @@ def check(program, hbm: int) -> dict:
                flops=_num(cost.get("flops")), bytes_accessed=_num(cost.get("bytes accessed")),
                estimated_seconds=_seconds(cost.get("optimal_seconds")),
                xla_optimal_seconds=_num(cost.get("optimal_seconds")),
-               collectives=collectives(hlo),
+               collectives=collectives(hlo), loop_factor=loop_factor(hlo),
                custom_calls=custom_call_targets(hlo))
     return res
 
