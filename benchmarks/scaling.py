@@ -191,42 +191,49 @@ def plot(rows: list[dict], path: str) -> None:
         except (TypeError, ValueError, KeyError):
             return None
 
-    panels = [("gib_per_chip", "GiB a chip (dashed: HBM)", "log"),
-              ("est_step_s", "estimated seconds an update", "log"),
-              ("est_pairs_per_s", "estimated pairs a second", "log"),
-              ("est_chip_hours_fifa", "estimated chip-hours, FiFA budget", "log"),
-              ("est_chip_hours_full", "estimated chip-hours, 2,048 x 2,000 pair-steps", "log"),
-              ("collective_gib_per_step", "collective GiB a step (a chip)", "log")]
+    panels = [("gib_per_chip", "GiB a chip (dashed: the chip's HBM)"),
+              ("est_step_s", "estimated seconds: an update (train), 256 images a chip (score)"),
+              ("est_pairs_per_s", "estimated pairs a second, whole slice"),
+              ("est_chip_hours_fifa", "estimated chip-hours, FiFA budget (train)"),
+              ("est_chip_hours_full", "estimated chip-hours, 2,048 x 2,000 pair-steps (train)"),
+              ("collective_gib_per_step", "collective GiB a step, a chip (0 not shown)")]
+    colours = {"v4": "C3", "v5e": "C0", "v5p": "C1", "v6e": "C2"}     # one colour a chip
+    markers = {"score": "o", "sd15": "s", "sdxl": "^"}                # one marker a model
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     keys = sorted({(r["model"], r["family"]) for r in rows})
-    for ax, (field, title, scale) in zip(axes.flat, panels):
+    for ax, (field, title) in zip(axes.flat, panels):
         for model, family in keys:
-            pts = sorted((int(r["chips"]), val(r, field)) for r in rows
-                         if r["model"] == model and r["family"] == family
-                         and val(r, field) is not None and r["compiled"] == "True")
             series = [r for r in rows if r["model"] == model and r["family"] == family]
-            roof = field.startswith("est_") and all(r["est_source"] == "roofline"
-                                                    for r in series)
+            pts = sorted((int(r["chips"]), val(r, field)) for r in series
+                         if val(r, field) and r["compiled"] == "True")
+            # hollow: the roofline bound (XLA gave no estimate for the chip); dashed: compiled
+            # without memory-space assignment (HBM an upper bound)
+            roof = all(r["est_source"] == "roofline" for r in series)
             no_msa = any(r.get("msa") == "False" for r in series)
-            if pts:   # hollow: the roofline bound (XLA gave no estimate for the chip); square:
-                # some points compiled without memory-space assignment (HBM an upper bound)
-                ax.plot(*zip(*pts), marker="s" if no_msa else "o", mfc="none" if roof else None,
-                        label=f"{model} {family}" + (" (roofline)" if roof else "")
+            if pts:
+                ax.plot(*zip(*pts), marker=markers.get(model, "o"), color=colours[family],
+                        ls="--" if no_msa else "-", ms=7,
+                        mfc="none" if roof and field.startswith("est_") else colours[family],
+                        label=f"{model} {family}" + (" (time: roofline)" if roof else "")
                         + (" (no MSA)" if no_msa else ""))
-            if field == "gib_per_chip":
+        if field == "gib_per_chip":
+            for family in sorted({f for _, f in keys}):
                 hbm = [val(r, "hbm_gib") for r in rows if r["family"] == family]
                 if hbm and hbm[0]:
-                    ax.axhline(hbm[0], ls="--", lw=0.8, color="grey")
+                    ax.axhline(hbm[0], ls="--", lw=0.8, color=colours[family])
+                    ax.text(1.02, hbm[0], f"{family} {hbm[0]:g}", color=colours[family],
+                            fontsize=7, va="center", transform=ax.get_yaxis_transform())
         ax.set_xscale("log", base=2)
-        ax.set_yscale(scale)
+        ax.set_xlim(3, 340)
+        ax.set_yscale("log")
         ax.set_xlabel("chips")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
-    axes.flat[1].legend(fontsize=8)
+    handles, labels = axes.flat[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle("FiFA Diffusion-DPO on TPU slices: XLA compiler estimates (compile-only "
                  "devices; nothing was run)", fontsize=12)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
 
 
