@@ -1,7 +1,8 @@
 """Scaling study across TPU pod slices, from XLA's compiler estimates (no TPU needed).
 
     python benchmarks/scaling.py --out benchmarks/scaling [--models sd15,sdxl,score]
-        [--families v5e,v5p,v6e] [--chips 4,8,16,32,64,128,256] [--root MODELS]
+        [--families v5e,v5p,v6e] [--chips 4,8,16,32,64,128,256] [--root MODELS] [--no_msa]
+    python benchmarks/scaling.py --from_json sd15:sd15_v5e8.json,...   (saved checks' rows)
 
 For every (model, chip family, chip count) it compiles, for the compile-only devices of that
 slice (`fifa_jax.aot`), the SD1.5 or SDXL Diffusion-DPO train step with the settings of the
@@ -21,7 +22,10 @@ chip's datasheet peaks, a lower bound.
 
 Model folders: --root holds diffusers / CLIP folders (a download, or the config-only layouts
 of `python -m fifa_jax.aot.layouts ROOT`, written to a temporary folder when --root is not
-given). One full-size train step compile takes 10-15 minutes on two CPU cores.
+given). One full-size train step compile takes 10-25 minutes and up to 24 GB on two CPU
+cores (v6e's needs `--no_msa` there: HBM then an upper bound, column `msa`); a score step
+about 20 s. `--from_json MODEL:FILE` turns a saved `python -m fifa_jax.aot --json` result of
+the recipe's slice into its row without compiling again.
 """
 from __future__ import annotations
 
@@ -88,13 +92,18 @@ def _train_step(res: list[dict], accum: int) -> dict:
     return step
 
 
+def _programs(model: str) -> tuple[str, ...]:
+    """The programs a row is made of: the score step, or the host loop's two train programs."""
+    return ("score_step",) if model == "score" else ("train_micro_step", "train_update")
+
+
 def one(model: str, family: str, chips: int, root: str) -> dict:
     from fifa_jax.aot import run_check
     from fifa_jax.aot.topology import slice_name
-    config = _config(model, root, _target(family, chips))
+    target = _target(family, chips)
+    config = _config(model, root, target)
     t0 = time.time()
-    only = (("score_step",) if model == "score" else ("train_micro_step", "train_update"))
-    res = run_check(config, slice_name(_target(family, chips)), only=only)
+    res = run_check(config, slice_name(target), only=_programs(model))
     return to_row(model, family, chips, config, res, time.time() - t0)
 
 
@@ -157,8 +166,7 @@ def from_json(spec: str, root: str) -> dict:
     model, path = spec.split(":", 1)
     with open(path, encoding="utf-8") as f:
         res = json.load(f)
-    need = ("score_step",) if model == "score" else ("train_micro_step", "train_update")
-    missing = [n for n in need if n not in {r.get("program") for r in res}]
+    missing = [n for n in _programs(model) if n not in {r.get("program") for r in res}]
     if missing:
         raise SystemExit(f"{path}: no {', '.join(missing)} result (compile the {model!r} "
                          f"config's {'score' if model == 'score' else 'train'} stage)")
@@ -166,7 +174,7 @@ def from_json(spec: str, root: str) -> dict:
     config = _config(model, root, _target(family, chips))
     return to_row(model, family, chips, config, res,
                   sum(r.get("compile_seconds") or 0 for r in res
-                      if r["program"] in ("score_step", "train_micro_step", "train_update")))
+                      if r["program"] in _programs(model)))
 
 
 def _r(x, unit):
@@ -279,9 +287,8 @@ def main() -> None:
             if (row["model"], row["family"], str(row["chips"])) not in done:
                 _append(rows, row, csv_path)
                 done.add((row["model"], row["family"], str(row["chips"])))
-        if args.from_json:
-            args.models = ""
-        for model in filter(None, args.models.split(",")):
+        models = [] if args.from_json else args.models.split(",")    # saved rows only
+        for model in models:
             for family in args.families.split(","):
                 for chips in (int(c) for c in args.chips.split(",")):
                     if (model, family, str(chips)) in done:

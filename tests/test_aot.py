@@ -244,7 +244,6 @@ def test_scaling_counts_a_step_as_the_micro_steps_and_the_update(host):
             4 * micro["estimated_seconds"] + update["estimated_seconds"])
 
 
-
 def test_scaling_row_from_saved_check_results(host, root):
     """`scaling.py --from_json`: the row of a saved `fifa_jax.aot --json` list equals what the
     sweep computes, the step's FLOPs four micro-steps and the update."""

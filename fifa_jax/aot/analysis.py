@@ -8,9 +8,10 @@ generated code; total = arguments + outputs - aliased + temporaries + code, comp
 HBM the compiler allows. Cost: XLA's cost analysis, `flops` and `bytes accessed` for one
 chip and `optimal_seconds`, XLA's own estimate of the run time (a compiler estimate, not a
 measurement); XLA counts a loop body once, so where `loop_factor` (the trip count over the
-matmuls and convolutions, e.g. the sampler's steps) is above 1 they are one pass's. Collectives: the all-gather, reduce-scatter, all-reduce, all-to-all and
-collective-permute ops of the compiled HLO, counted as executed (an op inside a loop of known
-trip count counts that many times), with the bytes of their results.
+matmuls and convolutions, e.g. the sampler's steps) is above 1 they are one pass's.
+Collectives: the all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute
+ops of the compiled HLO, counted as executed (an op inside a loop counts its trip count
+times), with the bytes of their results.
 A program the compiler finds too big fails with RESOURCE_EXHAUSTED; the result then carries
 the temporaries the compiler asked for and `fits` False. A lowered program that still holds
 a CPU-only custom call (a model layer that took its CPU form) is reported as not compiled,
@@ -119,11 +120,20 @@ def _multipliers(comps: dict[str, list[str]]) -> dict[str, float]:
     return {c: mult(c) for c in comps}
 
 
-def collectives(hlo: str) -> dict[str, dict[str, float]]:
-    """{op: {"count": executions, "bytes": result bytes}} of a compiled HLO module, per chip;
-    async pairs (`-start` / `-done`) count once."""
-    comps = _computations(hlo)
-    mult = _multipliers(comps)
+class _Module:
+    """A compiled HLO module's text split into computations, with how many times each runs
+    per execution (parsed once, read by `collectives` and `loop_factor`)."""
+
+    def __init__(self, hlo: str):
+        self.comps = _computations(hlo)
+        self.mult = _multipliers(self.comps)
+
+
+def collectives(hlo) -> dict[str, dict[str, float]]:
+    """{op: {"count": executions, "bytes": result bytes}} of a compiled HLO module (its text,
+    or a parsed `_Module`), per chip; async pairs (`-start` / `-done`) count once."""
+    module = hlo if isinstance(hlo, _Module) else _Module(hlo)
+    comps, mult = module.comps, module.mult
     out = {op: {"count": 0, "bytes": 0.0} for op in COLLECTIVES}
     pattern = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
     for comp, lines in comps.items():
@@ -143,13 +153,14 @@ def collectives(hlo: str) -> dict[str, dict[str, float]]:
             for k, v in out.items()}
 
 
-def loop_factor(hlo: str) -> int:
+def loop_factor(hlo) -> int:
     """The most times a computation holding a dot or convolution runs per execution of the
     compiled program (known loop trip counts; 1 for a loop-free program). XLA's cost analysis
     counts a loop body once, so a program's `flops` and time estimate are those of one pass
-    through its loops (e.g. one sampler step) where this is above 1."""
-    comps = _computations(hlo)
-    mult = _multipliers(comps)
+    through its loops (e.g. one sampler step) where this is above 1. `hlo`: the text or a
+    parsed `_Module`."""
+    module = hlo if isinstance(hlo, _Module) else _Module(hlo)
+    comps, mult = module.comps, module.mult
     heavy = re.compile(r"\s(dot|convolution)\(")
     return int(round(max([mult.get(c, 1.0) for c, lines in comps.items()
                           if any(heavy.search(line) for line in lines)] or [1.0])))
@@ -224,12 +235,13 @@ def check(program, hbm: int) -> dict:
     total = a + o - al + t + code
     cost = _cost(compiled)
     hlo = compiled.as_text()
+    module = _Module(hlo)
     res.update(compiled=True, fits=total <= hbm, bytes_per_chip=total, argument_bytes=a,
                temp_bytes=t, output_bytes=o, alias_bytes=al, code_bytes=code,
                flops=_num(cost.get("flops")), bytes_accessed=_num(cost.get("bytes accessed")),
                estimated_seconds=_seconds(cost.get("optimal_seconds")),
                xla_optimal_seconds=_num(cost.get("optimal_seconds")),
-               collectives=collectives(hlo), loop_factor=loop_factor(hlo),
+               collectives=collectives(module), loop_factor=loop_factor(module),
                custom_calls=custom_call_targets(hlo))
     return res
 
