@@ -266,6 +266,45 @@ def test_scaling_row_from_saved_check_results(host, root):
         scaling.to_row("sd15", "v5e", 4, config, saved[:1], 1.0)
 
 
+def test_scaling_from_json_reads_a_saved_check_into_the_recipes_row(host, root, tmp_path):
+    """`scaling.py --from_json sd15:FILE`: the row of the file's results under the recipe the
+    file's slice names; a file without the model's programs is refused, naming the file."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import scaling
+    saved = [dict(r, compile_seconds=10.0 + i) for i, r in enumerate(host.values())]
+    path = tmp_path / "check.json"
+    path.write_text(json.dumps(saved))
+    row = scaling.from_json(f"sd15:{path}", root)
+    config = scaling._config("sd15", root, "v5e-4")
+    assert row == scaling.to_row("sd15", "v5e", 4, config, saved, 21.0)
+    assert row["grad_accum"] == config.train.grad_accum               # the recipe's, not the file's
+    path.write_text(json.dumps(saved[:1]))
+    with pytest.raises(SystemExit, match="check.json: no train_update result"):
+        scaling.from_json(f"sd15:{path}", root)
+
+
+def test_json_keeps_the_programs_finished_when_a_check_is_cut_short(root, tmp_path,
+                                                                    monkeypatch):
+    """The CLI saves its JSON after each program: the first program's result survives the
+    second program's compile being interrupted."""
+    from fifa_jax.aot import run_check, save_json
+    real, seen = analysis.check, []
+
+    def check(program, hbm):
+        seen.append(program.name)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(program, hbm)
+    monkeypatch.setattr(analysis, "check", check)
+    path = str(tmp_path / "r.json")
+    with pytest.raises(KeyboardInterrupt):
+        run_check(_config(root), TOPOLOGY, only=("score_step", "score_text"),
+                  on_result=lambda res: save_json(res, path))
+    rows = json.loads(open(path, encoding="utf-8").read())
+    assert [r["program"] for r in rows] == ["score_step"] and rows[0]["compiled"]
+    assert not os.path.exists(path + ".tmp")
+
+
 def test_not_fitting_program_is_one_line_naming_the_settings(root):
     from fifa_jax.aot import failure_line, run_check
     r = run_check(_config(root), TOPOLOGY, hbm_gib=0.0001, only=("score_step",))[0]

@@ -54,6 +54,17 @@ def run_check(config, topology: str, *, num_slices: int = 1, hbm_gib: float | No
     return out
 
 
+def save_json(results: list[dict], path: str) -> None:
+    """Write the results list to `path` atomically (a temporary file, then a rename); as
+    `on_result` it keeps the programs finished so far when a check is cut short."""
+    import json
+    import os
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
 def roofline(res: dict, device_kind: str) -> float | None:
     """max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) a chip, from XLA's cost
     analysis and the chip's datasheet peaks: a lower bound, for where XLA gives no estimate."""

@@ -8,8 +8,6 @@ exit code is 1. Config mistakes: one line, exit code 2. Every figure is a compil
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 from absl import app, flags
@@ -37,10 +35,8 @@ _NO_MSA = flags.DEFINE_bool("no_msa", False, "Compile without libtpu's memory-sp
 
 def _save_json(results: list[dict]) -> None:
     """Write --json (after each program: a check cut short keeps what it finished)."""
-    tmp = _JSON.value + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1, default=str)
-    os.replace(tmp, _JSON.value)
+    from fifa_jax.aot import save_json
+    save_json(results, _JSON.value)
 
 
 def _run(argv) -> int:
