@@ -23,7 +23,8 @@ chip's datasheet peaks, a lower bound.
 Model folders: --root holds diffusers / CLIP folders (a download, or the config-only layouts
 of `python -m fifa_jax.aot.layouts ROOT`, written to a temporary folder when --root is not
 given). One full-size train step compile takes 10-25 minutes and up to 24 GB on two CPU
-cores (v6e's needs `--no_msa` there: HBM then an upper bound, column `msa`); a score step
+cores (v6e's needs `--no_msa` there: HBM then within a few percent of the full compile's,
+not a bound, column `msa`); a score step
 about 20 s. `--from_json MODEL:FILE` turns a saved `python -m fifa_jax.aot --json` result of
 the recipe's slice into its row without compiling again.
 """
@@ -215,7 +216,7 @@ def plot(rows: list[dict], path: str) -> None:
             pts = sorted((int(r["chips"]), val(r, field)) for r in series
                          if val(r, field) and r["compiled"] == "True")
             # hollow: the roofline bound (XLA gave no estimate for the chip); dashed: compiled
-            # without memory-space assignment (HBM an upper bound)
+            # without memory-space assignment (HBM near the full compile's, not a bound)
             roof = all(r["est_source"] == "roofline" for r in series)
             no_msa = any(r.get("msa") == "False" for r in series)
             if pts:
@@ -265,7 +266,7 @@ def main() -> None:
     ap.add_argument("--root", default="", help="model folders (default: config-only layouts)")
     ap.add_argument("--plot_only", action="store_true")
     ap.add_argument("--no_msa", action="store_true", help="compile without libtpu's "
-                    "memory-space assignment (as `fifa_jax.aot --no_msa`: HBM an upper bound)")
+                    "memory-space assignment (as `fifa_jax.aot --no_msa`: HBM near, not a bound)")
     ap.add_argument("--from_json", default="", help="MODEL:FILE,...: rows from saved "
                     "`fifa_jax.aot --json` results of the recipe's slice (no compile)")
     args = ap.parse_args()

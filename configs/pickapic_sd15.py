@@ -32,8 +32,9 @@ benchmarks/aot_recipes/):
     micro-step 20.59 GiB of 95.74, update 12.94, eval step 7.29; XLA's estimate 0.139 s a
     micro-step, 1.13 s an update of 128.
   v6e-8 recipe (2 pairs a chip, nothing_saveable, zero over 8, bf16 reference), compiled with
-    `--no_msa` (without memory-space assignment the compile fits this 24 GB host; HBM then an
-    upper bound): micro-step 12.80 GiB of 31.25, update 5.93; XLA's estimate of that unplaced
+    `--no_msa` (without memory-space assignment the compile fits this 24 GB host; HBM then
+    near, not a bound on, the full compile's: 4.6% below it for the v5e-8 micro-step):
+    micro-step 12.80 GiB of 31.25, update 5.93; XLA's estimate of that unplaced
     program 0.065 s a micro-step, 0.53 s an update of 128.
   Not fitting: v5e, 8 pairs a chip, no remat, replicated, float32 reference: 34.91 GiB a chip.
   h100-8 / h200-8: the v5p settings (4 pairs a device, replicated, nothing_saveable); memory

@@ -24,9 +24,11 @@ Adafactor state of a few MB). Compiler figures (jax 0.10.2 / libtpu 0.0.42.1, 10
 128 x 128 latents): v5p-8 micro-step 22.87 GiB of 95.74 (17.00 arguments + 5.46
 temporaries), update 19.24 GiB, eval step 16.06; XLA's estimate 0.321 s a micro-step, 5.20 s
 an update of 64 pairs. v6e-8 (zero over 8, compiled with `--no_msa`, which this host needs
-for v6e: HBM then an upper bound): micro-step 29.98 GiB of 31.25 (1.3 GiB headroom by that
-bound), update 17.47; XLA's estimate of that unplaced program 0.217 s a micro-step, 1.78 s
-an update of 64. Not compiled: the FSDP recipes (v5e, v4: their compile needs more than
+for v6e; not a bound: SD1.5's v5e-8 micro-step needs 4.6% more with memory-space assignment
+than without): micro-step 29.98 GiB of 31.25, update 17.47; XLA's estimate of that unplaced
+program 0.217 s a micro-step, 1.78 s an update of 64. Whether it fits is NOT settled: 4.6%
+more would be 31.4 GiB; v5p's full compile of the same per-chip shapes holds 5.46 GiB of
+temporaries against these 14.01. Check it with the full compile (a host of 32 GB or more). Not compiled: the FSDP recipes (v5e, v4: their compile needs more than
 the 24 GB host this repository was checked on): run the command above before renting. GPU memory: about the v5p micro-step's (the same per-device shapes), an estimate,
 not measured.
 

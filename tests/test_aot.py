@@ -356,9 +356,10 @@ def test_cli_writes_json_and_exits_1_when_a_program_does_not_fit(root, tmp_path)
     assert "| score_step | yes | NO |" in proc.stdout
 
 
-def test_no_msa_compiles_the_same_program_with_hbm_an_upper_bound(root, base, tmp_path):
-    """--no_msa (libtpu without memory-space assignment, a process-wide flag): the same FLOPs,
-    nothing placed in VMEM, so at least the temporaries of the full compile; rows say so."""
+def test_no_msa_compiles_the_same_program_and_says_so(root, base, tmp_path):
+    """--no_msa (libtpu without memory-space assignment, a process-wide flag): the same FLOPs
+    and a per-chip total near the full compile's (not a bound: the full-size SD1.5 micro-step
+    needs 4.6% less without it); rows say so."""
     out = tmp_path / "r.json"
     env = dict(os.environ, LIBTPU_INIT_ARGS="")
     proc = subprocess.run(
@@ -372,7 +373,7 @@ def test_no_msa_compiles_the_same_program_with_hbm_an_upper_bound(root, base, tm
     full = base["train_step"]
     assert row["msa"] is False and full["msa"] is True
     assert row["flops"] == pytest.approx(full["flops"], rel=0.02)
-    assert row["temp_bytes"] >= full["temp_bytes"]
+    assert row["bytes_per_chip"] == pytest.approx(full["bytes_per_chip"], rel=0.25)
 
 
 @pytest.mark.parametrize("layout,latent,text,pooled", [
