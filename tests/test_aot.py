@@ -357,9 +357,10 @@ def test_cli_writes_json_and_exits_1_when_a_program_does_not_fit(root, tmp_path)
 
 
 def test_no_msa_compiles_the_same_program_and_says_so(root, base, tmp_path):
-    """--no_msa (libtpu without memory-space assignment, a process-wide flag): the same FLOPs
-    and a per-chip total near the full compile's (not a bound: the full-size SD1.5 micro-step
-    needs 4.6% less without it); rows say so."""
+    """--no_msa (libtpu without memory-space assignment, a process-wide flag): the same FLOPs;
+    rows say so. On this small program, whose temporaries VMEM holds in large part with MSA,
+    HBM temporaries rise without it; on full-size ones they may fall (SD1.5's v5e-8
+    micro-step: 5.22 against 5.63 GiB): the no-MSA figure is near, not a bound."""
     out = tmp_path / "r.json"
     env = dict(os.environ, LIBTPU_INIT_ARGS="")
     proc = subprocess.run(
@@ -373,7 +374,7 @@ def test_no_msa_compiles_the_same_program_and_says_so(root, base, tmp_path):
     full = base["train_step"]
     assert row["msa"] is False and full["msa"] is True
     assert row["flops"] == pytest.approx(full["flops"], rel=0.02)
-    assert row["bytes_per_chip"] == pytest.approx(full["bytes_per_chip"], rel=0.25)
+    assert row["temp_bytes"] >= full["temp_bytes"]
 
 
 @pytest.mark.parametrize("layout,latent,text,pooled", [
