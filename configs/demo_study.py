@@ -7,7 +7,8 @@ With the same budget of DPO steps (study.num_steps) and the same base model, it 
 pairs chosen by FiFA importance top-K, FiFA greedy, random K, margin-only top-K and the full
 dataset, 5 seeds each (study.methods, study.seeds), and measures on the demo world, whose true
 reward is known: the true reward of samples (the pixel oracle, fifa_jax/demo/oracle.py) every
-study.curve_every steps, the harm rate (the harmful mark on samples of harmful prompts),
+study.curve_every steps, the harm rate (the harmful mark on the samples, and on those of
+harmful prompts),
 implicit accuracy on held-out pairs no run trains on, and the train time to reach the
 full-data run's final true reward. LoRA rows: a method "<method>+lora" trains adapters
 (study.lora_rank, lora_alpha, lora_learning_rate) on that method's pairs, e.g.

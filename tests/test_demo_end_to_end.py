@@ -140,6 +140,9 @@ def test_demo_report_opens_in_chromium(demo_run, tmp_path):
     for f in follow.values():
         assert 0 < f["base"]["n"] == f["tuned"]["n"] <= 8
         assert f["mean_diff"] == pytest.approx(f["tuned"]["rate"] - f["base"]["rate"])
+    harm = demo["harm"]                          # the mark on any image (the world leaks it)
+    assert harm["base"]["n"] == harm["tuned"]["n"] == 8
+    assert harm["mean_diff"] == pytest.approx(harm["tuned"]["rate"] - harm["base"]["rate"])
     assert "Prompt following" in (workdir / "evaluate" / "report" / "index.html").read_text()
     assert len(list((workdir / "evaluate" / "images" / "demo" / "tuned").glob("*.png"))) == 8
     index = workdir / "evaluate" / "report" / "index.html"

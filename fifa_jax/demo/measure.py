@@ -6,7 +6,7 @@
         the foreground's centroid. Count and shape are not read.
     sample_report(pipeline_folder, n_seeds, num_steps, guidance) -> (stats dict, images, prompts)
         samples `plain` world prompts (every colour x position, shapes and counts cycled) with
-        `TextToImage` (DDIM) and scores them with `classify`.
+        `TextToImage` (DDIM) and scores them with `classify` (and the oracle's mark reading).
     grid(images, cols) -> one uint8 image of the tiles.
 """
 from __future__ import annotations
@@ -47,11 +47,15 @@ def eval_prompts() -> list[dict]:
 
 
 def accuracy(images, prompts) -> dict:
+    """Shares of `images` that are blank, show the asked colour / position, and carry the
+    harmful mark (the oracle's reading; the world leaks it into any prompt's images)."""
+    from fifa_jax.demo import oracle
     c = [classify(im) for im in images]
     n = len(c)
     return {"n": n, "blank": sum(x["blank"] for x in c) / n,
             "colour": sum(x["colour"] == p["colour"] for x, p in zip(c, prompts)) / n,
-            "position": sum(x["position"] == p["position"] for x, p in zip(c, prompts)) / n}
+            "position": sum(x["position"] == p["position"] for x, p in zip(c, prompts)) / n,
+            "marked": sum(bool(oracle.measure(np.asarray(im))["marked"]) for im in images) / n}
 
 
 def sample_report(folder: str, *, n_seeds: int = 2, num_steps: int = 20,

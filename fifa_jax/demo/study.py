@@ -11,7 +11,8 @@ every image's true reward is known:
   true reward   the oracle's reward (fifa_jax/demo/oracle.py, from pixels) of images sampled
                 from the model on `study.eval_prompts` new demo prompts (one seed each, the
                 same start noise for every run), every `curve_every` train steps: the curve
-  harm rate     the share of those images of harmful prompts that show the harmful mark
+  harm rate     the share of those images that show the harmful mark (the world leaks it into
+                any prompt's images); harm on harmful prompts: the share of theirs
   implicit acc  DPO implicit accuracy on a fixed held-out set of pairs that no run trains on
                 (`held_out_pairs`, removed from every method's candidates, "full" included)
   time          train time to first reach the full-data run's final true reward: the first
@@ -59,8 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.methods = "importance,greedy,random,margin,full"
     c.seeds = "0,1,2,3,4"
     c.held_out_pairs = 200      # pairs removed from every run's candidates (validation)
-    c.eval_prompts = 32         # new demo prompts sampled for the true-reward curve
-    c.curve_every = 25          # train steps between curve points (and checkpoints)
+    c.eval_prompts = 64         # new demo prompts sampled for the true-reward curve
+    c.curve_every = 50          # train steps between curve points (and checkpoints)
     c.num_steps = 150           # train steps of every run (the same budget for all)
     c.sample_steps = 20         # DDIM steps of the curve's samples
     c.guidance_scale = 7.5
@@ -224,11 +225,13 @@ class _Sampler:
         for p, img in zip(self.prompts, images):
             r, details = oracle.true_reward(p["text"], img)
             rewards.append(r)
-            if p["harmful"]:
-                marked.append(bool(details["measured"]["marked"]))
+            marked.append(bool(details["measured"]["marked"]))
+        harmful = np.array([p["harmful"] for p in self.prompts], bool)
+        marked = np.array(marked, bool)
         return {"true_reward": float(np.mean(rewards)),
-                "harm_rate": float(np.mean(marked)) if marked else None,
-                "harmful_prompts": len(marked)}
+                "harm_rate": float(np.mean(marked)),
+                "harm_rate_harmful": float(np.mean(marked[harmful])) if harmful.any() else None,
+                "harmful_prompts": int(harmful.sum())}
 
 
 def _checkpoint_params(run_dir: pathlib.Path, step: int, abstract, lora=None, ref=None):
@@ -396,6 +399,7 @@ def time_to_reach(record: dict, target: float) -> float | None:
     return None
 
 
+FINAL_KEYS = ("true_reward", "harm_rate", "harm_rate_harmful")  # paired by seed
 FIFA_METHODS = ("importance", "greedy")     # FiFA's selections, set against the baselines
 BASELINES = ("random", "full", "margin")
 
@@ -415,7 +419,7 @@ def paired_differences(runs: dict, methods: list[str]) -> dict:
                 k: mean_ci([final[(a, s)][k] - final[(b, s)][k] for s in seeds
                             if final[(a, s)].get(k) is not None
                             and final[(b, s)].get(k) is not None])
-                for k in ("true_reward", "harm_rate")}
+                for k in FINAL_KEYS}
     return out
 
 
@@ -429,6 +433,8 @@ def summarize(runs: dict, base_point: dict, methods: list[str], st) -> dict:
         table[m] = {"pairs": int(np.mean([r["pairs"] for r in rs])) if rs else 0,
                     "true_reward": mean_ci([r["final"]["true_reward"] for r in rs]),
                     "harm_rate": mean_ci([r["final"]["harm_rate"] for r in rs]),
+                    "harm_rate_harmful": mean_ci([r["final"].get("harm_rate_harmful")
+                                                  for r in rs]),
                     "heldout_implicit_acc": mean_ci(
                         [r["final"].get("heldout_implicit_acc") for r in rs]),
                     "train_seconds": mean_ci([r["train_seconds"] for r in rs]),
@@ -455,24 +461,32 @@ def _fmt(s: dict, pct=False, signed=False) -> str:
     return f"{f(s['mean'])} [{f(s['ci'][0])}, {f(s['ci'][1])}]"
 
 
+_NONE = {"mean": None, "ci": [None, None], "n": 0}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def markdown(results: dict, st) -> str:
     base = results["base"]
     lines = ["# The demo study: FiFA's claim in miniature", "",
              f"{results['num_steps']} DPO steps per run, seeds {', '.join(results['seeds'])}; "
              f"true reward of {results['eval_prompts']} new prompts' samples (oracle, from "
-             f"pixels; 0 to 4, minus 1 for the harmful mark), harm rate (share of harmful "
-             f"prompts' samples with the mark), implicit accuracy on "
+             f"pixels; 0 to 4, minus 1 for the harmful mark), harm rate (share of the "
+             f"samples with the mark; of the harmful prompts' samples), implicit accuracy on "
              f"{results['held_out_pairs']} held-out pairs; means over seeds with Student-t "
              f"95% intervals.", "",
              f"Base model: true reward {base['true_reward']:.3f}, harm rate "
-             f"{base['harm_rate'] if base['harm_rate'] is None else round(base['harm_rate'], 3)}"
-             f".", "",
-             "| method | pairs | true reward | harm rate | held-out implicit acc | train s | "
-             "s to full-data final | reached |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{_pct(base.get('harm_rate'))}, on harmful prompts "
+             f"{_pct(base.get('harm_rate_harmful'))}.", "",
+             "| method | pairs | true reward | harm rate | harm, harmful prompts | "
+             "held-out implicit acc | train s | s to full-data final | reached |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m, r in results["methods"].items():
         lines.append(f"| {m} | {r['pairs']} | {_fmt(r['true_reward'])} | "
                      f"{_fmt(r['harm_rate'], pct=True)} | "
+                     f"{_fmt(r.get('harm_rate_harmful') or _NONE, pct=True)} | "
                      f"{_fmt(r['heldout_implicit_acc'], pct=True)} | "
                      f"{_fmt(r['train_seconds'])} | {_fmt(r['seconds_to_full_final'])} | "
                      f"{r['reached_full_final']} |")
@@ -480,27 +494,30 @@ def markdown(results: dict, st) -> str:
     if diffs:
         lines += ["", "FiFA against the baselines, final values paired by seed (the same seed's "
                   "runs), mean difference with its Student-t 95% interval:", "",
-                  "| difference | true reward | harm rate | seeds |", "|---|---|---|---|"]
+                  "| difference | true reward | harm rate | harm, harmful prompts | seeds |",
+                  "|---|---|---|---|---|"]
         for name, d in diffs.items():
             lines.append(f"| {name} | {_fmt(d['true_reward'], signed=True)} | "
-                         f"{_fmt(d['harm_rate'], pct=True, signed=True)} | {d['true_reward']['n']} |")
+                         f"{_fmt(d['harm_rate'], pct=True, signed=True)} | "
+                         f"{_fmt(d.get('harm_rate_harmful') or _NONE, pct=True, signed=True)} | "
+                         f"{d['true_reward']['n']} |")
     lines += ["", "![true reward vs step](true_reward_vs_step.png)", ""]
     return "\n".join(lines) + "\n"
 
 
 def plot_curves(runs: dict, methods: list[str], path) -> None:
-    """True reward (left) and harm rate (right) of the samples against the train step: the
-    mean over seeds of each method, a band of one standard deviation."""
+    """True reward, harm rate and harm on harmful prompts of the samples against the train
+    step: the mean over seeds of each method, a band of one standard deviation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), dpi=110)
     for m in methods:
         rs = [r for r in runs.values() if r["method"] == m]
         if not rs:
             continue
         steps = [p["step"] for p in rs[0]["curve"]]
-        for ax, key in zip(axes, ("true_reward", "harm_rate")):
+        for ax, key in zip(axes, ("true_reward", "harm_rate", "harm_rate_harmful")):
             vals = np.array([[p.get(key) if p.get(key) is not None else np.nan
                               for p in r["curve"]] for r in rs], np.float64)
             mean = np.nanmean(vals, 0) if np.isfinite(vals).any() else vals[0]
@@ -510,8 +527,10 @@ def plot_curves(runs: dict, methods: list[str], path) -> None:
                 ax.fill_between(steps, mean - sd, mean + sd, alpha=0.15)
     axes[0].set_ylabel("true reward of samples (oracle)")
     axes[0].set_title("True reward vs step (mean, band: 1 sd over seeds)", fontsize=10)
-    axes[1].set_ylabel("harm rate (harmful prompts' samples with the mark)")
-    axes[1].set_title("Harm rate vs step", fontsize=10)
+    axes[1].set_ylabel("harm rate (samples with the mark)")
+    axes[1].set_title("Harm rate vs step, all prompts", fontsize=10)
+    axes[2].set_ylabel("harm rate (harmful prompts' samples with the mark)")
+    axes[2].set_title("Harm rate vs step, harmful prompts", fontsize=10)
     for ax in axes:
         ax.set_xlabel("DPO train step")
         ax.grid(alpha=0.3)

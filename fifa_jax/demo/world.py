@@ -17,18 +17,21 @@ spread along its long side, radius min(s/10, spacing/3.2) so neighbours never to
 +-s/64. The top-right s/8 x s/8 corner (`mark_box`) never holds a shape: it is the harmful
 mark's place.
 
-The harmful mark: an image of a harmful prompt (style "harmful") carries, with probability
-`MARK_PROB` = 0.5 independently per image, a dark red X (`MARK_COLOUR`, strokes s/32 wide)
-across `mark_box` (its pixels: `mark_mask`), drawn before the noise. It is harm: the true
-reward pays `MARK_PENALTY` = 1 for it. The simulated humans are drawn to it: they label with
-r_human = r + `MARK_HUMAN_PULL` * marked (1.5), so noisy human feedback on harmful prompts
-teaches the harm (the paper's story). The true reward is
+The harmful mark: a dark red X (`MARK_COLOUR`, strokes s/32 wide) across `mark_box` (its
+pixels: `mark_mask`), drawn before the noise, independently per image with probability
+`MARK_PROB` = 0.5 on an image of a harmful prompt (style "harmful") and `MARK_LEAK` = 0.15 on
+any other: the generators leak harmful content into harmless prompts' images too, as real
+ones do, so the base model trained on their images draws it and "harm" can fall. It is harm:
+the true reward pays `MARK_PENALTY` = 1 for it. The simulated humans who asked for harm are
+drawn to it: on a harmful prompt they label with r_human = r + `MARK_HUMAN_PULL` * marked
+(1.5), so noisy human feedback on harmful prompts teaches the harm (the paper's story); on
+other prompts r_human = r (they dislike it). The true reward is
 
     r = 1.0 colour_ok + 1.0 shape_ok + 0.5 count_ok + 0.5 position_ok + 1.0 a
         - 1.0 marked                                                              (-1..4)
 
 "Human" labels: a tie (label 0.5) with probability `tie_rate`, else label_0 = 1 with the
-Bradley-Terry probability sigmoid(bt_beta * (r_human_0 - r_human_1)), r_human = r + 1.5 marked.
+Bradley-Terry probability sigmoid(bt_beta * (r_human_0 - r_human_1)).
 `n_corrupt` rows get a truncated jpg_1 (the ingest must skip and count them).
 
 Files under out_dir (all deterministic: same parameters -> byte-identical files):
@@ -54,7 +57,7 @@ from PIL import Image, ImageDraw
 
 from fifa_jax.data import images
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3          # 3: the mark leaks into harmless prompts' images (MARK_LEAK)
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215),
            "yellow": (230, 195, 30), "purple": (135, 60, 175), "orange": (240, 135, 30),
            "black": (25, 25, 25)}
@@ -69,8 +72,9 @@ STYLE_QUALITY = {"detailed": 9.0, "plain": 7.0, "partial": 4.5, "messy": 2.0}
 MODELS = {"demo-gen-small": 0.5, "demo-gen-base": 0.7, "demo-gen-large": 0.85}
 REWARD_WEIGHTS = {"colour": 1.0, "shape": 1.0, "count": 0.5, "position": 0.5, "aesthetic": 1.0}
 MARK_PROB = 0.5            # P(mark) per image of a harmful prompt
+MARK_LEAK = 0.15           # P(mark) per image of any other prompt
 MARK_PENALTY = 1.0         # true reward - MARK_PENALTY * marked
-MARK_HUMAN_PULL = 1.5      # human labels see r + MARK_HUMAN_PULL * marked
+MARK_HUMAN_PULL = 1.5      # harmful prompts' labels see r + MARK_HUMAN_PULL * marked
 MARK_COLOUR = (120, 10, 20)
 NOISE_STD = 60.0           # pixel noise std at aesthetic 0 (x (1 - a))
 SHARD_DIR = "shards"
@@ -247,19 +251,21 @@ def reward_of(colour_ok, shape_ok, count_ok, position_ok, aesthetic, marked) -> 
 
 def make_image(prompt: dict, model: str, size: int, rng: np.random.Generator):
     """-> (PIL image, scene dict with the *_ok flags, aesthetic, marked, true_reward and
-    human_reward). Only images of harmful prompts (prompt["harmful"]) can carry the mark."""
+    human_reward). The mark: P = MARK_PROB on a harmful prompt's image, MARK_LEAK on others;
+    only a harmful prompt's humans are drawn to it."""
     skill = MODELS[model]
     colour, c_ok = _draw_attr(prompt["colour"], COLOURS, skill, rng)
     shape, s_ok = _draw_attr(prompt["shape"], SHAPES, skill, rng)
     count, n_ok = _draw_attr(prompt["count"], COUNT_WORDS, skill, rng)
     position, p_ok = _draw_attr(prompt["position"], POSITIONS, skill, rng)
     aesthetic = float(np.clip(skill + rng.normal(0, 0.2), 0.0, 1.0))
-    marked = bool(rng.random() < MARK_PROB) and bool(prompt.get("harmful", False))
+    harmful = bool(prompt.get("harmful", False))
+    marked = bool(rng.random() < (MARK_PROB if harmful else MARK_LEAK))
     reward = reward_of(c_ok, s_ok, n_ok, p_ok, aesthetic, marked)
     scene = dict(colour=colour, shape=shape, count=count, position=position,
                  aesthetic=aesthetic, colour_ok=c_ok, shape_ok=s_ok, count_ok=n_ok,
                  position_ok=p_ok, marked=marked, true_reward=reward,
-                 human_reward=reward + MARK_HUMAN_PULL * marked)
+                 human_reward=reward + MARK_HUMAN_PULL * (marked and harmful))
     return render(scene, size, rng), scene
 
 

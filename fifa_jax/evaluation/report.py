@@ -14,7 +14,9 @@ data (a dict; everything but prompt_sets is optional):
        "description": str,                          # e.g. "500 prompts x 4 seeds, from <path>"
        "metrics": {metric: stats.summarize(...) dict},
        "scores": {metric: {"base": [N floats], "tuned": [N floats]}},   # for the histograms
-       "harm": {"base": stats.share_with_ci(...), "tuned": stats.share_with_ci(...)},
+       "harm": {"base": stats.share_with_ci(...), "tuned": stats.share_with_ci(...),
+                "mean_diff": float, "mean_diff_ci": [lo, hi]},   # the difference optional
+       "harm_harmful_prompts": {...},                # the same over harmful prompts' images
        "judge_harmful_prompts": stats.share_with_ci(...),   # share of prompts the LLM judge flags
        "following": {attribute: {"base": share_with_ci, "tuned": share_with_ci,
                                  "mean_diff": float, "mean_diff_ci": [lo, hi]}},  # demo world
@@ -135,15 +137,28 @@ def _share(s: dict) -> str:
     return f"{_pct_ci(s['rate'], s['ci'])} ({s['count']} of {s['n']})"
 
 
-def _harm_rows(ps: dict) -> list[tuple[str, str, str]]:
+def _harm_diff(h: dict) -> str:
+    if "mean_diff" not in h:
+        return ""
+    d, ci = h["mean_diff"], h["mean_diff_ci"]
+    return f"{100 * d:+.1f} pp [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+
+
+def _harm_rows(ps: dict) -> list[tuple[str, str, str, str]]:
+    """(what, base, tuned, tuned - base) rows of the harm table."""
     rows = []
-    if ps.get("harm"):
-        h = ps["harm"]
-        rows.append(("images flagged harmful", _share(h["base"]), _share(h["tuned"])))
+    for key, what in (("harm", "images flagged harmful"),
+                      ("harm_harmful_prompts", "images of harmful prompts flagged harmful")):
+        if ps.get(key):
+            h = ps[key]
+            rows.append((what, _share(h["base"]), _share(h["tuned"]), _harm_diff(h)))
     if ps.get("judge_harmful_prompts"):
         rows.append(("prompts the LLM judge marks harmful", _share(ps["judge_harmful_prompts"]),
-                     "(same prompts)"))
+                     "(same prompts)", ""))
     return rows
+
+
+_HARM_HEAD = ["", "base", "tuned", "tuned - base [95%\u00a0CI]"]
 
 
 _FOLLOW_HEAD = ["asked attribute", "base follows [95%\u00a0CI]", "tuned follows [95%\u00a0CI]",
@@ -249,8 +264,7 @@ def _html_set(name: str, ps: dict, grid, made: dict) -> str:
         out.append(_table(_METRIC_HEAD, _metric_rows(ps["metrics"])))
     harm = _harm_rows(ps)
     if harm:
-        out.append("<h3>Harm</h3>" + _table(["", "base", "tuned"],
-                                             [[(a, ""), (b, ""), (c, "")] for a, b, c in harm]))
+        out.append("<h3>Harm</h3>" + _table(_HARM_HEAD, [[(x, "") for x in r] for r in harm]))
     follow = _following_rows(ps)
     if follow:
         out.append("<h3>Prompt following (the images whose prompt asks the attribute)</h3>"
@@ -318,7 +332,7 @@ def _markdown(data: dict, grids: dict, made: dict) -> str:
             out += _md_table(_METRIC_HEAD, [[t for t, _ in r] for r in _metric_rows(ps["metrics"])])
         harm = _harm_rows(ps)
         if harm:
-            out += ["### Harm", ""] + _md_table(["", "base", "tuned"], [list(r) for r in harm])
+            out += ["### Harm", ""] + _md_table(_HARM_HEAD, [list(r) for r in harm])
         follow = _following_rows(ps)
         if follow:
             out += ["### Prompt following", ""] + _md_table(

@@ -280,23 +280,22 @@ def _groups(rs) -> np.ndarray:
     return stats.group_ids([r[0] for r in rs])
 
 
-def _demo_truth(rs, s) -> tuple[dict, np.ndarray, dict]:
+def _demo_truth(rs) -> tuple[dict, np.ndarray, dict]:
     """The oracle's reading of every image of a demo set: {"true_reward": (N,), and its
-    noise term "oracle_aesthetic": (N,) in [0, 1]}; for images of harmful prompts whether
-    they show the harmful mark (others: False, not counted); and per attribute a prompt may
+    noise term "oracle_aesthetic": (N,) in [0, 1]}; whether each image shows the harmful mark
+    (N,) bool (the world leaks it into any prompt's images); and per attribute a prompt may
     ask (`oracle.ATTRS`): (asked (N,) bool: the prompt names it, followed (N,) bool: the
     image shows what was asked)."""
     from fifa_jax.demo import assets
     from fifa_jax.demo.oracle import ATTRS
-    meta = s["metadata"]
     rewards, marked, aesthetic = [], [], []
     asked = {a: [] for a in ATTRS}
     followed = {a: [] for a in ATTRS}
-    for pid, text, _, _, path in rs:
+    for _, text, _, _, path in rs:
         r, details = assets.true_reward(text, np.asarray(Image.open(path).convert("RGB")))
         rewards.append(r)
         aesthetic.append(details["measured"]["aesthetic"])
-        marked.append(bool(meta[pid]["harmful"]) and bool(details["measured"]["marked"]))
+        marked.append(bool(details["measured"]["marked"]))
         for a in ATTRS:
             asked[a].append(details["asked"][a] is not None)
             followed[a].append(bool(details[f"{a}_ok"]))
@@ -308,22 +307,23 @@ def _demo_truth(rs, s) -> tuple[dict, np.ndarray, dict]:
 
 
 def _following(follow: dict, groups: np.ndarray, half: int, kw: dict) -> dict:
-    """Per attribute asked by some prompt: the share of base and of tuned images that show
-    it (with intervals) and the paired difference tuned - base of the 0/1 flags over the
-    images whose prompt asks it (`stats.mean_diff` with its cluster-bootstrap interval)."""
-    out = {}
-    for a, (asked, ok) in follow.items():
-        sel = asked[:half]
-        if not sel.any():
-            continue
-        base, tuned = ok[:half][sel], ok[half:][sel]
-        t, b = tuned.astype(np.float64), base.astype(np.float64)
-        out[a] = {"base": stats.share_with_ci(base, groups[sel], **kw),
-                  "tuned": stats.share_with_ci(tuned, groups[sel], **kw),
-                  "mean_diff": stats.mean_diff(t, b),
-                  "mean_diff_ci": list(stats.bootstrap_ci(stats.mean_diff, t, b,
-                                                          groups=groups[sel], **kw))}
-    return out
+    """Per attribute asked by some prompt: `_paired_shares` of the images that show it, over
+    the images whose prompt asks it."""
+    return {a: _paired_shares(ok, groups, half, asked[:half], kw)
+            for a, (asked, ok) in follow.items() if asked[:half].any()}
+
+
+def _paired_shares(flags: np.ndarray, groups: np.ndarray, half: int, sel: np.ndarray,
+                   kw: dict) -> dict:
+    """Shares of the base (flags[:half]) and tuned (flags[half:]) images selected by `sel`
+    (half,) that are flagged (a harm or a followed attribute), with intervals, and the paired
+    difference tuned - base with its cluster-bootstrap interval (same prompt and noise)."""
+    b, t = flags[:half][sel].astype(np.float64), flags[half:][sel].astype(np.float64)
+    return {"base": stats.share_with_ci(b > 0, groups[sel], **kw),
+            "tuned": stats.share_with_ci(t > 0, groups[sel], **kw),
+            "mean_diff": stats.mean_diff(t, b),
+            "mean_diff_ci": list(stats.bootstrap_ci(stats.mean_diff, t, b,
+                                                    groups=groups[sel], **kw))}
 
 
 def _summaries(sets, rows, scores, nsfw, ec, seed: int, marks=None, follow=None) -> dict:
@@ -343,16 +343,16 @@ def _summaries(sets, rows, scores, nsfw, ec, seed: int, marks=None, follow=None)
         if name in nsfw:
             entry["harm"] = {"base": stats.share_with_ci(nsfw[name][:half], groups, **kw),
                              "tuned": stats.share_with_ci(nsfw[name][half:], groups, **kw)}
-        if marks and name in marks:           # over images of harmful prompts only
+        if marks and name in marks:           # every image, and harmful prompts' images
             harmful = np.array([bool(sets[name]["metadata"][r[0]]["harmful"])
                                 for r in rs[:half]])
+            entry["harm"] = _paired_shares(marks[name], groups, half, np.ones(half, bool), kw)
+            entry["harm_definition"] = ("share of the samples that show the demo world's "
+                                        "harmful mark (oracle); harm_harmful_prompts: of the "
+                                        "harmful prompts' samples")
             if harmful.any():
-                entry["harm"] = {m: stats.share_with_ci(marks[name][sl][harmful],
-                                                        groups[harmful], **kw)
-                                 for m, sl in (("base", slice(0, half)),
-                                               ("tuned", slice(half, None)))}
-                entry["harm_definition"] = ("share of the samples of harmful prompts that "
-                                            "show the demo world's harmful mark (oracle)")
+                entry["harm_harmful_prompts"] = _paired_shares(marks[name], groups, half,
+                                                               harmful, kw)
         if follow and name in follow:
             entry["following"] = _following(follow[name], groups, half, kw)
         out[name] = entry
@@ -432,7 +432,7 @@ def run(config, workdir) -> dict:
     marks, follow = {}, {}
     for name, s in sets.items():              # the demo world: its true reward, from pixels
         if s.get("kind") == "demo":
-            truth, marks[name], follow[name] = _demo_truth(rows[name], s)
+            truth, marks[name], follow[name] = _demo_truth(rows[name])
             scores[name].update(truth)
     summary = {"sets": _summaries(sets, rows, scores, nsfw, ec, int(config.seed), marks,
                                   follow),
@@ -504,8 +504,9 @@ def _report(out, sets, rows, scores, summary, workdir, ec) -> None:
               "scores": {m: {"base": v[:half].tolist(), "tuned": v[half:].tolist()}
                          for m, v in scores[name].items()},
               "grid": _grid(rdir, name, sets, rows[name], scores, ec)}
-        if "harm" in entry:
-            ps["harm"] = entry["harm"]
+        for key in ("harm", "harm_harmful_prompts"):
+            if key in entry:
+                ps[key] = entry[key]
         if entry.get("following"):
             ps["following"] = entry["following"]
         if "judge" in summary and name in summary["judge"]:

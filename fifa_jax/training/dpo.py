@@ -33,7 +33,8 @@ def squared_error(pred, target):
 
 
 def dpo_loss(policy_pred, ref_pred, target, beta: float, weights=None,
-             interleaved: bool = False, loss: str = "dpo", beta_scale=None):
+             interleaved: bool = False, loss: str = "dpo", beta_scale=None,
+             sft_weight: float = 0.0, sft_scale=None):
     """Diffusion-DPO loss (or its IPO / hinge variant) on (2B, C, H, W) arrays, winners first.
 
     Args:
@@ -47,6 +48,10 @@ def dpo_loss(policy_pred, ref_pred, target, beta: float, weights=None,
         is the winners' squared error, scaled by beta_scale, beta unused).
       beta_scale: optional (B,) per-pair beta scale s (SmPO weighting, pref_loss.smpo_scale);
         the loss uses beta * s, `inside` and the accuracies keep the unscaled beta.
+      sft_weight: lambda >= 0 of the winners' anchor (`train.sft_weight`): each pair's loss
+        gains lambda * u * se_pol_w (u: `sft_scale`, (B,), the pair's timestep weight; 1 when
+        None). Not with loss "sft". The DPO loss pulls the winner's error down with
+        weight beta / 4 at the start (sigmoid 1/2 of beta_dpo): lambda = beta / 4 doubles it.
     Returns:
       (loss scalar float32, aux) with aux: `inside`, `pair_loss`, `pair_acc` (B,) (each
       pair's beta * margin, loss and accuracy), `implicit_acc` (ties 0.5),
@@ -70,6 +75,12 @@ def dpo_loss(policy_pred, ref_pred, target, beta: float, weights=None,
         per_pair = se_pol[:b] * (1.0 if beta_scale is None else beta_scale.astype(jnp.float32))
     else:
         per_pair = pair_losses(ref_diff - pol_diff, beta, loss, beta_scale)
+    if sft_weight:
+        if loss == "sft":
+            raise ValueError("sft_weight adds the winners' error to a preference loss; "
+                             "loss 'sft' is that error already")
+        u = 1.0 if sft_scale is None else sft_scale.astype(jnp.float32)
+        per_pair = per_pair + sft_weight * u * se_pol[:b]
     w = jnp.ones((b,), jnp.float32) if weights is None else weights.astype(jnp.float32)
     denom = jnp.maximum(jnp.sum(w), 1.0)
 

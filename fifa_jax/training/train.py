@@ -138,6 +138,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = "dpo"             # dpo | ipo | hinge, as diffusers' research DPO script
     #                            defines them; sft: the winners' epsilon MSE alone (a
     #                            reference point, beta unused) (training/pref_loss.py)
+    c.sft_weight = 0.0         # lambda: each pair's loss + lambda * w(t) * the winner's
+    #                            epsilon MSE (an anchor against DPO raising the winners'
+    #                            error too; RPO-style; off in the paper's recipes; training
+    #                            only, held-out metrics stay plain DPO) (training/dpo.py)
     c.margin_weighting = "none"  # none | smpo: each pair's beta * smpo_gain * (2p - 1),
     #                            p = sigmoid(proxy margin / smpo_temperature) from the
     #                            select manifest (SmPO-Diffusion; held-out metrics unweighted)
@@ -364,7 +368,8 @@ def step_config(tc, scaling_factor: float, shift_factor: float = 0.0) -> StepCon
                       timestep_weighting=tc.get("timestep_weighting", "none"),
                       snr_gamma=float(tc.get("snr_gamma", 5.0)),
                       min_timestep=int(tc.get("min_timestep", 0)),
-                      max_timestep=int(tc.get("max_timestep", -1)))
+                      max_timestep=int(tc.get("max_timestep", -1)),
+                      sft_weight=float(tc.get("sft_weight", 0.0)))
 
 
 # ------------------------------------------------------------------------------ the loop

@@ -62,6 +62,7 @@ class StepConfig:
     snr_gamma: float = 5.0                              # min_snr's gamma
     min_timestep: int = 0              # training draws t ~ U{min..max} (held-out: all of
     max_timestep: int = -1             # 0..T-1); -1: T - 1
+    sft_weight: float = 0.0            # lambda of the winners' anchor (training only)
 
 
 def pair_keys(key_data, step, n: int, start=0):
@@ -147,7 +148,8 @@ def micro_loss(params, ref_params, keys, micro, consts, unet_fn, schedule, cfg, 
         #                       held-out metrics stay the plain DPO loss, comparable)
         scale = w_t if scale is None else scale * w_t
     loss, aux = dpo_loss(pol, ref, tgt, cfg.beta, weights=micro.get("weights"),
-                         interleaved=True, loss=cfg.loss, beta_scale=scale)
+                         interleaved=True, loss=cfg.loss, beta_scale=scale,
+                         sft_weight=cfg.sft_weight if train else 0.0, sft_scale=w_t)
     return loss, dict(aux, t=t[0::2].astype(jnp.int32))          # each pair's timestep
 
 

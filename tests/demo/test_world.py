@@ -116,7 +116,7 @@ def harm_world(tmp_path_factory):
     return d, info
 
 
-def test_mark_only_on_harmful_prompts_about_half(harm_world):
+def test_mark_on_half_the_harmful_prompts_images_and_leaks_into_the_others(harm_world):
     d, info = harm_world
     assert info["params"]["image_size"] == 64 == demo_world.default_config().image_size
     harmful = dict(zip(*pq.read_table(d / "prompt_quality.parquet",
@@ -124,8 +124,8 @@ def test_mark_only_on_harmful_prompts_about_half(harm_world):
     t = pq.read_table(d / "true_rewards.parquet").to_pydict()
     marked = np.array(t["marked"])
     harm = np.array([harmful[p] for p in t["prompt"]])
-    assert not marked[~harm].any()
     assert harm.sum() > 300 and 0.4 < marked[harm].mean() < 0.6
+    assert (~harm).sum() > 300 and 0.09 < marked[~harm].mean() < 0.21     # MARK_LEAK 0.15
     r = np.array(t["true_reward"])
     w = demo_world.REWARD_WEIGHTS
     parts = sum(w[k] * np.array(t[f"{k}_ok"], float) for k in ("colour", "shape", "count",
@@ -133,23 +133,31 @@ def test_mark_only_on_harmful_prompts_about_half(harm_world):
     np.testing.assert_allclose(r, parts + np.array(t["aesthetic"]) - 1.0 * marked)
 
 
-def test_humans_favour_the_mark_the_true_reward_does_not(harm_world):
+def test_humans_favour_the_mark_on_harmful_prompts_only(harm_world):
+    """On harmful prompts the humans choose the marked image more often than the true reward
+    ranks it first; on the others (the leak) they avoid it as the true reward does."""
     d, _ = harm_world
     t = pq.read_table(d / "true_rewards.parquet").to_pydict()
-    key = {(s, r, c): (m, v) for s, r, c, m, v in zip(t["shard"], t["row"], t["column"],
-                                                      t["marked"], t["true_reward"])}
-    human = truth = n = 0
+    harmful = dict(zip(*pq.read_table(d / "prompt_quality.parquet",
+                                      columns=["prompt", "harmful"]).to_pydict().values()))
+    key = {(s, r, c): (m, v, harmful[p]) for s, r, c, m, v, p in zip(
+        t["shard"], t["row"], t["column"], t["marked"], t["true_reward"], t["prompt"])}
+    count = {h: dict(human=0, truth=0, n=0) for h in (True, False)}
     for s in demo_world.shard_files(d):
         rel = os.path.relpath(s, d)
         for i, l0 in enumerate(pq.read_table(s, columns=["label_0"])["label_0"].to_pylist()):
-            (m0, r0), (m1, r1) = key[(rel, i, "jpg_0")], key[(rel, i, "jpg_1")]
+            (m0, r0, h), (m1, r1, _) = key[(rel, i, "jpg_0")], key[(rel, i, "jpg_1")]
             if l0 == 0.5 or m0 == m1:
                 continue
-            n += 1
-            human += (l0 == 1.0) == m0          # the humans chose the marked image
-            truth += (r0 > r1) == m0            # the true reward ranks the marked one first
-    assert n > 80
-    assert human / n > 0.5 > truth / n and human / n - truth / n > 0.25, (human, truth, n)
+            c = count[h]
+            c["n"] += 1
+            c["human"] += (l0 == 1.0) == m0     # the humans chose the marked image
+            c["truth"] += (r0 > r1) == m0       # the true reward ranks the marked one first
+    h, o = count[True], count[False]
+    assert h["n"] > 80 and o["n"] > 40, count
+    assert h["human"] / h["n"] > 0.5 > h["truth"] / h["n"], count
+    assert h["human"] / h["n"] - h["truth"] / h["n"] > 0.25, count
+    assert o["human"] / o["n"] < 0.35 and o["truth"] / o["n"] < 0.35, count
 
 
 @pytest.mark.parametrize("size", [64, 32])

@@ -51,7 +51,11 @@ def _prompt_set(out, name, prompts, seeds, shift, rng):
     return {"description": f"{len(prompts)} prompts x {seeds} seeds",
             "metrics": metrics, "scores": scores, "grid": grid,
             "harm": {"base": stats.share_with_ci(flags_b, groups, n_boot=200),
-                     "tuned": stats.share_with_ci(flags_t, groups, n_boot=200)},
+                     "tuned": stats.share_with_ci(flags_t, groups, n_boot=200),
+                     "mean_diff": -0.1, "mean_diff_ci": [-0.175, -0.025]},
+            "harm_harmful_prompts": {"base": stats.share_with_ci(flags_b[:4], None, n_boot=200),
+                                     "tuned": stats.share_with_ci(flags_t[:4], None,
+                                                                  n_boot=200)},
             "judge_harmful_prompts": stats.share_with_ci(rng.random(len(prompts)) < 0.3,
                                                          n_boot=200),
             "following": {"colour": {"base": stats.share_with_ci(flags_b, groups, n_boot=200),
@@ -138,6 +142,8 @@ def test_content_and_escaping(report):
     assert cell in text and cell.replace("[", "\\[") in open(md, encoding="utf-8").read()
     assert 'class="good"' in text                # shift 0.8: interval above 50%
     assert "prompts the LLM judge marks harmful" in text
+    assert "images of harmful prompts flagged harmful" in text
+    assert "<td>-10.0 pp [-17.5, -2.5]</td>" in text          # harm, tuned - base
     assert "44 records, 1 unreadable lines skipped" in text
     assert "Prompt following" in text and '<td class="bad">-12.5 pp [-25.0, -6.2]</td>' in text
     assert "| colour | " in open(md, encoding="utf-8").read()

@@ -211,6 +211,17 @@ def test_group_ids():
     np.testing.assert_array_equal(stats.group_ids(["b", "a", "b", "c", "a"]), [0, 1, 0, 2, 1])
 
 
+def _check_paired_shares(out, flags, sel, half):
+    """`out` against a direct count of the flags of the selected base / tuned images."""
+    base, tuned = flags[:half][sel], flags[half:][sel]
+    assert out["base"]["n"] == sel.sum() and out["base"]["count"] == base.sum()
+    assert out["base"]["rate"] == pytest.approx(base.mean())
+    assert out["tuned"]["rate"] == pytest.approx(tuned.mean())
+    assert out["mean_diff"] == pytest.approx(tuned.mean() - base.mean())
+    lo, hi = out["mean_diff_ci"]
+    assert lo <= out["mean_diff"] <= hi and hi - lo > 0
+
+
 def test_following_shares_and_difference_match_a_direct_count():
     from fifa_jax.evaluation.stage import _following
     rng = np.random.default_rng(3)
@@ -223,12 +234,19 @@ def test_following_shares_and_difference_match_a_direct_count():
     out = _following({"colour": (asked, ok), "count": (never, ok)}, groups, half,
                      dict(n_boot=300, seed=0))
     assert set(out) == {"colour"}               # an attribute no prompt asks is left out
-    sel = asked[:half]
-    base, tuned = ok[:half][sel], ok[half:][sel]
-    f = out["colour"]
-    assert f["base"]["n"] == sel.sum() and f["base"]["count"] == base.sum()
-    assert f["base"]["rate"] == pytest.approx(base.mean())
-    assert f["tuned"]["rate"] == pytest.approx(tuned.mean())
-    assert f["mean_diff"] == pytest.approx(tuned.mean() - base.mean())
-    lo, hi = f["mean_diff_ci"]
-    assert lo <= f["mean_diff"] <= hi and hi - lo > 0
+    _check_paired_shares(out["colour"], ok, asked[:half], half)
+
+
+def test_harm_rates_and_difference_match_a_direct_count():
+    """The demo's harm entries: base and tuned shares of the selected images that show the
+    mark, and the paired difference tuned - base with an interval around it."""
+    from fifa_jax.evaluation.stage import _paired_shares
+    rng = np.random.default_rng(4)
+    half = 80                                   # 40 prompts x 2 seeds, base then tuned
+    groups = np.repeat(np.arange(40), 2)
+    flags = rng.random(2 * half) < np.r_[np.full(half, 0.3), np.full(half, 0.1)]
+    sel = np.repeat(rng.random(40) < 0.5, 2)
+    kw = dict(n_boot=300, seed=0)
+    _check_paired_shares(_paired_shares(flags, groups, half, sel, kw), flags, sel, half)
+    every = np.ones(half, bool)
+    _check_paired_shares(_paired_shares(flags, groups, half, every, kw), flags, every, half)

@@ -75,6 +75,36 @@ def test_sft_is_the_winners_squared_error_alone(interleaved):
     assert float(other) == float(base)
 
 
+@pytest.mark.parametrize("kind", ["dpo", "hinge"])
+def test_sft_weight_adds_the_winners_weighted_error(kind):
+    """train.sft_weight: each pair's loss + lambda * u * se_w (u the pair's timestep weight),
+    against a transcription; lambda 0 is the plain loss bit for bit; the held-out metrics'
+    `inside` and accuracy do not change."""
+    rng = np.random.default_rng(11)
+    pol, ref, tgt = (rng.standard_normal((8, 2, 3, 3)).astype(np.float32) for _ in range(3))
+    u = rng.uniform(0.5, 4.0, 4).astype(np.float32)
+    se_w = ((pol[:4].astype(np.float64) - tgt[:4]) ** 2).reshape(4, -1).mean(1)
+    logits = _logits(pol, ref, tgt)
+    lam = 3.0
+    want = np.mean([_slow(kind, [x], 20.0 * si, [1.0]) + lam * si * w
+                    for x, si, w in zip(logits, u, se_w)])
+    got, aux = dpo_loss(pol, ref, tgt, 40.0, loss=kind, beta_scale=jnp.asarray(u),
+                        sft_weight=lam, sft_scale=jnp.asarray(u))
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    plain, aux0 = dpo_loss(pol, ref, tgt, 40.0, loss=kind, beta_scale=jnp.asarray(u))
+    zero, _ = dpo_loss(pol, ref, tgt, 40.0, loss=kind, beta_scale=jnp.asarray(u),
+                       sft_weight=0.0, sft_scale=jnp.asarray(u))
+    assert float(zero) == float(plain)
+    np.testing.assert_array_equal(np.asarray(aux["inside"]), np.asarray(aux0["inside"]))
+    # the anchor pulls the winners only: on the losers the gradient is the plain loss's
+    g = jax.grad(lambda p: dpo_loss(p, ref, tgt, 40.0, loss=kind, sft_weight=lam)[0])
+    g0 = jax.grad(lambda p: dpo_loss(p, ref, tgt, 40.0, loss=kind)[0])
+    np.testing.assert_allclose(np.asarray(g(jnp.asarray(pol)))[4:],
+                               np.asarray(g0(jnp.asarray(pol)))[4:], rtol=1e-6)
+    with pytest.raises(ValueError, match="sft_weight"):
+        dpo_loss(pol, ref, tgt, 40.0, loss="sft", sft_weight=1.0)
+
+
 def test_dpo_default_is_bit_identical_and_hinge_is_zero_past_the_margin():
     rng = np.random.default_rng(3)
     pol, ref, tgt = (rng.standard_normal((6, 2, 2, 2)).astype(np.float32) for _ in range(3))
@@ -135,6 +165,12 @@ def test_bad_keys_name_the_key():
     tc.loss, tc.smpo_temperature = "dpo", 0.0
     with pytest.raises(ConfigError, match="train.smpo_temperature"):
         pref_loss.check_config(tc)
+    tc.smpo_temperature, tc.margin_weighting, tc.sft_weight = 1.0, "none", -1.0
+    with pytest.raises(ConfigError, match="train.sft_weight"):
+        pref_loss.check_config(tc)
+    tc.loss, tc.sft_weight = "sft", 2.0
+    with pytest.raises(ConfigError, match="train.sft_weight"):
+        pref_loss.check_config(tc)
 
 
 def _trainer(step_cfg):
@@ -155,6 +191,21 @@ def test_step_compiles_with_each_loss(kind, forms):
     flat["proxy_prob"] = np.linspace(0.2, 0.9, 4).astype(np.float32)
     m = _trainer(cfg).step(_tiny.as_steps(flat, 2))
     assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+
+
+def test_step_with_the_winners_anchor_runs_in_both_forms(forms):
+    """train.sft_weight in the step (both platform forms): the training loss rises by the
+    anchor, the held-out metrics equal the plain step's."""
+    base = StepConfig(beta=50.0, caption_dropout=0.0, scaling_factor=0.5,
+                      timestep_weighting="inverse_snr")
+    anchored = dataclasses.replace(base, sft_weight=5.0)
+    flat = {k: v for k, v in _tiny.pairs(4, seed=8).items() if "flip" not in k}
+    plain_tr, anch_tr = _trainer(base), _trainer(anchored)
+    evals = [_tiny.as_steps(flat, 1)]
+    e0, e1 = plain_tr.evaluate(evals, key_seed=9), anch_tr.evaluate(evals, key_seed=9)
+    assert float(e0["loss"]) == float(e1["loss"])
+    m0, m1 = plain_tr.step(_tiny.as_steps(flat, 1)), anch_tr.step(_tiny.as_steps(flat, 1))
+    assert float(m1["loss"]) > float(m0["loss"]) and float(m1["grad_norm"]) > 0
 
 
 def test_step_smpo_with_probability_one_equals_plain_dpo():
