@@ -28,9 +28,10 @@ for v6e; not a bound: SD1.5's v5e-8 micro-step needs 4.6% more with memory-space
 than without): micro-step 29.98 GiB of 31.25, update 17.47; XLA's estimate of that unplaced
 program 0.217 s a micro-step, 1.78 s an update of 64. Whether it fits is NOT settled: 4.6%
 more would be 31.4 GiB; v5p's full compile of the same per-chip shapes holds 5.46 GiB of
-temporaries against these 14.01. Check it with the full compile (a host of 32 GB or more). Not compiled: the FSDP recipes (v5e, v4: their compile needs more than
-the 24 GB host this repository was checked on): run the command above before renting. GPU memory: about the v5p micro-step's (the same per-device shapes), an estimate,
-not measured.
+temporaries against these 14.01. Check it with the full compile (a host of 32 GB or more).
+Not compiled: the FSDP recipes (v5e, v4: their compile needs more than the 24 GB host this
+repository was checked on): run the command above before renting. GPU memory: about the v5p
+micro-step's (the same per-device shapes), an estimate, not measured.
 
 The recipe (method.md section 3.6, the official SDXL settings): Adafactor (no relative step,
 no parameter scaling, clip threshold 1.0, weight decay 1e-2), 200 warm-up steps scaled down

@@ -57,7 +57,7 @@ def _run(argv) -> int:
         print(f"compiling for {_TOPOLOGY.value}"
               f"{f' x {_SLICES.value} slices' if _SLICES.value > 1 else ''} "
               f"(compile-only devices; every figure is a compiler estimate"
-              f"{'; no memory-space assignment: HBM within a few percent, not a bound' if _NO_MSA.value else ''})",
+              f"{'; no memory-space assignment: HBM near, not a bound' if _NO_MSA.value else ''})",
               flush=True)
         print(aot.table_header(), flush=True)
         results = aot.run_check(config, _TOPOLOGY.value, num_slices=_SLICES.value,

@@ -461,9 +461,6 @@ def _fmt(s: dict, pct=False, signed=False) -> str:
     return f"{f(s['mean'])} [{f(s['ci'][0])}, {f(s['ci'][1])}]"
 
 
-_NONE = {"mean": None, "ci": [None, None], "n": 0}
-
-
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -478,7 +475,7 @@ def markdown(results: dict, st) -> str:
              f"{results['held_out_pairs']} held-out pairs; means over seeds with Student-t "
              f"95% intervals.", "",
              f"Base model: true reward {base['true_reward']:.3f}, harm rate "
-             f"{_pct(base.get('harm_rate'))}, on harmful prompts "
+             f"{_pct(base['harm_rate'])}, on harmful prompts "
              f"{_pct(base.get('harm_rate_harmful'))}.", "",
              "| method | pairs | true reward | harm rate | harm, harmful prompts | "
              "held-out implicit acc | train s | s to full-data final | reached |",
@@ -486,7 +483,7 @@ def markdown(results: dict, st) -> str:
     for m, r in results["methods"].items():
         lines.append(f"| {m} | {r['pairs']} | {_fmt(r['true_reward'])} | "
                      f"{_fmt(r['harm_rate'], pct=True)} | "
-                     f"{_fmt(r.get('harm_rate_harmful') or _NONE, pct=True)} | "
+                     f"{_fmt(r['harm_rate_harmful'], pct=True)} | "
                      f"{_fmt(r['heldout_implicit_acc'], pct=True)} | "
                      f"{_fmt(r['train_seconds'])} | {_fmt(r['seconds_to_full_final'])} | "
                      f"{r['reached_full_final']} |")
@@ -499,7 +496,7 @@ def markdown(results: dict, st) -> str:
         for name, d in diffs.items():
             lines.append(f"| {name} | {_fmt(d['true_reward'], signed=True)} | "
                          f"{_fmt(d['harm_rate'], pct=True, signed=True)} | "
-                         f"{_fmt(d.get('harm_rate_harmful') or _NONE, pct=True, signed=True)} | "
+                         f"{_fmt(d['harm_rate_harmful'], pct=True, signed=True)} | "
                          f"{d['true_reward']['n']} |")
     lines += ["", "![true reward vs step](true_reward_vs_step.png)", ""]
     return "\n".join(lines) + "\n"
