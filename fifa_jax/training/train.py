@@ -185,6 +185,9 @@ def default_config() -> ml_collections.ConfigDict:
 def check_config(tc) -> None:
     from fifa_jax.errors import ConfigError
     pref_loss.check_config(tc)
+    if not 0.0 <= tc.caption_dropout <= 1.0:
+        raise ConfigError(f"config key 'train.caption_dropout' must be in [0, 1]; got "
+                          f"{tc.caption_dropout}")
     lc = tc.get("lora")
     if lc is None:
         return
@@ -195,9 +198,6 @@ def check_config(tc) -> None:
             raise ConfigError(f"config key 'train.lora.targets': {pat!r} is not a regex ({e})")
     if int(lc.rank) > 0 and float(lc.alpha) <= 0:
         raise ConfigError(f"config key 'train.lora.alpha' must be > 0; got {lc.alpha}")
-    if not 0.0 <= tc.caption_dropout <= 1.0:
-        raise ConfigError(f"config key 'train.caption_dropout' must be in [0, 1]; got "
-                          f"{tc.caption_dropout}")
 
 
 def _base_model(config, workdir=None) -> str:

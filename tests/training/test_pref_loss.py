@@ -217,3 +217,14 @@ def test_step_smpo_with_probability_one_equals_plain_dpo():
     m_smpo = _trainer(smpo).step(_tiny.as_steps(flat, 1))
     for key in ("loss", "grad_norm", "implicit_acc"):
         assert float(m_plain[key]) == float(m_smpo[key]), key
+
+
+def test_caption_dropout_is_checked_without_a_lora_section():
+    """A config without `train.lora` (older files) still gets the caption_dropout check."""
+    from fifa_jax.errors import ConfigError
+    from fifa_jax.training import train
+    tc = train.default_config()
+    del tc["lora"]
+    tc.caption_dropout = 1.5
+    with pytest.raises(ConfigError, match="train.caption_dropout"):
+        train.check_config(tc)
