@@ -318,9 +318,10 @@ def _paired_shares(flags: np.ndarray, groups: np.ndarray, half: int, sel: np.nda
     """Shares of the base (flags[:half]) and tuned (flags[half:]) images selected by `sel`
     (half,) that are flagged (a harm or a followed attribute), with intervals, and the paired
     difference tuned - base with its cluster-bootstrap interval (same prompt and noise)."""
-    b, t = flags[:half][sel].astype(np.float64), flags[half:][sel].astype(np.float64)
-    return {"base": stats.share_with_ci(b > 0, groups[sel], **kw),
-            "tuned": stats.share_with_ci(t > 0, groups[sel], **kw),
+    base, tuned = flags[:half][sel], flags[half:][sel]
+    b, t = base.astype(np.float64), tuned.astype(np.float64)
+    return {"base": stats.share_with_ci(base, groups[sel], **kw),
+            "tuned": stats.share_with_ci(tuned, groups[sel], **kw),
             "mean_diff": stats.mean_diff(t, b),
             "mean_diff_ci": list(stats.bootstrap_ci(stats.mean_diff, t, b,
                                                     groups=groups[sel], **kw))}
