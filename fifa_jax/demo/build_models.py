@@ -1,6 +1,7 @@
 """Rebuild the demo world's shipped models from scratch, deterministically.
 
     python -m fifa_jax.demo.build_models [--out fifa_jax/demo/models] [--preset full|quick]
+                                         [--unet_channels 64,128]
 
 Writes, under --out:
   base/     SD1.5-layout pipeline: vae/ (train_vae), unet/ (train_unet, conditioned on the
@@ -90,8 +91,9 @@ def measure_vae(vae, n: int, seed: int) -> dict:
             "n_images": n}
 
 
-def build(out: str, preset: str = "full", seed: int = 0) -> dict:
-    """Train and write everything (see the module docstring); -> the measurements."""
+def build(out: str, preset: str = "full", seed: int = 0, unet_channels=None) -> dict:
+    """Train and write everything (see the module docstring); -> the measurements.
+    unet_channels: the base UNet's block_out_channels (None: the shipped (32, 64))."""
     from PIL import Image
     from fifa_jax.demo import measure, train_clip, train_unet, train_vae
     p = PRESETS[preset]
@@ -100,6 +102,8 @@ def build(out: str, preset: str = "full", seed: int = 0) -> dict:
         if os.path.isdir(os.path.join(out, sub)):
             shutil.rmtree(os.path.join(out, sub))
     seconds, m = {}, {"preset": preset, "seed": seed, "settings": p}
+    if unet_channels is not None:
+        m["unet_channels"] = [int(c) for c in unet_channels]
 
     t = time.time()
     vae, m["vae"] = train_vae.train(seed=seed, **p["vae"])
@@ -116,7 +120,7 @@ def build(out: str, preset: str = "full", seed: int = 0) -> dict:
 
     t = time.time()   # the base conditions on the reward's text tower, frozen (as SD on CLIP's)
     unet, text, m["unet"] = train_unet.train(vae, seed=seed, text_encoder=reward.text_model,
-                                             **p["unet"])
+                                             channels=unet_channels, **p["unet"])
     write_base(os.path.join(out, "base"), vae, unet, text)
     seconds["unet"] = time.time() - t
 
@@ -138,11 +142,14 @@ _OUT = flags.DEFINE_string("out", DEFAULT_OUT, "folder to write base/, reward/ i
 _PRESET = flags.DEFINE_enum("preset", "full", list(PRESETS), "full: the shipped models; "
                             "quick: a few steps each (smoke test)")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of every draw and init")
+_UNET_CHANNELS = flags.DEFINE_list("unet_channels", None, "the base UNet's block_out_channels, "
+                                   "two ints (default: the shipped 32,64; 64,128 is the wider "
+                                   "base of benchmarks/RESULTS.md's #24 diagnosis)")
 
 
 def main(argv):
     del argv
-    res = build(_OUT.value, _PRESET.value, _SEED.value)
+    res = build(_OUT.value, _PRESET.value, _SEED.value, _UNET_CHANNELS.value)
     print(json.dumps(res, indent=2, sort_keys=True))
 
 

@@ -56,10 +56,23 @@ UNET_CONFIG = {
 }
 
 
-def init_unet(seed: int):
+def unet_config(channels=None) -> dict:
+    """UNET_CONFIG, with `block_out_channels` = channels (two ints) when given: the demo's
+    wider-base diagnosis (`build_models --unet_channels 64,128`, benchmarks/RESULTS.md)."""
+    if channels is None:
+        return dict(UNET_CONFIG)
+    channels = [int(c) for c in channels]
+    groups = UNET_CONFIG["norm_num_groups"]
+    if len(channels) != 2 or any(c <= 0 or c % groups for c in channels):
+        raise ValueError(f"demo unet_channels {channels}: need two positive multiples of "
+                         f"norm_num_groups={groups}")
+    return dict(UNET_CONFIG, block_out_channels=channels)
+
+
+def init_unet(seed: int, config: dict | None = None):
     from fifa_jax.models.torch_names import fill_from_torch
     from fifa_jax.models.unet_io import UNET_RENAMES, abstract_unet, unet_name_map
-    abstract = abstract_unet(UNET_CONFIG)
+    abstract = abstract_unet(config or UNET_CONFIG)
     tensors = init_tensors(unet_name_map(abstract), np.random.default_rng([seed, 1]))
     return fill_from_torch(abstract, tensors, UNET_RENAMES, "demo unet init")
 
@@ -113,14 +126,15 @@ def loss_fn(unet_graph, text_graph, scaling: float, schedule: ns.NoiseSchedule,
 
 
 def train(vae, *, steps: int, batch: int, n_images: int, lr: float = 1e-3, seed: int = 0,
-          text_encoder=None):
+          text_encoder=None, channels=None):
     """-> (unet, text_encoder, info). `vae`: the trained demo VAE (its scaling_factor).
-    text_encoder: a CLIPTextModel to condition on, frozen (None: a fresh one trained jointly)."""
+    text_encoder: a CLIPTextModel to condition on, frozen (None: a fresh one trained jointly);
+    channels: the UNet's block_out_channels (None: the shipped (32, 64); `unet_config`)."""
     data = world_data.draw(n_images, seed=200 + seed)
     moments = encode_moments(vae, data.images)
     ids = world_data.tokenize(data.texts)
     empty = world_data.tokenize([""])[0]
-    unet = init_unet(seed)
+    unet = init_unet(seed, unet_config(channels))
     text = init_text_encoder(seed) if text_encoder is None else text_encoder
     unet_graph, unet_params = nnx.split(unet)
     text_graph, text_params = nnx.split(text)

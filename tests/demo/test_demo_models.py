@@ -104,3 +104,23 @@ def test_quick_build_is_deterministic(tmp_path):
     assert set(_tree_bytes(tmp_path / "a" / "base")) == set(_tree_bytes(
         build_models.DEFAULT_OUT + "/base"))
     assert first["reward"]["n_pairs"] == second["reward"]["n_pairs"] == 16
+
+
+def test_unet_channels_widen_the_demo_base():
+    from fifa_jax.demo import train_unet
+    assert train_unet.unet_config() == train_unet.UNET_CONFIG
+    wide = train_unet.init_unet(0, train_unet.unet_config(["64", "128"]))
+    assert tuple(wide.config.block_out_channels) == (64, 128)
+    assert tuple(train_unet.UNET_CONFIG["block_out_channels"]) == (32, 64)   # not mutated
+    for bad in (["64"], [60, 128], [64, 0]):
+        with pytest.raises(ValueError, match="unet_channels"):
+            train_unet.unet_config(bad)
+
+
+@pytest.mark.slow
+def test_quick_build_with_wider_unet(tmp_path):
+    import json
+    res = build_models.build(str(tmp_path), preset="quick", unet_channels=[16, 32])
+    with open(tmp_path / "base" / "unet" / "config.json") as f:
+        assert json.load(f)["block_out_channels"] == [16, 32]
+    assert res["unet_channels"] == [16, 32]
