@@ -10,7 +10,6 @@ from fifa_jax.demo import world as dw
 from fifa_jax.demo import build_models, measure, train_clip, train_vae, world_data
 from fifa_jax.models.pipeline import load_pipeline
 from fifa_jax.scoring import margins
-from fifa_jax.scoring import preprocess as pp
 from fifa_jax.demo.reward import build_demo_reward
 from fifa_jax.demo.base import build_demo_base
 
