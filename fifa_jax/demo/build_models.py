@@ -97,13 +97,14 @@ def build(out: str, preset: str = "full", seed: int = 0, unet_channels=None) -> 
     from PIL import Image
     from fifa_jax.demo import measure, train_clip, train_unet, train_vae
     p = PRESETS[preset]
+    unet_config = train_unet.unet_config(unet_channels)      # checked before any training
     out = os.path.abspath(out)
     for sub in ("base", "reward"):
         if os.path.isdir(os.path.join(out, sub)):
             shutil.rmtree(os.path.join(out, sub))
     seconds, m = {}, {"preset": preset, "seed": seed, "settings": p}
     if unet_channels is not None:
-        m["unet_channels"] = [int(c) for c in unet_channels]
+        m["unet_channels"] = unet_config["block_out_channels"]
 
     t = time.time()
     vae, m["vae"] = train_vae.train(seed=seed, **p["vae"])

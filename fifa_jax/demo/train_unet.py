@@ -61,12 +61,15 @@ def unet_config(channels=None) -> dict:
     wider-base diagnosis (`build_models --unet_channels 64,128`, benchmarks/RESULTS.md)."""
     if channels is None:
         return dict(UNET_CONFIG)
-    channels = [int(c) for c in channels]
     groups = UNET_CONFIG["norm_num_groups"]
-    if len(channels) != 2 or any(c <= 0 or c % groups for c in channels):
-        raise ValueError(f"demo unet_channels {channels}: need two positive multiples of "
-                         f"norm_num_groups={groups}")
-    return dict(UNET_CONFIG, block_out_channels=channels)
+    try:
+        ints = [int(c) for c in channels]
+    except (TypeError, ValueError):
+        ints = []
+    if len(ints) != 2 or any(c <= 0 or c % groups for c in ints):
+        raise ValueError(f"demo unet_channels {channels!r}: need two positive integer "
+                         f"multiples of norm_num_groups={groups}")
+    return dict(UNET_CONFIG, block_out_channels=ints)
 
 
 def init_unet(seed: int, config: dict | None = None):

@@ -111,7 +111,7 @@ def test_unet_channels_widen_the_demo_base():
     wide = train_unet.init_unet(0, train_unet.unet_config(["64", "128"]))
     assert tuple(wide.config.block_out_channels) == (64, 128)
     assert tuple(train_unet.UNET_CONFIG["block_out_channels"]) == (32, 64)   # not mutated
-    for bad in (["64"], [60, 128], [64, 0]):
+    for bad in (["64"], [60, 128], [64, 0], ["wide", "128"]):
         with pytest.raises(ValueError, match="unet_channels"):
             train_unet.unet_config(bad)
 
