@@ -97,14 +97,14 @@ def build(out: str, preset: str = "full", seed: int = 0, unet_channels=None) -> 
     from PIL import Image
     from fifa_jax.demo import measure, train_clip, train_unet, train_vae
     p = PRESETS[preset]
-    unet_config = train_unet.unet_config(unet_channels)      # checked before any training
+    unet_cfg = train_unet.unet_config(unet_channels)      # checked before any training
     out = os.path.abspath(out)
     for sub in ("base", "reward"):
         if os.path.isdir(os.path.join(out, sub)):
             shutil.rmtree(os.path.join(out, sub))
     seconds, m = {}, {"preset": preset, "seed": seed, "settings": p}
     if unet_channels is not None:
-        m["unet_channels"] = unet_config["block_out_channels"]
+        m["unet_channels"] = unet_cfg["block_out_channels"]
 
     t = time.time()
     vae, m["vae"] = train_vae.train(seed=seed, **p["vae"])
@@ -121,7 +121,7 @@ def build(out: str, preset: str = "full", seed: int = 0, unet_channels=None) -> 
 
     t = time.time()   # the base conditions on the reward's text tower, frozen (as SD on CLIP's)
     unet, text, m["unet"] = train_unet.train(vae, seed=seed, text_encoder=reward.text_model,
-                                             channels=unet_channels, **p["unet"])
+                                             config=unet_cfg, **p["unet"])
     write_base(os.path.join(out, "base"), vae, unet, text)
     seconds["unet"] = time.time() - t
 

@@ -129,15 +129,15 @@ def loss_fn(unet_graph, text_graph, scaling: float, schedule: ns.NoiseSchedule,
 
 
 def train(vae, *, steps: int, batch: int, n_images: int, lr: float = 1e-3, seed: int = 0,
-          text_encoder=None, channels=None):
+          text_encoder=None, config: dict | None = None):
     """-> (unet, text_encoder, info). `vae`: the trained demo VAE (its scaling_factor).
     text_encoder: a CLIPTextModel to condition on, frozen (None: a fresh one trained jointly);
-    channels: the UNet's block_out_channels (None: the shipped (32, 64); `unet_config`)."""
+    config: the UNet's config (None: the shipped UNET_CONFIG; `unet_config` widens it)."""
     data = world_data.draw(n_images, seed=200 + seed)
     moments = encode_moments(vae, data.images)
     ids = world_data.tokenize(data.texts)
     empty = world_data.tokenize([""])[0]
-    unet = init_unet(seed, unet_config(channels))
+    unet = init_unet(seed, config)
     text = init_text_encoder(seed) if text_encoder is None else text_encoder
     unet_graph, unet_params = nnx.split(unet)
     text_graph, text_params = nnx.split(text)
