@@ -181,9 +181,22 @@ def _trainer(step_cfg):
                    min_size=64)
 
 
-@pytest.mark.parametrize("kind", ["dpo", "ipo", "hinge", "sft"])
-def test_step_compiles_with_each_loss(kind, forms):
+# Each loss in one form by default (DPO in both: the anchor test below), the other form
+# `slow`: every compile here is 40-75 s on 2 cores, in the default suite's largest file.
+_DEFAULT_FORM = {"dpo": "auto", "ipo": "accelerator", "hinge": "auto", "sft": "accelerator"}
+_LOSS_FORMS = [pytest.param(k, f, marks=() if _DEFAULT_FORM[k] == f else pytest.mark.slow)
+               for k in _DEFAULT_FORM for f in ("auto", "accelerator")]
+
+
+@pytest.mark.parametrize("kind,form", _LOSS_FORMS)
+def test_step_compiles_with_each_loss(kind, form):
     """Each loss's step runs in both platform forms (with SmPO weighting where allowed)."""
+    from fifa_jax.models import platform
+    with platform.forms(form):
+        _step_runs_with_loss(kind)
+
+
+def _step_runs_with_loss(kind):
     base = StepConfig(beta=50.0, caption_dropout=0.0, scaling_factor=0.5)
     cfg = dataclasses.replace(base, loss=kind,
                               margin_weighting="none" if kind in ("ipo", "sft") else "smpo")
