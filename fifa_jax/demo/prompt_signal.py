@@ -4,8 +4,8 @@ base (and DPO on it) hardly follows colour.
     explained_share(z, groups, fit) -> held-out R^2 of the group means
     world_share(vae, n, seed) -> {colour_position, colour}: the share of the latents' variance
         that the asked colour (x position) explains, the most any model can explain from them
-    model_share(base, vae, n, seed, t) -> the share the base UNet's x0 prediction at step t
-        gains from the prompt over the empty prompt (same x_t)
+    model_share(base, vae, ts, n, seed) -> {t: the share the base UNet's x0 prediction at
+        step t gains from the prompt over the empty prompt (same x_t)}
 
     python -m fifa_jax.demo.prompt_signal [--base fifa_jax/demo/models/base] [--n 2000]
 
@@ -60,9 +60,10 @@ def world_share(vae, n: int = 2000, seed: int = 900) -> dict:
     return {"colour_position": explained_share(z, cp, fit), "colour": explained_share(z, col, fit)}
 
 
-def model_share(base: str, vae, n: int = 512, seed: int = 901, t: int = 999) -> float:
-    """1 - SSE(x0 | prompt) / SSE(x0 | empty prompt) of the base's x0 prediction at step t on
-    `n` world images' latents, both from the same x_t."""
+def model_share(base: str, vae, ts=(999, 800, 600), n: int = 512, seed: int = 901) -> dict:
+    """{t: 1 - SSE(x0 | prompt) / SSE(x0 | empty prompt)} of the base's x0 prediction at each
+    step t in `ts`, on `n` world images' latents (drawn and encoded once), both from the same
+    x_t."""
     import jax
     import jax.numpy as jnp
     from fifa_jax.demo import world_data
@@ -75,22 +76,26 @@ def model_share(base: str, vae, n: int = 512, seed: int = 901, t: int = 999) -> 
     data, z = _latents(vae, n, seed)
     ids = world_data.tokenize(data.texts)
     empty = np.repeat(world_data.tokenize([""]), len(ids), 0)
-    abar = float(sched.alphas_cumprod[t])
+    abar = jnp.asarray(sched.alphas_cumprod)
 
     @jax.jit
-    def x0(zb, ib, eps):
+    def x0(zb, ib, eps, t):
         tt = jnp.full((zb.shape[0],), t, jnp.int32)
         xt = ns.add_noise(sched, zb, eps, tt)
         e = unet(xt, tt, text(ib).last_hidden_state)
-        return (xt - np.sqrt(1 - abar) * e) / np.sqrt(abar)
+        return (xt - jnp.sqrt(1 - abar[t]) * e) / jnp.sqrt(abar[t])
 
-    sse_p = sse_e = 0.0
-    for lo in range(0, n, 64):
-        zb = z[lo:lo + 64]
-        eps = np.random.default_rng([seed, lo]).standard_normal(zb.shape).astype(np.float32)
-        sse_p += float(((np.asarray(x0(zb, ids[lo:lo + 64], eps)) - zb) ** 2).sum())
-        sse_e += float(((np.asarray(x0(zb, empty[lo:lo + 64], eps)) - zb) ** 2).sum())
-    return 1.0 - sse_p / sse_e
+    out = {}
+    for t in ts:
+        sse_p = sse_e = 0.0
+        for lo in range(0, n, 64):
+            zb = z[lo:lo + 64]
+            eps = np.random.default_rng([seed, lo]).standard_normal(zb.shape).astype(np.float32)
+            step = np.int32(t)
+            sse_p += float(((np.asarray(x0(zb, ids[lo:lo + 64], eps, step)) - zb) ** 2).sum())
+            sse_e += float(((np.asarray(x0(zb, empty[lo:lo + 64], eps, step)) - zb) ** 2).sum())
+        out[t] = 1.0 - sse_p / sse_e
+    return out
 
 
 _BASE = flags.DEFINE_string("base", None, "a demo base pipeline folder (default: the shipped)")
@@ -105,7 +110,7 @@ def main(argv):
     base = _BASE.value or os.path.join(build_models.DEFAULT_OUT, "base")
     vae = load_vae(os.path.join(base, "vae"))
     out = {"world": world_share(vae, _N.value)}
-    out["model"] = {f"t{t}": model_share(base, vae, t=t) for t in (999, 800, 600)}
+    out["model"] = {f"t{t}": v for t, v in model_share(base, vae).items()}
     print(json.dumps(out, indent=2))
 
 

@@ -190,19 +190,16 @@ _LOSS_FORMS = [pytest.param(k, f, marks=() if _DEFAULT_FORM[k] == f else pytest.
 
 @pytest.mark.parametrize("kind,form", _LOSS_FORMS)
 def test_step_compiles_with_each_loss(kind, form):
-    """Each loss's step runs in both platform forms (with SmPO weighting where allowed)."""
+    """Each loss's step runs in both platform forms, one by default and the other in the slow
+    suite (with SmPO weighting where allowed)."""
     from fifa_jax.models import platform
-    with platform.forms(form):
-        _step_runs_with_loss(kind)
-
-
-def _step_runs_with_loss(kind):
     base = StepConfig(beta=50.0, caption_dropout=0.0, scaling_factor=0.5)
     cfg = dataclasses.replace(base, loss=kind,
                               margin_weighting="none" if kind in ("ipo", "sft") else "smpo")
     flat = {k: v for k, v in _tiny.pairs(4, seed=6).items() if "flip" not in k}
     flat["proxy_prob"] = np.linspace(0.2, 0.9, 4).astype(np.float32)
-    m = _trainer(cfg).step(_tiny.as_steps(flat, 2))
+    with platform.forms(form):
+        m = _trainer(cfg).step(_tiny.as_steps(flat, 2))
     assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
 
 
