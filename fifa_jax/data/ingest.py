@@ -116,7 +116,7 @@ def _open_source(data, out_dir: pathlib.Path):
     outside = bool(data.allow_outside_root)
     if fmt in ("pickapic", "demo"):
         if fmt == "demo":
-            info = assets.write_world(out_dir / DEMO_DIR, **data.demo.to_dict())
+            info = assets.write_world(out_dir / DEMO_DIR, out_dir.parent, **data.demo.to_dict())
             logging.info("demo world %s in %s", "reused" if info["reused"] else "written",
                          info["out_dir"])
             files = assets.shard_files(out_dir / DEMO_DIR)

@@ -30,6 +30,13 @@ other prompts r_human = r (they dislike it). The true reward is
     r = 1.0 colour_ok + 1.0 shape_ok + 0.5 count_ok + 0.5 position_ok + 1.0 a
         - 1.0 marked                                                              (-1..4)
 
+On-policy images (`generators="base"`, demo/base_generators.py): instead of the three scripted
+generators, each prompt gets a pool of `samples_per_prompt` images sampled from the demo base
+model itself under three sampler variants (guidance 7.5 / 3 / 1, 20 / 20 / 10 DDIM steps), as
+Pick-a-Pic's images come from the models being tuned; the oracle reads each image's scene,
+mark and true reward, and a pair takes two different images of its prompt's pool. The labels,
+ties and corrupt rows below are the same for both.
+
 "Human" labels: a tie (label 0.5) with probability `tie_rate`, else label_0 = 1 with the
 Bradley-Terry probability sigmoid(bt_beta * (r_human_0 - r_human_1)).
 `n_corrupt` rows get a truncated jpg_1 (the ingest must skip and count them).
@@ -94,6 +101,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.bt_beta = 2.0            # label_0 ~ Bernoulli(sigmoid(bt_beta * human reward gap))
     c.n_corrupt = 2            # rows with a truncated jpg_1 (the ingest skips and counts them)
     c.jpeg_quality = 90        # JPEG quality of the stored images
+    c.generators = "scenes"    # scenes: the three scripted generators; base: the demo base model
+                               # itself under sampler variants (on-policy, demo/base_generators)
+    c.samples_per_prompt = 8   # base: images sampled a prompt; pairs are drawn from this pool
     return c
 
 
@@ -282,12 +292,31 @@ def _uid(rng: np.random.Generator) -> str:
 # -- the world -------------------------------------------------------------------------------
 
 def _params(n_prompts, n_pairs, image_size, seed, rows_per_shard, row_group_rows, tie_rate,
-            harmful_fraction, bt_beta, n_corrupt, jpeg_quality) -> dict:
-    return dict(format_version=FORMAT_VERSION, n_prompts=int(n_prompts), n_pairs=int(n_pairs),
-                image_size=int(image_size), seed=int(seed), rows_per_shard=int(rows_per_shard),
-                row_group_rows=int(row_group_rows), tie_rate=float(tie_rate),
-                harmful_fraction=float(harmful_fraction), bt_beta=float(bt_beta),
-                n_corrupt=int(n_corrupt), jpeg_quality=int(jpeg_quality))
+            harmful_fraction, bt_beta, n_corrupt, jpeg_quality, generators="scenes",
+            samples_per_prompt=8, base_folder=None) -> dict:
+    out = dict(format_version=FORMAT_VERSION, n_prompts=int(n_prompts), n_pairs=int(n_pairs),
+               image_size=int(image_size), seed=int(seed), rows_per_shard=int(rows_per_shard),
+               row_group_rows=int(row_group_rows), tie_rate=float(tie_rate),
+               harmful_fraction=float(harmful_fraction), bt_beta=float(bt_beta),
+               n_corrupt=int(n_corrupt), jpeg_quality=int(jpeg_quality))
+    if generators != "scenes":   # the scripted world's parameters stay as they always were
+        out.update(generators=str(generators), samples_per_prompt=int(samples_per_prompt),
+                   base_unet=_file_digest(os.path.join(str(base_folder or ""), "unet")))
+    return out
+
+
+def _file_digest(folder: str) -> str:
+    """sha256 over the files of `folder` (names and bytes): the base whose samples a
+    generators="base" world holds ("" when the folder is missing)."""
+    import hashlib
+    if not os.path.isdir(folder):
+        return ""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        h.update(name.encode())
+        with open(os.path.join(folder, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
 
 
 def _pair_prompts(n_pairs: int, n_prompts: int, rng: np.random.Generator) -> np.ndarray:
@@ -309,14 +338,22 @@ def write_demo_world(out_dir, *, n_prompts: int = 200, n_pairs: int = 2000,
                      image_size: int = 64, seed: int = 0, rows_per_shard: int = 500,
                      row_group_rows: int = 100, tie_rate: float = 0.08,
                      harmful_fraction: float = 0.05, bt_beta: float = 2.0, n_corrupt: int = 2,
-                     jpeg_quality: int = 90) -> dict:
+                     jpeg_quality: int = 90, generators: str = "scenes",
+                     samples_per_prompt: int = 8, base_folder: str | None = None) -> dict:
     """Write the world into out_dir (see module doc); -> summary dict.
 
+    generators "base": the pair images are the demo base pipeline's (at `base_folder`) own
+    samples, `samples_per_prompt` a prompt (demo/base_generators.py), labelled as below.
     Skips the work (returns reused=True) when out_dir already holds a complete world written
     with the same parameters.
     """
+    if generators not in ("scenes", "base"):
+        raise ValueError(f"data.demo.generators must be 'scenes' or 'base'; got {generators!r}")
+    if generators == "base" and not base_folder:
+        raise ValueError("data.demo.generators='base' needs the demo base pipeline's folder")
     params = _params(n_prompts, n_pairs, image_size, seed, rows_per_shard, row_group_rows,
-                     tie_rate, harmful_fraction, bt_beta, n_corrupt, jpeg_quality)
+                     tie_rate, harmful_fraction, bt_beta, n_corrupt, jpeg_quality,
+                     generators, samples_per_prompt, base_folder)
     if n_prompts < 1 or n_pairs < 1 or image_size < 8 or rows_per_shard < 1:
         raise ValueError(f"demo world needs n_prompts, n_pairs, rows_per_shard >= 1 and "
                          f"image_size >= 8; got {params}")
@@ -344,6 +381,12 @@ def write_demo_world(out_dir, *, n_prompts: int = 200, n_pairs: int = 2000,
     pair_prompt = _pair_prompts(n_pairs, n_prompts, rng)
     corrupt = set(rng.choice(n_pairs, size=n_corrupt, replace=False).tolist())
     per_prompt = np.bincount(pair_prompt, minlength=n_prompts)
+    pools = None
+    if generators == "base":
+        from fifa_jax.demo import base_generators
+        pools = base_generators.sample_pools(prompts, base_folder, int(samples_per_prompt),
+                                             seed, image_size=image_size)
+        pool_uids = [[_uid(rng) for _ in pool] for pool in pools]   # one uid an image
     model_names = list(MODELS)
     n_shards = -(-n_pairs // rows_per_shard)
     files, reward_rows = [], {k: [] for k in (
@@ -361,10 +404,17 @@ def write_demo_world(out_dir, *, n_prompts: int = 200, n_pairs: int = 2000,
         for local, p in enumerate(rows):
             prompt = prompts[int(pair_prompt[p])]
             uids, blobs, scenes, models = [], [], [], []
+            picks = None if pools is None else rng.choice(
+                len(pools[int(pair_prompt[p])]), size=2, replace=False)
             for side in (0, 1):
-                model = model_names[int(rng.integers(len(model_names)))]
-                im, scene = make_image(prompt, model, image_size, rng)
-                uids.append(_uid(rng))
+                if picks is None:
+                    model = model_names[int(rng.integers(len(model_names)))]
+                    im, scene = make_image(prompt, model, image_size, rng)
+                else:
+                    im, scene = pools[int(pair_prompt[p])][int(picks[side])]
+                    model = scene["model"]
+                uids.append(_uid(rng) if picks is None
+                            else pool_uids[int(pair_prompt[p])][int(picks[side])])
                 blobs.append(_jpeg(im, jpeg_quality))
                 scenes.append(scene)
                 models.append(model)
