@@ -24,11 +24,13 @@ from PIL import Image
 
 from fifa_jax.demo import world as dw
 
-# name -> (guidance scale, DDIM steps); the skill falls down the list (the shipped base,
-# 35 prompts x 4 seeds: asked colour about 36% at guidance 7.5, 19% unguided)
+# name -> (guidance scale, DDIM steps). All guided: with an unguided variant (guidance 1,
+# 10 steps) the pairs set guided winners against unguided losers, DPO moves the conditional
+# branch toward what guidance already adds, and the tuned model sampled at guidance 7.5
+# overshoots (seed 0: aesthetic -0.13, true reward -0.128 [-0.171, -0.084]; RESULTS.md)
 VARIANTS = {"demo-base-g7.5-s20": (7.5, 20),
-            "demo-base-g3-s20": (3.0, 20),
-            "demo-base-g1-s10": (1.0, 10)}
+            "demo-base-g5-s20": (5.0, 20),
+            "demo-base-g7.5-s10": (7.5, 10)}
 
 
 def scene_of(prompt: dict, image: np.ndarray, model: str) -> dict:

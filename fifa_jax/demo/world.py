@@ -32,7 +32,7 @@ other prompts r_human = r (they dislike it). The true reward is
 
 On-policy images (`generators="base"`, demo/base_generators.py): instead of the three scripted
 generators, each prompt gets a pool of `samples_per_prompt` images sampled from the demo base
-model itself under three sampler variants (guidance 7.5 / 3 / 1, 20 / 20 / 10 DDIM steps), as
+model itself under three sampler variants (guidance 7.5 / 5 / 7.5, 20 / 20 / 10 DDIM steps), as
 Pick-a-Pic's images come from the models being tuned; the oracle reads each image's scene,
 mark and true reward, and a pair takes two different images of its prompt's pool. The labels,
 ties and corrupt rows below are the same for both.
