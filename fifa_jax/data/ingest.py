@@ -102,6 +102,17 @@ def input_signature(config, workdir=None) -> dict:
     return out
 
 
+def _world_params(demo, out_dir: pathlib.Path) -> dict:
+    """`write_world`'s arguments from the data.demo section; generators="base" adds the demo
+    base (installed in the work directory) and the sampler that draws its images."""
+    params = demo.to_dict()
+    if params.get("generators", "scenes") == "base":
+        from fifa_jax.demo import base_generators
+        params["base_folder"] = assets.resolve_base_model(assets.DEMO, out_dir.parent)
+        params["sample_pools"] = base_generators.sample_pools
+    return params
+
+
 def _open_source(data, out_dir: pathlib.Path):
     """-> (format used by the reader, files, total rows or None, batch iterator factory)."""
     fmt = data.format
@@ -116,7 +127,7 @@ def _open_source(data, out_dir: pathlib.Path):
     outside = bool(data.allow_outside_root)
     if fmt in ("pickapic", "demo"):
         if fmt == "demo":
-            info = assets.write_world(out_dir / DEMO_DIR, out_dir.parent, **data.demo.to_dict())
+            info = assets.write_world(out_dir / DEMO_DIR, **_world_params(data.demo, out_dir))
             logging.info("demo world %s in %s", "reused" if info["reused"] else "written",
                          info["out_dir"])
             files = assets.shard_files(out_dir / DEMO_DIR)

@@ -3,8 +3,7 @@ training and evaluation import for the demo (the models' modules are imported on
 
     DEMO                   the `encode.base_model` / `train.base_model` value meaning the demo base
     world_config()         the `data.demo` section (demo/world.py)
-    write_world(dir, workdir, ...)  the world's Pick-a-Pic-layout shards under dir (generators
-                           "base": sampled from the demo base installed in workdir); shard_files(dir)
+    write_world(dir, ...)  the world's Pick-a-Pic-layout shards under dir; shard_files(dir)
     make_prompts(n, rng, harmful_fraction)    fresh demo prompts (dicts with "text", ...)
     install_reward(dir)    the pretrained CLIP-layout proxy reward (demo/reward.py)
     resolve_base_model(path, workdir)         "demo" -> the SD1.5-layout base (demo/base.py)
@@ -22,15 +21,8 @@ DEMO = "demo"
 DEMO_BASE_DIR = ("encode", "demo_base")   # where resolve_base_model installs it in a workdir
 
 
-def write_world(out_dir, workdir=None, **params) -> dict:
-    """Write (or reuse) the demo world under `out_dir`; returns its info dict. With
-    generators="base" the pair images are the demo base's own samples: the base is installed
-    in `workdir` (resolve_base_model) and sampled there."""
-    if params.get("generators", "scenes") == "base" and not params.get("base_folder"):
-        if workdir is None:
-            raise ValueError("data.demo.generators='base' needs the work directory to install "
-                             "the demo base in")
-        params["base_folder"] = resolve_base_model(DEMO, workdir)
+def write_world(out_dir, **params) -> dict:
+    """Write (or reuse) the demo world under `out_dir`; returns its info dict."""
     return world.write_demo_world(out_dir, **params)
 
 

@@ -339,18 +339,22 @@ def write_demo_world(out_dir, *, n_prompts: int = 200, n_pairs: int = 2000,
                      row_group_rows: int = 100, tie_rate: float = 0.08,
                      harmful_fraction: float = 0.05, bt_beta: float = 2.0, n_corrupt: int = 2,
                      jpeg_quality: int = 90, generators: str = "scenes",
-                     samples_per_prompt: int = 8, base_folder: str | None = None) -> dict:
+                     samples_per_prompt: int = 8, base_folder: str | None = None,
+                     sample_pools=None) -> dict:
     """Write the world into out_dir (see module doc); -> summary dict.
 
     generators "base": the pair images are the demo base pipeline's (at `base_folder`) own
-    samples, `samples_per_prompt` a prompt (demo/base_generators.py), labelled as below.
+    samples, `samples_per_prompt` a prompt, drawn by `sample_pools` (the ingest passes
+    demo/base_generators.sample_pools: the world itself does not import the sampler),
+    labelled as below.
     Skips the work (returns reused=True) when out_dir already holds a complete world written
     with the same parameters.
     """
     if generators not in ("scenes", "base"):
         raise ValueError(f"data.demo.generators must be 'scenes' or 'base'; got {generators!r}")
-    if generators == "base" and not base_folder:
-        raise ValueError("data.demo.generators='base' needs the demo base pipeline's folder")
+    if generators == "base" and not (base_folder and callable(sample_pools)):
+        raise ValueError("data.demo.generators='base' needs the demo base pipeline's folder "
+                         "and a sampler (demo/base_generators.sample_pools)")
     params = _params(n_prompts, n_pairs, image_size, seed, rows_per_shard, row_group_rows,
                      tie_rate, harmful_fraction, bt_beta, n_corrupt, jpeg_quality,
                      generators, samples_per_prompt, base_folder)
@@ -383,9 +387,8 @@ def write_demo_world(out_dir, *, n_prompts: int = 200, n_pairs: int = 2000,
     per_prompt = np.bincount(pair_prompt, minlength=n_prompts)
     pools = None
     if generators == "base":
-        from fifa_jax.demo import base_generators
-        pools = base_generators.sample_pools(prompts, base_folder, int(samples_per_prompt),
-                                             seed, image_size=image_size)
+        pools = sample_pools(prompts, base_folder, int(samples_per_prompt), seed,
+                             image_size=image_size)
         pool_uids = [[_uid(rng) for _ in pool] for pool in pools]   # one uid an image
     model_names = list(MODELS)
     n_shards = -(-n_pairs // rows_per_shard)

@@ -44,10 +44,8 @@ def test_scene_of_reads_what_the_world_drew(harmful):
 def test_bad_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="generators must be 'scenes' or 'base'"):
         dw.write_demo_world(tmp_path / "a", generators="diffusion")
-    with pytest.raises(ValueError, match="needs the demo base pipeline's folder"):
-        dw.write_demo_world(tmp_path / "b", generators="base")
-    with pytest.raises(ValueError, match="needs the work directory"):
-        assets.write_world(tmp_path / "c", None, generators="base")
+    with pytest.raises(ValueError, match="needs the demo base pipeline's folder and a sampler"):
+        dw.write_demo_world(tmp_path / "b", generators="base", base_folder=str(tmp_path))
     with pytest.raises(ValueError, match="samples_per_prompt must be >= 2"):
         base_generators.sample_pools([_prompt()], str(tmp_path), 1, 0)
 
@@ -67,7 +65,8 @@ def test_scripted_world_keeps_its_parameters():
 def test_base_world_is_on_policy_and_deterministic(tmp_path):
     base = assets.resolve_base_model(assets.DEMO, tmp_path / "work")
     params = dict(n_prompts=3, n_pairs=8, rows_per_shard=8, row_group_rows=4, n_corrupt=1,
-                  generators="base", samples_per_prompt=3, base_folder=base, seed=2)
+                  generators="base", samples_per_prompt=3, base_folder=base, seed=2,
+                  sample_pools=base_generators.sample_pools)
     info = dw.write_demo_world(tmp_path / "w1", **params)
     assert not info["reused"] and info["params"]["base_unet"]
     assert dw.write_demo_world(tmp_path / "w1", **params)["reused"]
@@ -100,3 +99,14 @@ def test_base_world_is_on_policy_and_deterministic(tmp_path):
             assert rec["model"] == scene["model"] == list(base_generators.VARIANTS)[k % 3]
             assert uid_pick.setdefault(row[f"image_{side}_uid"], k) == k   # one uid an image
     assert os.path.exists(os.path.join(base, "unet"))
+
+
+def test_ingest_hands_the_world_the_base_and_its_sampler(tmp_path):
+    from fifa_jax.data import ingest
+    demo = dw.default_config()
+    assert ingest._world_params(demo, tmp_path / "ingest") == demo.to_dict()
+    demo.generators = "base"
+    params = ingest._world_params(demo, tmp_path / "ingest")
+    assert params["sample_pools"] is base_generators.sample_pools
+    assert params["base_folder"] == os.path.join(str(tmp_path), *assets.DEMO_BASE_DIR)
+    assert os.path.exists(os.path.join(params["base_folder"], "model_index.json"))
