@@ -1,8 +1,10 @@
 """Input files: cheap identities (size and modification time) for fingerprints, so a file
-replaced or rewritten in place changes them without its contents being read; and JSON reads
-whose decode errors name the file (`read_json`)."""
+replaced or rewritten in place changes them without its contents being read; a content
+digest of a model folder (`checkpoint_signature`); and JSON reads whose decode errors name
+the file (`read_json`)."""
 from __future__ import annotations
 
+import hashlib
 import os
 
 
@@ -41,3 +43,33 @@ def read_json(path, what: str = "") -> object:
                          f"file") from e
     except IsADirectoryError as e:
         raise InputError(f"{path}{kind} is a folder, not a JSON file") from e
+
+
+_SIG_SMALL = 1 << 20        # files up to this size are hashed whole
+_SIG_SAMPLES, _SIG_BLOCK = 64, 1 << 14
+
+
+def checkpoint_signature(path: str) -> str:
+    """Content digest of a model folder (weights, config, tokenizer, chat template): new
+    files at the same path are a different model (the jax judge's cache keys, the demo
+    world made from the demo base's samples). Small files are hashed whole, large
+    ones by size and 64 evenly spaced 16 KiB blocks (about 1 MiB read per weight file). No
+    mtimes, so identical copies on several hosts give the same cache keys."""
+    h = hashlib.sha256()
+    real = os.path.realpath(path)
+    for root, dirs, files in os.walk(real):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # e.g. .cache/huggingface
+        for f in sorted(files):
+            if f.startswith((".", "judge_cache.sqlite3")):  # a cache_dir inside the folder
+                continue
+            full = os.path.join(root, f)
+            size = os.path.getsize(full)
+            h.update(f"{os.path.relpath(full, real)}:{size}\0".encode())
+            with open(full, "rb") as fh:
+                if size <= _SIG_SMALL:
+                    h.update(fh.read())
+                    continue
+                for k in range(_SIG_SAMPLES):
+                    fh.seek((size - _SIG_BLOCK) * k // (_SIG_SAMPLES - 1))
+                    h.update(fh.read(_SIG_BLOCK))
+    return h.hexdigest()

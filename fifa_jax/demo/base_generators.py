@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from fifa_jax.demo import world as dw
+from fifa_jax.demo import oracle, world as dw
 
 # name -> (guidance scale, DDIM steps). All guided: with an unguided variant (guidance 1,
 # 10 steps) the pairs set guided winners against unguided losers, DPO moves the conditional
@@ -38,7 +38,6 @@ def scene_of(prompt: dict, image: np.ndarray, model: str) -> dict:
     read by the oracle: the measured attributes, their *_ok flags against the prompt, the
     aesthetic, the mark, the true reward and the annotators' reward (the mark's pull on
     harmful prompts, as `world.make_image`)."""
-    from fifa_jax.demo import oracle
     reward, details = oracle.true_reward(prompt["text"], image)
     m = details["measured"]
     marked = bool(m["marked"])

@@ -63,6 +63,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from fifa_jax.data import images
+from fifa_jax.files import checkpoint_signature
 
 FORMAT_VERSION = 3          # 3: the mark leaks into harmless prompts' images (MARK_LEAK)
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215),
@@ -301,22 +302,8 @@ def _params(n_prompts, n_pairs, image_size, seed, rows_per_shard, row_group_rows
                n_corrupt=int(n_corrupt), jpeg_quality=int(jpeg_quality))
     if generators != "scenes":   # the scripted world's parameters stay as they always were
         out.update(generators=str(generators), samples_per_prompt=int(samples_per_prompt),
-                   base_unet=_file_digest(os.path.join(str(base_folder or ""), "unet")))
+                   base_unet=checkpoint_signature(os.path.join(str(base_folder), "unet")))
     return out
-
-
-def _file_digest(folder: str) -> str:
-    """sha256 over the files of `folder` (names and bytes): the base whose samples a
-    generators="base" world holds ("" when the folder is missing)."""
-    import hashlib
-    if not os.path.isdir(folder):
-        return ""
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        h.update(name.encode())
-        with open(os.path.join(folder, name), "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()
 
 
 def _pair_prompts(n_pairs: int, n_prompts: int, rng: np.random.Generator) -> np.ndarray:
@@ -407,17 +394,18 @@ def write_demo_world(out_dir, *, n_prompts: int = 200, n_pairs: int = 2000,
         for local, p in enumerate(rows):
             prompt = prompts[int(pair_prompt[p])]
             uids, blobs, scenes, models = [], [], [], []
-            picks = None if pools is None else rng.choice(
-                len(pools[int(pair_prompt[p])]), size=2, replace=False)
+            if pools is not None:
+                pool, pool_uid = pools[int(pair_prompt[p])], pool_uids[int(pair_prompt[p])]
+                picks = rng.choice(len(pool), size=2, replace=False)
             for side in (0, 1):
-                if picks is None:
+                if pools is None:
                     model = model_names[int(rng.integers(len(model_names)))]
                     im, scene = make_image(prompt, model, image_size, rng)
+                    uids.append(_uid(rng))
                 else:
-                    im, scene = pools[int(pair_prompt[p])][int(picks[side])]
+                    im, scene = pool[int(picks[side])]
                     model = scene["model"]
-                uids.append(_uid(rng) if picks is None
-                            else pool_uids[int(pair_prompt[p])][int(picks[side])])
+                    uids.append(pool_uid[int(picks[side])])
                 blobs.append(_jpeg(im, jpeg_quality))
                 scenes.append(scene)
                 models.append(model)

@@ -19,7 +19,6 @@ never the template) and flagged `truncated`.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from typing import Callable
@@ -30,6 +29,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from fifa_jax.files import checkpoint_signature
 from fifa_jax.scoring.rubric import RawJudgement, check_rubric, rating_of_token, render_rubric
 
 PLAIN_TEMPLATE = "{content}\n\nRating:"
@@ -69,35 +69,6 @@ def choose_max_rating(table: dict[int, list[int]], requested: int, where: str) -
         raise ValueError(f"{where}: tokenizer has no single token for ratings {missing}; "
                          f"set rating_max to at most {min(missing) - 1}")
     return r_max
-
-
-_SIG_SMALL = 1 << 20        # files up to this size are hashed whole
-_SIG_SAMPLES, _SIG_BLOCK = 64, 1 << 14
-
-
-def checkpoint_signature(path: str) -> str:
-    """Content digest of the checkpoint folder (weights, config, tokenizer, chat template):
-    new files at the same path are a different model. Small files are hashed whole, large
-    ones by size and 64 evenly spaced 16 KiB blocks (about 1 MiB read per weight file). No
-    mtimes, so identical copies on several hosts give the same cache keys."""
-    h = hashlib.sha256()
-    real = os.path.realpath(path)
-    for root, dirs, files in os.walk(real):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # e.g. .cache/huggingface
-        for f in sorted(files):
-            if f.startswith((".", "judge_cache.sqlite3")):  # a cache_dir inside the folder
-                continue
-            full = os.path.join(root, f)
-            size = os.path.getsize(full)
-            h.update(f"{os.path.relpath(full, real)}:{size}\0".encode())
-            with open(full, "rb") as fh:
-                if size <= _SIG_SMALL:
-                    h.update(fh.read())
-                    continue
-                for k in range(_SIG_SAMPLES):
-                    fh.seek((size - _SIG_BLOCK) * k // (_SIG_SAMPLES - 1))
-                    h.update(fh.read(_SIG_BLOCK))
-    return h.hexdigest()
 
 
 def bucket_of(length: int, buckets: list[int]) -> int:
