@@ -15,7 +15,8 @@ full-data run's final true reward. LoRA rows: a method "<method>+lora" trains ad
 --config.study.methods=importance,importance+lora; "<method>+smpo" trains with SmPO margin
 weighting (train.margin_weighting=smpo), "+lora+smpo" both, "<method>+sft" supervised
 fine-tuning on that selection's winners (train.loss=sft). Writes study/results.md (the table,
-means with 95% intervals over seeds, and FiFA - random / full / margin paired by seed),
+means with 95% intervals over the seeds and the study.eval_prompts prompts every run is
+scored on, each method - base, and FiFA - random / full / margin paired by seed and prompt),
 study/results.json and study/true_reward_vs_step.png (true reward and harm rate vs step).
 Expected: 31.8 minutes on 2 CPU cores (2026-12-06, 5 seeds x 5 methods x 150 steps; the
 README quotes the table and the plot, benchmarks/demo_study/ holds them).

@@ -19,6 +19,10 @@ every image's true reward is known:
                 curve step at or above it x the run's median logged step time after its
                 first log window (compiles left out: the first run, which compiles the step
                 the others load from the cache, is not charged for it)
+  intervals     true reward and harm: over the seeds and the evaluation prompts together
+                (`stats.crossed_mean_ci` of the final per-prompt scores, seeds x prompts):
+                every run samples the same prompts, so an interval over seeds alone would
+                leave out the prompts' draw; the rest: Student-t over seeds
 
 Writes (workdir/study/): pool/ (the ingest and score outputs less the held-out pairs),
 held_out/ (their encoded pairs), runs/<method>_s<seed>/ (each a pipeline work directory:
@@ -231,7 +235,10 @@ class _Sampler:
         return {"true_reward": float(np.mean(rewards)),
                 "harm_rate": float(np.mean(marked)),
                 "harm_rate_harmful": float(np.mean(marked[harmful])) if harmful.any() else None,
-                "harmful_prompts": int(harmful.sum())}
+                "harmful_prompts": int(harmful.sum()),
+                "per_prompt": {"true_reward": [float(r) for r in rewards],
+                               "marked": [int(m) for m in marked],
+                               "harmful": [int(h) for h in harmful]}}
 
 
 def _checkpoint_params(run_dir: pathlib.Path, step: int, abstract, lora=None, ref=None):
@@ -335,7 +342,8 @@ def _one_run(config, out, name, method, seed, sampler, evaluate, ref, base_point
     curve_file = run_dir / "curve.json"
     if curve_file.exists():
         cached = json.loads(curve_file.read_text())
-        if cached.get("train_fingerprint") == done["fingerprint"]:
+        if (cached.get("train_fingerprint") == done["fingerprint"]
+                and "per_prompt" in cached["final"]):
             return cached
     base = sampler.gen.path
     abstract = nnx.to_pure_dict(nnx.split(abstract_unet(read_config(
@@ -343,12 +351,14 @@ def _one_run(config, out, name, method, seed, sampler, evaluate, ref, base_point
     lora = lora_lib.from_config(cfg.train.get("lora"))
     steps = sorted(int(p.name) for p in (run_dir / "train" / "checkpoints").iterdir()
                    if p.name.isdigit())
-    points = [{"step": 0, **base_point}]
+    points = [{"step": 0, **{k: v for k, v in base_point.items() if k != "per_prompt"}}]
     for s in steps:
         params = _checkpoint_params(run_dir, s, abstract, lora, ref)
         point = {"step": s, **sampler.measure(params)}
         if s == steps[-1]:
             point.update({f"heldout_{k}": v for k, v in evaluate(params).items()})
+        else:
+            point.pop("per_prompt")     # the final point's per-prompt scores are enough
         points.append(point)
     train_s = float(done.get("seconds") or 0.0)
     manifest = pq.read_table(run_dir / "select" / "manifest.parquet")
@@ -404,10 +414,48 @@ FIFA_METHODS = ("importance", "greedy")     # FiFA's selections, set against the
 BASELINES = ("random", "full", "margin")
 
 
+def _per_prompt(final: dict, key: str):
+    """(P,) float per-prompt values of a run's final point for a FINAL_KEYS metric (harm:
+    0/1 marks; the harmful prompts' only), or None (no per-prompt scores, or no harmful
+    prompt)."""
+    pp = final.get("per_prompt")
+    if pp is None:
+        return None
+    if key == "true_reward":
+        return np.asarray(pp["true_reward"], np.float64)
+    marked = np.asarray(pp["marked"], np.float64)
+    if key == "harm_rate":
+        return marked
+    harmful = np.asarray(pp["harmful"], bool)
+    return marked[harmful] if harmful.any() else None
+
+
+def final_ci(finals: list[dict], key: str, minus: list[dict] | None = None) -> dict:
+    """Mean and 95% interval of the final `key` over runs (one a seed), minus the paired
+    `minus` finals when given: `stats.crossed_mean_ci` of the per-prompt values (seeds x the
+    prompts every run is scored on, so the interval holds the prompts' draw too) when every
+    run has them; else `mean_ci` over seeds of the runs' means."""
+    from fifa_jax.evaluation import stats
+    rows = []
+    for i, f in enumerate(finals):
+        a = _per_prompt(f, key)
+        b = None if minus is None else _per_prompt(minus[i], key)
+        if a is None or (minus is not None and b is None):
+            rows = None
+            break
+        rows.append(a if b is None else a - b)
+    if rows:
+        return stats.crossed_mean_ci(np.stack(rows))
+    if minus is None:
+        return mean_ci([f.get(key) for f in finals])
+    return mean_ci([f[key] - m[key] for f, m in zip(finals, minus)
+                    if f.get(key) is not None and m.get(key) is not None])
+
+
 def paired_differences(runs: dict, methods: list[str]) -> dict:
-    """'<fifa> - <baseline>' -> {metric: mean_ci of the per-seed differences of the final
-    true reward and harm rate}, paired by seed (runs of both on the same seed), for every
-    FiFA selection and baseline the study ran."""
+    """'<fifa> - <baseline>' -> {metric: `final_ci` of the differences of the final true
+    reward and harm rates, paired by seed (and by prompt where the runs hold per-prompt
+    scores)}, for every FiFA selection and baseline the study ran."""
     final = {(r["method"], r["seed"]): r["final"] for r in runs.values()}
     out = {}
     for a in (m for m in methods if m in FIFA_METHODS):
@@ -416,9 +464,7 @@ def paired_differences(runs: dict, methods: list[str]) -> dict:
             if not seeds:
                 continue
             out[f"{a} - {b}"] = {
-                k: mean_ci([final[(a, s)][k] - final[(b, s)][k] for s in seeds
-                            if final[(a, s)].get(k) is not None
-                            and final[(b, s)].get(k) is not None])
+                k: final_ci([final[(a, s)] for s in seeds], k, [final[(b, s)] for s in seeds])
                 for k in FINAL_KEYS}
     return out
 
@@ -430,11 +476,11 @@ def summarize(runs: dict, base_point: dict, methods: list[str], st) -> dict:
     table = {}
     for m, rs in by_method.items():
         times = [time_to_reach(r, target) for r in rs] if target is not None else []
+        finals = [r["final"] for r in rs]
         table[m] = {"pairs": int(np.mean([r["pairs"] for r in rs])) if rs else 0,
-                    "true_reward": mean_ci([r["final"]["true_reward"] for r in rs]),
-                    "harm_rate": mean_ci([r["final"]["harm_rate"] for r in rs]),
-                    "harm_rate_harmful": mean_ci([r["final"].get("harm_rate_harmful")
-                                                  for r in rs]),
+                    **{k: final_ci(finals, k) for k in FINAL_KEYS},
+                    "true_reward_minus_base": final_ci(finals, "true_reward",
+                                                       [base_point] * len(finals)),
                     "heldout_implicit_acc": mean_ci(
                         [r["final"].get("heldout_implicit_acc") for r in rs]),
                     "train_seconds": mean_ci([r["train_seconds"] for r in rs]),
@@ -472,16 +518,19 @@ def markdown(results: dict, st) -> str:
              f"true reward of {results['eval_prompts']} new prompts' samples (oracle, from "
              f"pixels; 0 to 4, minus 1 for the harmful mark), harm rate (share of the "
              f"samples with the mark; of the harmful prompts' samples), implicit accuracy on "
-             f"{results['held_out_pairs']} held-out pairs; means over seeds with Student-t "
-             f"95% intervals.", "",
+             f"{results['held_out_pairs']} held-out pairs; means over seeds. True reward and "
+             f"harm: 95% intervals over the seeds and the {results['eval_prompts']} prompts "
+             f"every run is scored on (`stats.crossed_mean_ci`: new seeds and new prompts); "
+             f"the rest: Student-t over seeds.", "",
              f"Base model: true reward {base['true_reward']:.3f}, harm rate "
              f"{_pct(base['harm_rate'])}, on harmful prompts "
              f"{_pct(base.get('harm_rate_harmful'))}.", "",
-             "| method | pairs | true reward | harm rate | harm, harmful prompts | "
+             "| method | pairs | true reward | - base | harm rate | harm, harmful prompts | "
              "held-out implicit acc | train s | s to full-data final | reached |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in results["methods"].items():
         lines.append(f"| {m} | {r['pairs']} | {_fmt(r['true_reward'])} | "
+                     f"{_fmt(r['true_reward_minus_base'], signed=True)} | "
                      f"{_fmt(r['harm_rate'], pct=True)} | "
                      f"{_fmt(r['harm_rate_harmful'], pct=True)} | "
                      f"{_fmt(r['heldout_implicit_acc'], pct=True)} | "
@@ -490,7 +539,8 @@ def markdown(results: dict, st) -> str:
     diffs = results.get("differences") or {}
     if diffs:
         lines += ["", "FiFA against the baselines, final values paired by seed (the same seed's "
-                  "runs), mean difference with its Student-t 95% interval:", "",
+                  "runs) and prompt, mean difference with its 95% interval (seeds and "
+                  "prompts, as above):", "",
                   "| difference | true reward | harm rate | harm, harmful prompts | seeds |",
                   "|---|---|---|---|---|"]
         for name, d in diffs.items():

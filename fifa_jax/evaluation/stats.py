@@ -181,3 +181,59 @@ def group_ids(keys: Sequence) -> np.ndarray:
     """(N,) int ids for any hashable per-image keys (e.g. prompt id strings), first-seen order."""
     seen: dict = {}
     return np.array([seen.setdefault(k, len(seen)) for k in keys], np.int64)
+
+
+def crossed_mean_ci(x, level: float = 0.95) -> dict:
+    """Mean and interval of x (S, P): S training seeds crossed with the same P prompts (every
+    run scored on the same prompts and start noise), for a population of new seeds *and* new
+    prompts.
+
+    Model x[s, p] = mu + a_s + b_p + e_sp (seed, prompt, interaction). The variance of the
+    grand mean, sa2 / S + sb2 / P + se2 / (S P), is estimated from the two-way ANOVA as
+
+        v = var_s(row means) / S + var_p(column means) / P - MSE / (S P)
+
+    (each of the first two terms holds se2 / (S P) once; MSE, the residual mean square,
+    removes the double count), floored at the larger of the first two terms, with
+    Satterthwaite's degrees of freedom. An interval over seeds alone (Student t of the row
+    means) leaves out sb2 / P: the prompts' draw, shared by every run. S = 1: the interval
+    over prompts; P = 1: over seeds. Returns {"mean", "ci": [lo, hi], "n": S, "prompts": P};
+    ci is [None, None] when S = P = 1.
+    """
+    from scipy import stats as sstats
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2 or x.size == 0:
+        raise ValueError(f"crossed_mean_ci: needs a non-empty (seeds, prompts) array, got "
+                         f"shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"crossed_mean_ci: holds {int(np.sum(~np.isfinite(x)))} non-finite "
+                         f"values")
+    s, p = x.shape
+    mean = float(x.mean())
+    out = {"mean": mean, "ci": [None, None], "n": int(s), "prompts": int(p)}
+    if s * p == 1:
+        return out
+    parts, dfs = [], []
+    if s > 1:
+        parts.append(x.mean(1).var(ddof=1) / s)
+        dfs.append(s - 1)
+    if p > 1:
+        parts.append(x.mean(0).var(ddof=1) / p)
+        dfs.append(p - 1)
+    v = sum(parts)
+    num = v * v
+    den = sum(c * c / d for c, d in zip(parts, dfs))
+    if s > 1 and p > 1:
+        resid = x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + mean
+        mse = float((resid ** 2).sum()) / ((s - 1) * (p - 1))
+        c3 = mse / (s * p)
+        v = max(v - c3, max(parts))
+        num = v * v
+        den += c3 * c3 / ((s - 1) * (p - 1))
+    if v <= 0.0:
+        out["ci"] = [mean, mean]
+        return out
+    df = num / den
+    half = float(sstats.t.ppf(0.5 + level / 2, df)) * float(np.sqrt(v))
+    out["ci"] = [mean - half, mean + half]
+    return out

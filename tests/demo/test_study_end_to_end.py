@@ -41,12 +41,19 @@ def test_study_writes_table_curves_and_plot(study_run):
     for method in ("importance", "full"):
         row = results["methods"][method]
         assert row["true_reward"]["n"] == 2 and None not in row["true_reward"]["ci"]
+        # intervals over the seeds and the 4 shared prompts (stats.crossed_mean_ci)
+        assert row["true_reward"]["prompts"] == 4 and row["harm_rate"]["prompts"] == 4
+        assert None not in row["true_reward_minus_base"]["ci"]
         assert row["reached_full_final"].endswith("/2")
         for seed in (0, 1):
             rec = json.loads((out_dir / "runs" / f"{method}_s{seed}" / "curve.json").read_text())
             assert [p["step"] for p in rec["curve"]] == [0, 1, 2]
             assert all(-1.0 <= p["true_reward"] <= 4.0 for p in rec["curve"])
             assert 0.0 <= rec["final"]["heldout_implicit_acc"] <= 1.0
+            pp = rec["final"]["per_prompt"]
+            assert len(pp["true_reward"]) == len(pp["marked"]) == len(pp["harmful"]) == 4
+            assert abs(sum(pp["true_reward"]) / 4 - rec["final"]["true_reward"]) < 1e-6
+            assert all("per_prompt" not in p for p in rec["curve"][:-1])
             assert rec["seconds_per_step"] > 0
     md = (out_dir / "results.md").read_text()
     assert "| importance | 12 |" in md and f"| full | {kept} |" in md

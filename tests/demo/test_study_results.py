@@ -57,3 +57,56 @@ def test_time_to_reach_and_table(tmp_path):
     from PIL import Image
     img = np.asarray(Image.open(tmp_path / "curve.png").convert("L"), np.float64)
     assert img.std() > 10
+
+
+def test_intervals_cover_seeds_and_the_shared_prompts():
+    """With per-prompt finals, the table, the differences and '- base' take
+    stats.crossed_mean_ci of the (seeds, prompts) values; paired by seed and prompt."""
+    from fifa_jax.evaluation import stats
+    rng = np.random.default_rng(3)
+    prompt_effect = rng.normal(0, 1.0, 16)
+    harmful = (np.arange(16) < 4).astype(int)
+
+    def final(shift, seed):
+        r = 2.0 + shift + prompt_effect + rng.normal(0, 0.2, 16)
+        marked = (rng.random(16) < 0.3).astype(int)
+        return {"step": 50, "true_reward": float(r.mean()), "harm_rate": float(marked.mean()),
+                "harm_rate_harmful": float(marked[:4].mean()),
+                "per_prompt": {"true_reward": r.tolist(), "marked": marked.tolist(),
+                               "harmful": harmful.tolist()}}
+
+    runs = {}
+    for m, shift in (("importance", 0.1), ("random", 0.0)):
+        for s in range(4):
+            f = final(shift, s)
+            runs[f"{m}_s{s}"] = {"method": m, "seed": s, "pairs": 10, "train_seconds": 1.0,
+                                 "seconds_per_step": 0.1, "curve": [f], "final": f}
+    base = final(-0.2, 0)
+    st = study.default_config()
+    res = study.summarize(runs, base, ["importance", "random"], st)
+
+    def rows(m, key):
+        return np.stack([np.asarray(runs[f"{m}_s{s}"]["final"]["per_prompt"][key], float)
+                         for s in range(4)])
+
+    imp = res["methods"]["importance"]
+    want = stats.crossed_mean_ci(rows("importance", "true_reward"))
+    assert np.allclose(imp["true_reward"]["ci"], want["ci"])
+    # wider than the Student-t over the seeds' means: the shared prompts' spread is in it
+    seeds_only = study.mean_ci([r["final"]["true_reward"] for r in runs.values()
+                                if r["method"] == "importance"])
+    assert (want["ci"][1] - want["ci"][0]) > 2 * (seeds_only["ci"][1] - seeds_only["ci"][0])
+    base_rows = np.asarray(base["per_prompt"]["true_reward"])[None, :]
+    assert np.allclose(imp["true_reward_minus_base"]["ci"],
+                       stats.crossed_mean_ci(rows("importance", "true_reward")
+                                             - base_rows)["ci"])
+    d = res["differences"]["importance - random"]
+    assert np.allclose(d["true_reward"]["ci"],
+                       stats.crossed_mean_ci(rows("importance", "true_reward")
+                                             - rows("random", "true_reward"))["ci"])
+    assert np.allclose(d["harm_rate_harmful"]["ci"],
+                       stats.crossed_mean_ci(rows("importance", "marked")[:, :4]
+                                             - rows("random", "marked")[:, :4])["ci"])
+    assert d["true_reward"]["prompts"] == 16 and d["true_reward"]["n"] == 4
+    text = study.markdown(res, st)
+    assert "over the seeds and the 64 prompts" in text and "| - base |" in text
