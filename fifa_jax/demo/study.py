@@ -317,7 +317,8 @@ def run(config, workdir) -> dict:
             name = f"{method}_s{seed}"
             runs[name] = _one_run(config, out, name, method, seed, sampler, evaluate, ref,
                                   base_point)
-            logging.info("study: %s done: %s", name, runs[name]["final"])
+            logging.info("study: %s done: %s", name, {k: v for k, v in runs[name]["final"]
+                                                      .items() if k != "per_prompt"})
     results = summarize(runs, base_point, _list(st.methods), st)
     results["wall_seconds"] = round(time.time() - t_start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
