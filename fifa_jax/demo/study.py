@@ -470,6 +470,13 @@ def paired_differences(runs: dict, methods: list[str]) -> dict:
     return out
 
 
+def _within_01(s: dict) -> dict:
+    """A rate's interval clipped to [0, 1] (the t interval of 0/1 marks can cross 0)."""
+    if s["ci"][0] is not None:
+        s["ci"] = [max(0.0, s["ci"][0]), min(1.0, s["ci"][1])]
+    return s
+
+
 def summarize(runs: dict, base_point: dict, methods: list[str], st) -> dict:
     by_method = {m: [r for r in runs.values() if r["method"] == m] for m in methods}
     full = by_method.get("full") or []
@@ -479,7 +486,8 @@ def summarize(runs: dict, base_point: dict, methods: list[str], st) -> dict:
         times = [time_to_reach(r, target) for r in rs] if target is not None else []
         finals = [r["final"] for r in rs]
         table[m] = {"pairs": int(np.mean([r["pairs"] for r in rs])) if rs else 0,
-                    **{k: final_ci(finals, k) for k in FINAL_KEYS},
+                    "true_reward": final_ci(finals, "true_reward"),
+                    **{k: _within_01(final_ci(finals, k)) for k in FINAL_KEYS[1:]},
                     "true_reward_minus_base": final_ci(finals, "true_reward",
                                                        [base_point] * len(finals)),
                     "heldout_implicit_acc": mean_ci(

@@ -110,3 +110,15 @@ def test_intervals_cover_seeds_and_the_shared_prompts():
     assert d["true_reward"]["prompts"] == 16 and d["true_reward"]["n"] == 4
     text = study.markdown(res, st)
     assert "over the seeds and the 64 prompts" in text and "| - base |" in text
+
+
+def test_rate_intervals_stay_within_0_and_1():
+    f = {"step": 1, "true_reward": 1.0, "harm_rate": 0.0625, "harm_rate_harmful": 0.0,
+         "per_prompt": {"true_reward": [1.0] * 16, "marked": [1] + [0] * 15,
+                        "harmful": [1, 1] + [0] * 14}}
+    g = {**f, "per_prompt": {**f["per_prompt"], "marked": [0] * 16}}
+    runs = {f"random_s{s}": {"method": "random", "seed": s, "pairs": 1, "train_seconds": 1.0,
+                             "seconds_per_step": 0.1, "curve": [x], "final": x}
+            for s, x in enumerate([f, g, g])}
+    row = study.summarize(runs, f, ["random"], study.default_config())["methods"]["random"]
+    assert row["harm_rate"]["ci"][0] == 0.0 < row["harm_rate"]["ci"][1] < 1.0
