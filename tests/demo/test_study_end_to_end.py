@@ -8,6 +8,10 @@ import pytest
 
 from tests.cli import run_main
 
+# slow: its fixture runs the whole study command (2.2 min on 2 cores); the default suite keeps
+# the study's results tests (test_study_results.py), .ci/run this one
+pytestmark = pytest.mark.slow
+
 SMALL = ["--config.data.demo.n_prompts=30", "--config.data.demo.n_pairs=200",
          "--config.data.demo.rows_per_shard=100", "--config.select.k_pairs=12",
          "--config.score.reward.batch_size=64", "--config.study.methods=importance,full",
