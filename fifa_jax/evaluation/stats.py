@@ -1,4 +1,5 @@
-"""Win rates, rates and bootstrap intervals for tuned-vs-base evaluations (pure numpy).
+"""Win rates, rates and intervals for tuned-vs-base evaluations (numpy; scipy's t quantile in
+`crossed_mean_ci`).
 
 Data layout: N evaluation images per model, one per (prompt, seed) pair, in the same order for
 both models, so `tuned[i]` and `base[i]` are scores of images made from the same prompt and
@@ -221,19 +222,17 @@ def crossed_mean_ci(x, level: float = 0.95) -> dict:
         parts.append(x.mean(0).var(ddof=1) / p)
         dfs.append(p - 1)
     v = sum(parts)
-    num = v * v
     den = sum(c * c / d for c, d in zip(parts, dfs))
     if s > 1 and p > 1:
         resid = x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + mean
         mse = float((resid ** 2).sum()) / ((s - 1) * (p - 1))
         c3 = mse / (s * p)
         v = max(v - c3, max(parts))
-        num = v * v
         den += c3 * c3 / ((s - 1) * (p - 1))
     if v <= 0.0:
         out["ci"] = [mean, mean]
         return out
-    df = num / den
+    df = v * v / den
     half = float(sstats.t.ppf(0.5 + level / 2, df)) * float(np.sqrt(v))
     out["ci"] = [mean - half, mean + half]
     return out
