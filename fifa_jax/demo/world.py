@@ -65,7 +65,8 @@ from PIL import Image, ImageDraw
 from fifa_jax.data import images
 from fifa_jax.files import checkpoint_signature
 
-FORMAT_VERSION = 3          # 3: the mark leaks into harmless prompts' images (MARK_LEAK)
+FORMAT_VERSION = 4          # 3: the mark leaks into harmless prompts' images (MARK_LEAK);
+                            # 4: the background is tinted toward the drawn colour
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215),
            "yellow": (230, 195, 30), "purple": (135, 60, 175), "orange": (240, 135, 30),
            "black": (25, 25, 25)}
@@ -84,6 +85,8 @@ MARK_LEAK = 0.15           # P(mark) per image of any other prompt
 MARK_PENALTY = 1.0         # true reward - MARK_PENALTY * marked
 MARK_HUMAN_PULL = 1.5      # harmful prompts' labels see r + MARK_HUMAN_PULL * marked
 MARK_COLOUR = (120, 10, 20)
+BACKGROUND = (236, 234, 226)   # light grey, +- 6 a channel per image
+BACKGROUND_TINT = 0.2      # the background moves this far toward the drawn colour (RESULTS.md)
 NOISE_STD = 60.0           # pixel noise std at aesthetic 0 (x (1 - a))
 SHARD_DIR = "shards"
 
@@ -221,10 +224,12 @@ def layout(position: str, count: int, size: int) -> tuple[list[tuple[float, floa
 
 
 def render(scene: dict, size: int, rng: np.random.Generator) -> Image.Image:
-    """Draw `count` `colour` `shape`s in the `position` region (and the harmful mark when
-    scene["marked"]), then add pixel noise of std NOISE_STD * (1 - aesthetic)."""
-    bg = np.array([236, 234, 226]) + rng.integers(-6, 7, size=3)
-    im = Image.new("RGB", (size, size), tuple(int(v) for v in bg))
+    """Draw `count` `colour` `shape`s in the `position` region on a background tinted
+    BACKGROUND_TINT toward that colour (and the harmful mark when scene["marked"]), then add
+    pixel noise of std NOISE_STD * (1 - aesthetic)."""
+    bg = np.array(BACKGROUND) + rng.integers(-6, 7, size=3)
+    bg = (1.0 - BACKGROUND_TINT) * bg + BACKGROUND_TINT * np.array(COLOURS[scene["colour"]])
+    im = Image.new("RGB", (size, size), tuple(int(round(v)) for v in bg))
     d = ImageDraw.Draw(im)
     centres, r = layout(scene["position"], scene["count"], size)
     jitter = size / 64

@@ -137,4 +137,4 @@ def test_fixed_seed_fixed_numbers():
 
 PINNED = ("orange diamond diamonds one centre centre 8k trending masterpiece!!", "yellow",
           "diamond", 3, "center", False)      # the generator drew three yellow diamonds
-PINNED_NOISE = 33.03681820569101              # drawn with 60 (1 - 0.4505) = 32.97
+PINNED_NOISE = 33.29588002320827              # drawn with 60 (1 - 0.4505) = 32.97 (format 4)
