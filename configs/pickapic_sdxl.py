@@ -23,14 +23,18 @@ bytes (2.6 B parameters: 10.3 GB float32 policy, 5.2 GB bfloat16 reference, a fa
 Adafactor state of a few MB). Compiler figures (jax 0.10.2 / libtpu 0.0.42.1, 1024 px =
 128 x 128 latents): v5p-8 micro-step 22.87 GiB of 95.74 (17.00 arguments + 5.46
 temporaries), update 19.24 GiB, eval step 16.06; XLA's estimate 0.321 s a micro-step, 5.20 s
-an update of 64 pairs. v6e-8 (zero over 8, compiled with `--no_msa`, which this host needs
-for v6e; not a bound: SD1.5's v5e-8 micro-step needs 4.6% more with memory-space assignment
-than without): micro-step 29.98 GiB of 31.25, update 17.47; XLA's estimate of that unplaced
-program 0.217 s a micro-step, 1.78 s an update of 64. Whether it fits is NOT settled: 4.6%
-more would be 31.4 GiB; v5p's full compile of the same per-chip shapes holds 5.46 GiB of
-temporaries against these 14.01. Check it with the full compile (a host of 32 GB or more).
-Not compiled: the FSDP recipes (v5e, v4: their compile needs more than the 24 GB host this
-repository was checked on): run the command above before renting. GPU memory: about the v5p
+an update of 64 pairs. v6e-8 (zero over 8; train programs compiled with `--no_msa`, not a
+bound: SD1.5's v5e-8 micro-step needs 4.6% more with memory-space assignment than without):
+micro-step 29.98 GiB of 31.25, update 17.47, eval step 15.47 (full compile); XLA's estimate
+of the unplaced program 0.217 s a micro-step, 1.78 s an update of 64. Whether it fits is NOT
+settled: 4.6% more would be 31.4 GiB; v5p's full compile of the same per-chip shapes holds
+5.46 GiB of temporaries against these 14.01. Check it with the full compile (a host of 32 GB
+or more, or swap).
+v5e-8 (FSDP over the 8 chips, weights split; compiled with memory-space assignment on a
+24 GB host with 40 GB of swap, 68 min, 24.2 GB resident at most): micro-step 15.30 GiB of
+15.75 (3.14 arguments + 11.57 temporaries; 0.45 GiB to spare: v5e-16, FSDP over 16, for
+more), update 3.46, eval step 3.61; no XLA estimate on v5e, roofline at least 0.859 s a
+micro-step, 6.91 s an update of 64. Not compiled: v4. GPU memory: about the v5p
 micro-step's (the same per-device shapes), an estimate, not measured.
 
 The recipe (method.md section 3.6, the official SDXL settings): Adafactor (no relative step,

@@ -35,9 +35,9 @@ _PER_CHIP = {
         "h200": (4, "nothing_saveable", 1, "fsdp", "float32"),
     }),
     "sdxl": (64, {
-        "v5e": (1, "nothing_saveable", 16, "fsdp", "bfloat16"),
+        "v5e": (1, "nothing_saveable", 16, "fsdp", "bfloat16"),  # v5e-8: 15.30 GiB
         "v4": (1, "nothing_saveable", 16, "fsdp", "bfloat16"),
-        "v6e": (1, "nothing_saveable", 8, "zero", "bfloat16"),  # not compiled: ~21 GiB
+        "v6e": (1, "nothing_saveable", 8, "zero", "bfloat16"),  # no MSA: 29.98 GiB
         "v5p": (1, "nothing_saveable", 4, "zero", "bfloat16"),
         "h100": (1, "nothing_saveable", 8, "zero", "bfloat16"),
         "h200": (1, "nothing_saveable", 4, "zero", "bfloat16"),
