@@ -13,8 +13,9 @@ Writes, under --out:
 Same command -> same bytes on the CPU (numpy-seeded data, fixed init, fixed JAX keys).
 Order: VAE, reward, UNet (it needs the reward's text tower). The shipped build (world format
 4) rebuilt byte-identical on 2026-12-07 in 13 min 40 s wall on 2 CPU cores shared with demo
-runs (VAE 127 s, reward 66 s, UNet 612 s, sample check 13 s; 2.0 GB peak RSS). `--preset quick` runs every step with a few updates each in 1-2 minutes
-(a smoke test; its models are useless). Shipped files: 6.6 MB (float32 weights).
+runs (VAE 127 s, reward 66 s, UNet 612 s, sample check 13 s; 2.0 GB peak RSS).
+`--preset quick` runs every step with a few updates each in 1-2 minutes (a smoke test; its
+models are useless). Shipped files: 6.6 MB (float32 weights).
 `fifa_jax.demo.base.build_demo_base` and `fifa_jax.demo.reward.build_demo_reward`
 install the shipped base/ and reward/ folders.
 """
