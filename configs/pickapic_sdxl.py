@@ -10,32 +10,37 @@ bfloat16 compute, the UNet (2.6 B parameters) FSDP-sharded over 8 devices with p
 and a bfloat16 reference; 1 pair per device per micro-batch. For any other slice or host name
 it after the root and the recipe sets pairs a chip, remat, the FSDP split and the reference
 dtype, keeping the effective batch through grad_accum (`fifa_jax/aot/recipes.py`):
-    --config configs/pickapic_sdxl.py:ROOT,v5p-8      (also v5e-8 ... v5e-256, v6e-8, v4-8,
+    --config configs/pickapic_sdxl.py:ROOT,v5p-8      (also v5e-8 ... v5e-256, v6e-8, v4-16,
                                                        h100-8, h200-8)
 Evaluation after training: `--config.stages=evaluate` (Pick-a-Pic's test prompts from
 ROOT/pickapic_v2/test_unique/, PickScore), as configs/pickapic_sd15.py.
 Check it on a CPU first: `python -m fifa_jax.aot --config configs/pickapic_sdxl.py:ROOT,v5p-8
 --topology v5p-8` (README, "Checking a config for a TPU slice before renting it"). The SDXL
-recipes (1 pair a chip, nothing_saveable, bf16 reference, accumulation on the host; FSDP over
-16 on v5e / v4; mesh.param_tactic=zero, weights whole and the gradient accumulator split,
-over 8 on v6e, 4 on v5p and 8 / 4 on h100-8 / h200-8) were sized from the parameter
-bytes (2.6 B parameters: 10.3 GB float32 policy, 5.2 GB bfloat16 reference, a factored
-Adafactor state of a few MB). Compiler figures (jax 0.10.2 / libtpu 0.0.42.1, 1024 px =
-128 x 128 latents): v5p-8 micro-step 22.87 GiB of 95.74 (17.00 arguments + 5.46
-temporaries), update 19.24 GiB, eval step 16.06; XLA's estimate 0.321 s a micro-step, 5.20 s
-an update of 64 pairs. v6e-8 (zero over 8; train programs compiled with `--no_msa`, not a
-bound: SD1.5's v5e-8 micro-step needs 4.6% more with memory-space assignment than without):
-micro-step 29.98 GiB of 31.25, update 17.47, eval step 15.47 (full compile); XLA's estimate
-of the unplaced program 0.217 s a micro-step, 1.78 s an update of 64. Whether it fits is NOT
-settled: 4.6% more would be 31.4 GiB; v5p's full compile of the same per-chip shapes holds
-5.46 GiB of temporaries against these 14.01. Check it with the full compile (a host of 32 GB
-or more, or swap).
-v5e-8 (FSDP over the 8 chips, weights split; compiled with memory-space assignment on a
-24 GB host with 40 GB of swap, 68 min, 24.2 GB resident at most): micro-step 15.30 GiB of
-15.75 (3.14 arguments + 11.57 temporaries; 0.45 GiB to spare: v5e-16, FSDP over 16, for
-more), update 3.46, eval step 3.61; no XLA estimate on v5e, roofline at least 0.859 s a
-micro-step, 6.91 s an update of 64. Not compiled: v4. GPU memory: about the v5p
-micro-step's (the same per-device shapes), an estimate, not measured.
+recipes (1 pair a chip, nothing_saveable, bf16 reference, accumulation on the host; FSDP,
+the weights split, over 16 on v5e / v4 and over 8 on v6e; mesh.param_tactic=zero, weights
+whole and the gradient accumulator split, over 4 on v5p and 8 / 4 on h100-8 / h200-8) were
+sized from the parameter bytes (2.6 B parameters: 10.3 GB float32 policy, 5.2 GB bfloat16
+reference, a factored Adafactor state of a few MB). Compiler figures (jax 0.10.2 / libtpu
+0.0.42.1, 1024 px = 128 x 128 latents, the full compile with memory-space assignment; JSON
+in benchmarks/aot_recipes/):
+  v5p-8: micro-step 22.87 GiB of 95.74 (17.00 arguments + 5.46 temporaries), update 19.24
+    GiB, eval step 16.06; XLA's estimate 0.321 s a micro-step, 5.20 s an update of 64 pairs.
+  v6e-8 (FSDP over the 8 chips; 48 min on a 24 GB host with swap, 24.2 GB resident):
+    micro-step 24.96 GiB of 31.25 (3.14 arguments + 21.43 temporaries; 6.3 GiB to spare),
+    update 3.21, eval step 3.03; no XLA estimate on v6e, roofline at least 0.429 s a
+    micro-step, 3.45 s an update of 64. (The earlier zero recipe, weights whole, needed 29.98
+    GiB without memory-space assignment: too close to the chip's HBM to keep.)
+  v5e-8 (FSDP over the 8 chips; 68 min on a 24 GB host with 40 GB of swap, 24.2 GB resident
+    at most): micro-step 15.30 GiB of 15.75 (3.14 arguments + 11.57 temporaries; 0.45 GiB
+    to spare: v5e-16, FSDP over 16, for more), update 3.46, eval step 3.61; no XLA estimate
+    on v5e, roofline at least 0.859 s a micro-step, 6.91 s an update of 64.
+  v4: jax presents a v4 chip as two TensorCore devices of 15.25 GiB, less than the v5e-8
+    micro-step's 15.30 at the same per-device shapes, so the v4 recipe starts at v4-16 (16
+    devices, FSDP over 16); `:ROOT,v4-8` is refused.
+    v4-16 is not compiled yet.
+The other stages' programs (score, k-NN, encode, sampler, VAE decode) fit v5e-8, v5p-8 and
+v6e-8. GPU memory: about the v5p micro-step's (the same per-device shapes), an estimate, not
+measured.
 
 The recipe (method.md section 3.6, the official SDXL settings): Adafactor (no relative step,
 no parameter scaling, clip threshold 1.0, weight decay 1e-2), 200 warm-up steps scaled down

@@ -37,12 +37,16 @@ _PER_CHIP = {
     "sdxl": (64, {
         "v5e": (1, "nothing_saveable", 16, "fsdp", "bfloat16"),  # v5e-8: 15.30 GiB
         "v4": (1, "nothing_saveable", 16, "fsdp", "bfloat16"),
-        "v6e": (1, "nothing_saveable", 8, "zero", "bfloat16"),  # no MSA: 29.98 GiB
+        "v6e": (1, "nothing_saveable", 8, "fsdp", "bfloat16"),  # v6e-8: 24.96 GiB
         "v5p": (1, "nothing_saveable", 4, "zero", "bfloat16"),
         "h100": (1, "nothing_saveable", 8, "zero", "bfloat16"),
         "h200": (1, "nothing_saveable", 4, "zero", "bfloat16"),
     }),
 }
+# the smallest slice (devices) a model's recipe fits on a chip family. SDXL on v4: jax
+# presents a v4 chip as two TensorCore devices of 15.25 GiB; the v5e-8 program of the same
+# per-device shapes (FSDP over 8, 1 pair a device) needs 15.30 GiB, so FSDP over 16.
+_MIN_DEVICES = {("sdxl", "v4"): 16}
 _TARGET = re.compile(r"^(v4|v5e|v5p|v6e|h100|h200)-(\d+)$")
 # devices (chips; TensorCore devices for v4, as jax's compile-only topology gives them) of a
 # target name's count
@@ -95,6 +99,11 @@ def recipe(model: str, target: str) -> Recipe:
     devices = int(count * _DEVICES_PER_COUNT[family])
     if devices < 1:
         raise ValueError(f"target {target!r} has no whole chip")
+    least = _MIN_DEVICES.get((model, family), 1)
+    if devices < least:
+        smallest = f"{family}-{int(least / _DEVICES_PER_COUNT[family])}"
+        raise ValueError(f"{model} does not fit target {target!r} ({devices} devices): its "
+                         f"recipe needs at least {smallest} (fifa_jax/aot/recipes.py)")
     effective, table = _PER_CHIP[model]
     pairs, remat, fsdp_max, tactic, ref_dtype = table[family]
     fsdp = min(fsdp_max, devices)
