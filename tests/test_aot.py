@@ -420,6 +420,15 @@ def test_slice_names():
         topology.slice_name("v5e-3")
 
 
+def test_v4_compiles_as_a_v4_vm_runs_it_megacore():
+    # a v4-8 VM shows 4 devices (a chip each, two TensorCores); libtpu's default topology
+    # would give 8 TensorCore devices of half the HBM
+    devices = topology.tpu_devices("v4-8")
+    assert len(devices) == 4
+    assert {d.core_on_chip for d in devices} == {0}
+    assert topology.hbm_bytes(devices[0]) == int(30.75 * topology.GIB)
+
+
 @pytest.mark.parametrize("config_name,model,effective", [("pickapic_sd15.py", "sd15", 128),
                                                           ("pickapic_sdxl.py", "sdxl", 64)])
 @pytest.mark.parametrize("target", ["v5e-8", "v5p-8", "v6e-8", "v4-8", "v5e-16", "v5e-256",
@@ -428,7 +437,7 @@ def test_recipes_set_the_train_settings_for_a_target(config_name, model, effecti
     from fifa_jax import config_check
     from fifa_jax.aot import recipes
     path = os.path.join(REPO, "configs", config_name)
-    if (model, target) == ("sdxl", "v4-8"):              # 8 TensorCores of 15.25 GiB
+    if (model, target) == ("sdxl", "v4-8"):              # 4 chips: sized for 8
         with pytest.raises(ValueError, match="at least v4-16"):
             config_check.load_config_file(f"{path}:/models,greedy,{target}")
         target = "v4-16"
@@ -454,6 +463,7 @@ def test_recipe_devices_follow_the_slice_names():
     from fifa_jax.aot import recipes
     assert recipes.recipe("sd15", "v5p-8").devices == 4     # v5p names count TensorCores
     assert recipes.recipe("sd15", "v5e-8").devices == 8
+    assert recipes.recipe("sd15", "v4-8").devices == 4      # v4: megacore, a device a chip
     assert recipes.recipe("sdxl", "v5e-8").fsdp == 8
     with pytest.raises(ValueError, match="several targets"):
         recipes.split_arg("/r,v5e-8,v5p-8")

@@ -20,13 +20,16 @@ import tempfile
 
 GIB = 2 ** 30
 # HBM a device may use, as the compiler states it in its out-of-memory errors ("exceeds
-# available HBM (Y G)"), seen on this jax/libtpu (0.10.2 / 0.0.42.1). v4 topologies come as
-# one device per TensorCore (8 devices for v4:2x2x1), each with half the chip's 32 GiB.
-HBM_GIB = {"TPU v5 lite": 15.75, "TPU v6 lite": 31.25, "TPU v5": 95.74, "TPU v4": 15.25}
-# datasheet peaks a device (bf16 FLOP/s, HBM bytes/s), for a roofline time from XLA's FLOPs
-# and bytes where XLA gives no estimate of its own; v4: per TensorCore device (half a chip)
+# available HBM (Y G)"), seen on this jax/libtpu (0.10.2 / 0.0.42.1). v4 is compiled as a
+# v4 VM runs it: megacore, one device a chip of two TensorCores (4 devices for v4:2x2x1;
+# without `chip_config_name="megacore"` the topology has a device a TensorCore, 15.25 G).
+HBM_GIB = {"TPU v5 lite": 15.75, "TPU v6 lite": 31.25, "TPU v5": 95.74, "TPU v4": 30.75}
+# datasheet peaks a device, a chip (bf16 FLOP/s, HBM bytes/s), for a roofline time from
+# XLA's FLOPs and bytes where XLA gives no estimate of its own
 PEAKS = {"TPU v5 lite": (197e12, 819e9), "TPU v6 lite": (918e12, 1640e9),
-         "TPU v5": (459e12, 2765e9), "TPU v4": (137.5e12, 614e9)}
+         "TPU v5": (459e12, 2765e9), "TPU v4": (275e12, 1228e9)}
+# get_topology_desc options a family needs to look as it does on a TPU VM
+_TOPOLOGY_OPTIONS = {"v4": {"chip_config_name": "megacore"}}
 # rental name prefix -> (jax topology prefix, chips of the slice name's count): v4 and v5p
 # slice names count TensorCores (2 a chip), v5e and v6e count chips.
 _FAMILIES = {"v5e": ("v5e", 1), "v5litepod": ("v5e", 1), "v6e": ("v6e", 1),
@@ -120,6 +123,7 @@ def tpu_devices(topology: str, num_slices: int = 1):
     from jax.experimental import topologies
     name = slice_name(topology)
     kwargs = {"num_slices": int(num_slices)} if int(num_slices) > 1 else {}
+    kwargs.update(_TOPOLOGY_OPTIONS.get(name.split(":")[0], {}))
     try:
         with quiet_libtpu():
             topo = topologies.get_topology_desc(platform="tpu", topology_name=name, **kwargs)
