@@ -7,8 +7,8 @@ pipeline folder of runwayml/stable-diffusion-v1-5):
 
 Hardware assumed by the defaults: a TPU v5p-8 slice (4 chips of 95 GiB) or 8 GPUs of 80 GB,
 bfloat16 compute; `train.batch_size=16` pairs a micro-batch (global) and 8 micro-batches per
-update, parameters replicated. (A v4-8 does not hold them: jax presents it as 8 TensorCore
-devices of 15.25 GiB, less than the replicated float32 policy, AdamW state and reference.)
+update, parameters replicated. (A v4-8 runs as 4 devices of 30.75 GiB, a chip each:
+megacore; with these defaults its chips would hold the v5p-8 program below, 20.59 GiB there.)
 For any other slice or host name it after the root and the recipe sets pairs a chip, remat,
 the FSDP split and the reference dtype, keeping the effective batch through grad_accum
 (`fifa_jax/aot/recipes.py`):

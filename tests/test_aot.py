@@ -410,6 +410,18 @@ def test_public_layouts_give_the_programs_their_shapes(tmp_path, layout, latent,
     assert noise.shape == (8, 4, latent, latent)
 
 
+def test_train_advice_names_only_the_settings_left_to_change():
+    from fifa_jax.aot.programs import train_advice
+    full = train_advice(64, 2, 8, 8, "none", 1, "zero", "float32")
+    for part in ("train.batch_size (64 pairs, 8 a chip)", "train.remat=nothing_saveable (now "
+                 "none)", "mesh.fsdp (now 1, at most 8)", "param_tactic=fsdp", "ref_dtype"):
+        assert part in full
+    some = train_advice(8, 8, 8, 8, "nothing_saveable", 8, "zero", "bfloat16")
+    assert some == "set mesh.param_tactic=fsdp to split the weights too (now zero)"
+    none = train_advice(16, 4, 16, 16, "nothing_saveable", 16, "fsdp", "bfloat16")
+    assert "at its lowest" in none and "more chips or more HBM" in none
+
+
 def test_slice_names():
     assert topology.slice_name("v5e-16") == "v5e:4x4"
     assert topology.slice_name("v5p-8") == "v5p:2x2x1"

@@ -274,13 +274,8 @@ def train_programs(config, mesh) -> list[Program]:
                 "optimizer": tc.optimizer, "mesh": dict(mesh.shape),
                 "param_tactic": tactic, "accumulate": tc.get("accumulate", "scan"),
                 "lora_rank": lora.rank if lora else 0}
-    advice = (f"lower train.batch_size ({b} pairs, {b / n:g} a chip) and raise "
-              f"train.grad_accum ({a}) to keep the effective batch, set "
-              f"train.remat=nothing_saveable (now {tc.remat}), raise mesh.fsdp (now "
-              f"{mesh.shape['fsdp']}"
-              + (", with mesh.param_tactic=fsdp to split the weights too (now zero)"
-                 if tactic == "zero" else "")
-              + f") or set train.ref_dtype=bfloat16 (now {tc.ref_dtype})")
+    advice = train_advice(b, a, n, int(mesh.devices.size), tc.remat, int(mesh.shape["fsdp"]),
+                          tactic, tc.ref_dtype)
     key = _sds((2,), jnp.uint32, replicated)
     index = _sds((), jnp.uint32, replicated)
     if tc.get("accumulate", "scan") == "scan":
@@ -521,6 +516,29 @@ def evaluate_programs(config, mesh) -> list[Program]:
 BUILDERS = {"score": score_programs, "encode": encode_programs, "train": train_programs,
             "evaluate": evaluate_programs}
 STAGES_WITH_PROGRAMS = ("score", "select", "encode", "train", "evaluate")
+
+
+def train_advice(pairs: int, accum: int, batch_devices: int, devices: int, remat: str,
+                 fsdp: int, tactic: str, ref_dtype: str) -> str:
+    """The train settings that would lower a train program's memory, only those not already
+    at their lowest; when none is left, a larger slice."""
+    moves = []
+    if pairs > batch_devices:
+        moves.append(f"lower train.batch_size ({pairs} pairs, {pairs / batch_devices:g} a "
+                     f"chip) and raise train.grad_accum ({accum}) to keep the effective batch")
+    if remat != "nothing_saveable":
+        moves.append(f"set train.remat=nothing_saveable (now {remat})")
+    if fsdp < devices:
+        moves.append(f"raise mesh.fsdp (now {fsdp}, at most {devices})")
+    if tactic != "fsdp":
+        moves.append(f"set mesh.param_tactic=fsdp to split the weights too (now {tactic})")
+    if ref_dtype != "bfloat16":
+        moves.append(f"set train.ref_dtype=bfloat16 (now {ref_dtype})")
+    if not moves:
+        return (f"every train setting is at its lowest ({pairs / batch_devices:g} pair a "
+                f"chip, nothing_saveable, the weights split over all {devices} chips, "
+                f"bfloat16 reference): take a slice with more chips or more HBM a chip")
+    return moves[0] if len(moves) == 1 else ", ".join(moves[:-1]) + " or " + moves[-1]
 
 
 def stage_programs(config, mesh, *, knn_rows: int = PICKAPIC_PROMPTS,
