@@ -34,10 +34,10 @@ in benchmarks/aot_recipes/):
     at most): micro-step 15.30 GiB of 15.75 (3.14 arguments + 11.57 temporaries; 0.45 GiB
     to spare: v5e-16, FSDP over 16, for more), update 3.46, eval step 3.61; no XLA estimate
     on v5e, roofline at least 0.859 s a micro-step, 6.91 s an update of 64.
-  v4: jax presents a v4 chip as two TensorCore devices of 15.25 GiB, less than the v5e-8
-    micro-step's 15.30 at the same per-device shapes, so the v4 recipe starts at v4-16 (16
-    devices, FSDP over 16); `:ROOT,v4-8` is refused.
-    v4-16 is not compiled yet.
+  v4 (compiled as a v4 VM runs it, megacore: a device a chip of two TensorCores, 30.75 GiB):
+    the v6e recipe, FSDP over 8 chips, so from v4-16 (8 chips); `:ROOT,v4-8` is refused.
+    Not compiled on v4 yet (the old way, a device a TensorCore of 15.25 GiB, v4-16's micro-step
+    needed 17.06 GiB: benchmarks/RESULTS.md).
 The other stages' programs (score, k-NN, encode, sampler, VAE decode) fit v5e-8, v5p-8 and
 v6e-8. GPU memory: about the v5p micro-step's (the same per-device shapes), an estimate, not
 measured.
