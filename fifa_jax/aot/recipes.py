@@ -102,8 +102,9 @@ def recipe(model: str, target: str) -> Recipe:
     least = _MIN_DEVICES.get((model, family), 1)
     if devices < least:
         smallest = f"{family}-{int(least / _DEVICES_PER_COUNT[family])}"
-        raise ValueError(f"{model} does not fit target {target!r} ({devices} devices): its "
-                         f"recipe needs at least {smallest} (fifa_jax/aot/recipes.py)")
+        raise ValueError(f"target {target!r} ({devices} devices) is smaller than the {model} "
+                         f"recipe is sized for: take at least {smallest} "
+                         f"(fifa_jax/aot/recipes.py)")
     effective, table = _PER_CHIP[model]
     pairs, remat, fsdp_max, tactic, ref_dtype = table[family]
     fsdp = min(fsdp_max, devices)
