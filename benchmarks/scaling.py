@@ -209,10 +209,12 @@ def plot(rows: list[dict], path: str) -> None:
     colours = {"v4": "C3", "v5e": "C0", "v5p": "C1", "v6e": "C2"}     # one colour a chip
     markers = {"score": "o", "sd15": "s", "sdxl": "^"}                # one marker a model
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
-    keys = sorted({(r["model"], r["family"]) for r in rows})
+    # a series a model, chip and compile mode: full compiles and no-MSA ones are not joined
+    keys = sorted({(r["model"], r["family"], r.get("msa") == "False") for r in rows})
     for ax, (field, title) in zip(axes.flat, panels):
-        for model, family in keys:
-            series = [r for r in rows if r["model"] == model and r["family"] == family]
+        for model, family, unplaced in keys:
+            series = [r for r in rows if r["model"] == model and r["family"] == family
+                      and (r.get("msa") == "False") == unplaced]
             pts = sorted((int(r["chips"]), val(r, field)) for r in series
                          if val(r, field) and r["compiled"] == "True")
             # hollow: the roofline bound (XLA gave no estimate for the chip); dashed: compiled
@@ -226,7 +228,7 @@ def plot(rows: list[dict], path: str) -> None:
                         label=f"{model} {family}" + (" (time: roofline)" if roof else "")
                         + (" (no MSA)" if no_msa else ""))
         if field == "gib_per_chip":
-            for family in sorted({f for _, f in keys}):
+            for family in sorted({f for _, f, _ in keys}):
                 hbm = [val(r, "hbm_gib") for r in rows if r["family"] == family]
                 if hbm and hbm[0]:
                     ax.axhline(hbm[0], ls="--", lw=0.8, color=colours[family])

@@ -31,11 +31,12 @@ benchmarks/aot_recipes/):
   v5p-8 recipe (4 chips; 4 pairs a chip, nothing_saveable, replicated, float32 reference):
     micro-step 20.59 GiB of 95.74, update 12.94, eval step 7.29; XLA's estimate 0.139 s a
     micro-step, 1.13 s an update of 128.
-  v6e-8 recipe (2 pairs a chip, nothing_saveable, zero over 8, bf16 reference), compiled with
-    `--no_msa` (without memory-space assignment the compile fits this 24 GB host; HBM then
-    near, not a bound on, the full compile's: 4.6% below it for the v5e-8 micro-step):
-    micro-step 12.80 GiB of 31.25, update 5.93; XLA's estimate of that unplaced
-    program 0.065 s a micro-step, 0.53 s an update of 128.
+  v6e-8 recipe (2 pairs a chip, nothing_saveable, zero over 8, bf16 reference; the full
+    compile, 62 min for the micro-step on a shared 2-core host): micro-step 13.26 GiB of 31.25
+    (6.04 arguments + 6.14 temporaries), update 6.01, eval step 5.74; no XLA estimate
+    with memory-space assignment, roofline at least 0.106 s a micro-step, 0.87 s an update
+    of 128 (without memory-space assignment: 12.80 GiB, XLA's estimate 0.53 s).
+  v4-8 (4 chips, megacore, 30.75 GiB a chip): the v6e recipe with zero over 4; not compiled.
   Not fitting: v5e, 8 pairs a chip, no remat, replicated, float32 reference: 34.91 GiB a chip.
   h100-8 / h200-8: the v5p settings (4 pairs a device, replicated, nothing_saveable); memory
     about that of the v5p row (the same per-device shapes): an estimate from the TPU compile,
