@@ -22,10 +22,9 @@ chip's datasheet peaks, a lower bound.
 
 Model folders: --root holds diffusers / CLIP folders (a download, or the config-only layouts
 of `python -m fifa_jax.aot.layouts ROOT`, written to a temporary folder when --root is not
-given). One full-size train step compile takes 10-25 minutes and up to 24 GB on two CPU
-cores (v6e's needs `--no_msa` there: HBM then within a few percent of the full compile's,
-not a bound, column `msa`); a score step
-about 20 s. `--from_json MODEL:FILE` turns a saved `python -m fifa_jax.aot --json` result of
+given). One full-size train step compile takes 10-60 minutes and up to 24 GB on two CPU
+cores (SDXL's more: swap; `--no_msa` needs less, HBM then within a few percent of the full
+compile's, not a bound, column `msa`); a score step about 20 s. `--from_json MODEL:FILE` turns a saved `python -m fifa_jax.aot --json` result of
 the recipe's slice into its row without compiling again.
 """
 from __future__ import annotations
@@ -220,13 +219,12 @@ def plot(rows: list[dict], path: str) -> None:
             # hollow: the roofline bound (XLA gave no estimate for the chip); dashed: compiled
             # without memory-space assignment (HBM near the full compile's, not a bound)
             roof = all(r["est_source"] == "roofline" for r in series)
-            no_msa = any(r.get("msa") == "False" for r in series)
             if pts:
                 ax.plot(*zip(*pts), marker=markers.get(model, "o"), color=colours[family],
-                        ls="--" if no_msa else "-", ms=7,
+                        ls="--" if unplaced else "-", ms=7,
                         mfc="none" if roof and field.startswith("est_") else colours[family],
                         label=f"{model} {family}" + (" (time: roofline)" if roof else "")
-                        + (" (no MSA)" if no_msa else ""))
+                        + (" (no MSA)" if unplaced else ""))
         if field == "gib_per_chip":
             for family in sorted({f for _, f, _ in keys}):
                 hbm = [val(r, "hbm_gib") for r in rows if r["family"] == family]

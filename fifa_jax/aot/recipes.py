@@ -29,7 +29,7 @@ _PER_CHIP = {
     "sd15": (128, {
         "v5e": (2, "nothing_saveable", 8, "zero", "bfloat16"),
         "v4": (2, "nothing_saveable", 8, "zero", "bfloat16"),  # the v6e recipe
-        "v6e": (2, "nothing_saveable", 8, "zero", "bfloat16"),  # the v5e mesh: 12.80 GiB
+        "v6e": (2, "nothing_saveable", 8, "zero", "bfloat16"),  # v6e-8: 13.26 GiB
         "v5p": (4, "nothing_saveable", 1, "fsdp", "float32"),
         "h100": (4, "nothing_saveable", 1, "fsdp", "float32"),
         "h200": (4, "nothing_saveable", 1, "fsdp", "float32"),
