@@ -36,7 +36,11 @@ benchmarks/aot_recipes/):
     (6.04 arguments + 6.14 temporaries), update 6.01, eval step 5.74; no XLA estimate
     with memory-space assignment, roofline at least 0.106 s a micro-step, 0.87 s an update
     of 128 (without memory-space assignment: 12.80 GiB, XLA's estimate 0.53 s).
-  v4-8 (4 chips, megacore, 30.75 GiB a chip): the v6e recipe with zero over 4; not compiled.
+  v4-8 recipe (4 chips, compiled as a v4 VM runs them, megacore: a device a chip, 30.75 GiB;
+    v6e's settings, zero over 4): micro-step 10.47 GiB of 30.75 (7.24 arguments + 2.43
+    temporaries), update 7.21, eval step 5.52; no XLA estimate on v4, roofline at least
+    0.124 s a micro-step, 2.03 s an update of 128.
+  The other stages' programs (score, k-NN, encode, sampler, VAE decode) fit all four slices.
   Not fitting: v5e, 8 pairs a chip, no remat, replicated, float32 reference: 34.91 GiB a chip.
   h100-8 / h200-8: the v5p settings (4 pairs a device, replicated, nothing_saveable); memory
     about that of the v5p row (the same per-device shapes): an estimate from the TPU compile,

@@ -17,7 +17,7 @@ ROOT/pickapic_v2/test_unique/, PickScore), as configs/pickapic_sd15.py.
 Check it on a CPU first: `python -m fifa_jax.aot --config configs/pickapic_sdxl.py:ROOT,v5p-8
 --topology v5p-8` (README, "Checking a config for a TPU slice before renting it"). The SDXL
 recipes (1 pair a chip, nothing_saveable, bf16 reference, accumulation on the host; FSDP,
-the weights split, over 16 on v5e / v4 and over 8 on v6e; mesh.param_tactic=zero, weights
+the weights split, over 8 on v5e-8 (16 from v5e-16), v6e and v4; mesh.param_tactic=zero, weights
 whole and the gradient accumulator split, over 4 on v5p and 8 / 4 on h100-8 / h200-8) were
 sized from the parameter bytes (2.6 B parameters: 10.3 GB float32 policy, 5.2 GB bfloat16
 reference, a factored Adafactor state of a few MB). Compiler figures (jax 0.10.2 / libtpu
@@ -34,12 +34,14 @@ in benchmarks/aot_recipes/):
     at most): micro-step 15.30 GiB of 15.75 (3.14 arguments + 11.57 temporaries; 0.45 GiB
     to spare: v5e-16, FSDP over 16, for more), update 3.46, eval step 3.61; no XLA estimate
     on v5e, roofline at least 0.859 s a micro-step, 6.91 s an update of 64.
-  v4 (compiled as a v4 VM runs it, megacore: a device a chip of two TensorCores, 30.75 GiB):
-    the v6e recipe, FSDP over 8 chips, so from v4-16 (8 chips); `:ROOT,v4-8` is refused.
-    Not compiled on v4 yet (the old way, a device a TensorCore of 15.25 GiB, v4-16's micro-step
-    needed 17.06 GiB: benchmarks/RESULTS.md).
-The other stages' programs (score, k-NN, encode, sampler, VAE decode) fit v5e-8, v5p-8 and
-v6e-8. GPU memory: about the v5p micro-step's (the same per-device shapes), an estimate, not
+  v4-16 (compiled as a v4 VM runs it, megacore: a device a chip of two TensorCores, 30.75
+    GiB; the v6e recipe, FSDP over the 8 chips; 38 min on a 24 GB host with swap):
+    micro-step 23.74 GiB of 30.75 (3.14 arguments + 20.18 temporaries; 7.0 GiB to spare),
+    update 3.53, eval step 3.27; no XLA estimate on v4, roofline at least 0.552 s a
+    micro-step, 4.44 s an update of 64. `:ROOT,v4-8` (4 chips) is refused: each chip would
+    hold twice the weights.
+The other stages' programs (score, k-NN, encode, sampler, VAE decode) fit v5e-8, v5p-8,
+v6e-8 and v4-16. GPU memory: about the v5p micro-step's (the same per-device shapes), an estimate, not
 measured.
 
 The recipe (method.md section 3.6, the official SDXL settings): Adafactor (no relative step,

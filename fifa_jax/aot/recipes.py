@@ -28,7 +28,7 @@ import re
 _PER_CHIP = {
     "sd15": (128, {
         "v5e": (2, "nothing_saveable", 8, "zero", "bfloat16"),
-        "v4": (2, "nothing_saveable", 8, "zero", "bfloat16"),  # the v6e recipe
+        "v4": (2, "nothing_saveable", 8, "zero", "bfloat16"),  # v4-8: 10.47 GiB
         "v6e": (2, "nothing_saveable", 8, "zero", "bfloat16"),  # v6e-8: 13.26 GiB
         "v5p": (4, "nothing_saveable", 1, "fsdp", "float32"),
         "h100": (4, "nothing_saveable", 1, "fsdp", "float32"),
@@ -36,7 +36,7 @@ _PER_CHIP = {
     }),
     "sdxl": (64, {
         "v5e": (1, "nothing_saveable", 16, "fsdp", "bfloat16"),  # v5e-8: 15.30 GiB
-        "v4": (1, "nothing_saveable", 8, "fsdp", "bfloat16"),  # the v6e recipe
+        "v4": (1, "nothing_saveable", 8, "fsdp", "bfloat16"),  # v4-16: 23.74 GiB
         "v6e": (1, "nothing_saveable", 8, "fsdp", "bfloat16"),  # v6e-8: 24.96 GiB
         "v5p": (1, "nothing_saveable", 4, "zero", "bfloat16"),
         "h100": (1, "nothing_saveable", 8, "zero", "bfloat16"),
@@ -44,8 +44,8 @@ _PER_CHIP = {
     }),
 }
 # the smallest slice (devices) a model's recipe is sized for on a chip family. SDXL on v4
-# (30.75 GiB a chip, as v6e's 31.25): the v6e-8 program's per-chip shapes, FSDP over 8 chips
-# (v4-16); on a v4-8's 4 chips each would hold twice the weights.
+# (30.75 GiB a chip, as v6e's 31.25): FSDP over 8 chips (v4-16, micro-step 23.74 GiB); on a
+# v4-8's 4 chips each would hold twice the weights.
 _MIN_DEVICES = {("sdxl", "v4"): 8}
 _TARGET = re.compile(r"^(v4|v5e|v5p|v6e|h100|h200)-(\d+)$")
 # devices (chips: v4 and v5p run megacore, a device a chip of two TensorCores) of a target
