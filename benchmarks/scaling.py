@@ -24,8 +24,9 @@ Model folders: --root holds diffusers / CLIP folders (a download, or the config-
 of `python -m fifa_jax.aot.layouts ROOT`, written to a temporary folder when --root is not
 given). One full-size train step compile takes 10-60 minutes and up to 24 GB on two CPU
 cores (SDXL's more: swap; `--no_msa` needs less, HBM then within a few percent of the full
-compile's, not a bound, column `msa`); a score step about 20 s. `--from_json MODEL:FILE` turns a saved `python -m fifa_jax.aot --json` result of
-the recipe's slice into its row without compiling again.
+compile's, not a bound, column `msa`); a score step about 20 s. `--from_json MODEL:FILE`
+turns a saved `python -m fifa_jax.aot --json` result of the recipe's slice into its row
+without compiling again.
 """
 from __future__ import annotations
 
@@ -209,11 +210,13 @@ def plot(rows: list[dict], path: str) -> None:
     markers = {"score": "o", "sd15": "s", "sdxl": "^"}                # one marker a model
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     # a series a model, chip and compile mode: full compiles and no-MSA ones are not joined
-    keys = sorted({(r["model"], r["family"], r.get("msa") == "False") for r in rows})
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["family"], r.get("msa") == "False"), []).append(r)
+    keys = sorted(groups)
     for ax, (field, title) in zip(axes.flat, panels):
         for model, family, unplaced in keys:
-            series = [r for r in rows if r["model"] == model and r["family"] == family
-                      and (r.get("msa") == "False") == unplaced]
+            series = groups[(model, family, unplaced)]
             pts = sorted((int(r["chips"]), val(r, field)) for r in series
                          if val(r, field) and r["compiled"] == "True")
             # hollow: the roofline bound (XLA gave no estimate for the chip); dashed: compiled

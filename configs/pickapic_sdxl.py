@@ -41,8 +41,8 @@ in benchmarks/aot_recipes/):
     micro-step, 4.44 s an update of 64. `:ROOT,v4-8` (4 chips) is refused: each chip would
     hold twice the weights.
 The other stages' programs (score, k-NN, encode, sampler, VAE decode) fit v5e-8, v5p-8,
-v6e-8 and v4-16. GPU memory: about the v5p micro-step's (the same per-device shapes), an estimate, not
-measured.
+v6e-8 and v4-16. GPU memory: about the v5p micro-step's (the same per-device shapes), an
+estimate, not measured.
 
 The recipe (method.md section 3.6, the official SDXL settings): Adafactor (no relative step,
 no parameter scaling, clip threshold 1.0, weight decay 1e-2), 200 warm-up steps scaled down
